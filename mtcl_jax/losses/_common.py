@@ -1,0 +1,64 @@
+"""Validation and numerics shared by every loss family.
+
+Checks run on shapes and dtypes, which are static under ``jax.jit``, so they cost nothing at run time. A
+traced temperature cannot be checked for sign; a concrete one is.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+# Large negative used to mask logits: exp() of it is exactly 0 in float32, and unlike -inf it never
+# produces inf - inf = NaN in a max-subtracted log-sum-exp.
+MASK_VALUE = -1e9
+
+
+def as_float_embeddings(name: str, x: ArrayLike, *, ndim: int = 2) -> jax.Array:
+  """Returns ``x`` as a float32 array after checking its rank and that it is floating point."""
+  x = jnp.asarray(x)
+  if x.ndim != ndim:
+    raise ValueError(f"{name} must have rank {ndim}; got shape {x.shape}")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"{name} must be floating point; got dtype {x.dtype} (shape {x.shape})")
+  return x.astype(jnp.float32)
+
+
+def as_labels(name: str, labels: ArrayLike, num_rows: int) -> jax.Array:
+  """Returns integer labels of shape ``[num_rows]`` or raises naming the shapes."""
+  labels = jnp.asarray(labels)
+  if labels.ndim != 1 or labels.shape[0] != num_rows:
+    raise ValueError(f"{name} must have shape [{num_rows}] to match the embeddings; got {labels.shape}")
+  if not (jnp.issubdtype(labels.dtype, jnp.integer) or labels.dtype == jnp.bool_):
+    raise ValueError(f"{name} must be integer; got dtype {labels.dtype}")
+  return labels.astype(jnp.int32)
+
+
+def check_same_rows(**arrays: jax.Array) -> None:
+  """Raises if the arrays disagree on their leading dimension."""
+  rows = {name: a.shape[0] for name, a in arrays.items()}
+  if len(set(rows.values())) > 1:
+    shapes = ", ".join(f"{name} {a.shape}" for name, a in arrays.items())
+    raise ValueError(f"leading dimensions differ: {shapes}")
+
+
+def check_positive(name: str, value: ArrayLike) -> jax.Array:
+  """Returns ``value`` as a float32 scalar; raises if it is concrete and <= 0."""
+  if not isinstance(value, jax.core.Tracer):
+    concrete = np.asarray(value)
+    if concrete.ndim != 0:
+      raise ValueError(f"{name} must be a scalar; got shape {concrete.shape}")
+    if not concrete > 0:
+      raise ValueError(f"{name} must be > 0; got {concrete}")
+  return jnp.asarray(value, jnp.float32)
+
+
+def masked_logsumexp(logits: jax.Array, mask: jax.Array, axis: int = -1) -> jax.Array:
+  """log Σ exp(logits) over the entries where ``mask`` is True; MASK_VALUE-ish where none is."""
+  logits = jnp.where(mask, logits, MASK_VALUE)
+  # The max is a constant shift for stability: no gradient should flow through it.
+  row_max = jax.lax.stop_gradient(jnp.max(logits, axis=axis, keepdims=True))
+  summed = jnp.sum(jnp.where(mask, jnp.exp(logits - row_max), 0.0), axis=axis, keepdims=True)
+  return jnp.squeeze(row_max + jnp.log(jnp.maximum(summed, jnp.finfo(jnp.float32).tiny)), axis)
