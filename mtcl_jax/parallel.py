@@ -59,8 +59,8 @@ def initialize_distributed(
     raise ValueError(f"num_processes must be >= 1; got {num_processes}")
   if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
     raise ValueError(f"process_id must be in [0, {num_processes}); got {process_id}")
-  if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  # Only CPU collectives read this setting; it must be set before the backend starts, so no backend query here.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(
       coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
   )
