@@ -33,8 +33,8 @@ from mtcl_jax.eval import metrics
 PROBE_KINDS: tuple[str, ...] = ("linear", "svm", "mlp", "knn")
 
 # The hyper-parameter each kind selects, and its default grid, strongest regularisation first. C multiplies
-# the summed data loss as in scikit-learn (objective ½‖W‖² + C Σ_i loss_i); very large C is left out of the
-# SVM grid because squared hinge near hard margin converges slowly and is rarely chosen.
+# the summed data loss as in scikit-learn (objective ½‖W‖² + C Σ_i loss_i); very large C is left out of
+# the SVM grid because squared hinge near hard margin converges slowly and is rarely chosen.
 HPARAM_NAMES: Mapping[str, str] = {"linear": "C", "svm": "C", "mlp": "weight_decay", "knn": "k"}
 DEFAULT_GRIDS: Mapping[str, tuple[float, ...] | tuple[int, ...]] = {
     "linear": (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0),
@@ -314,10 +314,11 @@ def _train_mlp(
 ) -> tuple[dict[str, jax.Array], jax.Array, dict[str, jax.Array]]:
   num_features, num_classes = standardised.shape[1], onehot.shape[1]
   hidden_key, output_key = jax.random.split(key)
+  he_normal, glorot_normal = jax.nn.initializers.he_normal(), jax.nn.initializers.glorot_normal()
   params = {
-      "hidden_weights": jax.nn.initializers.he_normal()(hidden_key, (num_features, hidden_width), jnp.float32),
+      "hidden_weights": he_normal(hidden_key, (num_features, hidden_width), jnp.float32),
       "hidden_bias": jnp.zeros((hidden_width,), jnp.float32),
-      "output_weights": jax.nn.initializers.glorot_normal()(output_key, (hidden_width, num_classes), jnp.float32),
+      "output_weights": glorot_normal(output_key, (hidden_width, num_classes), jnp.float32),
       "output_bias": jnp.zeros((num_classes,), jnp.float32),
   }
   decay_mask = {name: name.endswith("weights") for name in params}
@@ -468,7 +469,9 @@ def _knn_validation_accuracies(
 # ----------------------------------------------------------------------------------------------------------
 
 _FIT_FUNCTIONS = {"linear": _fit_linear, "svm": _fit_linear, "mlp": _fit_mlp, "knn": _fit_knn}
-_SCORE_FUNCTIONS = {"linear": jax.jit(_linear_scores), "svm": jax.jit(_linear_scores), "mlp": jax.jit(_mlp_scores)}
+_SCORE_FUNCTIONS = {
+    "linear": jax.jit(_linear_scores), "svm": jax.jit(_linear_scores), "mlp": jax.jit(_mlp_scores)
+}
 
 
 def _fit_standardised(
@@ -584,7 +587,8 @@ def evaluate_task(
     list[list[int]], "hparams": dict, "validation_accuracy": float | None}}``, scores in percent.
   """
   if isinstance(probes, str) or len(set(probes)) != len(probes) or not probes:
-    raise ValueError(f"probes must be a non-empty sequence of distinct names from {PROBE_KINDS}; got {probes!r}")
+    raise ValueError(f"probes must be a non-empty sequence of distinct names from {PROBE_KINDS}; "
+                     f"got {probes!r}")
   unknown = [kind for kind in probes if kind not in PROBE_KINDS]
   if unknown:
     raise ValueError(f"unknown probes {unknown}; expected names from {PROBE_KINDS}")

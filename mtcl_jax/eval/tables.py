@@ -1,0 +1,186 @@
+"""Results files (mean ± std over seeds per dataset, method and metric) and the README tables made from them.
+
+A results file is JSON, ``{"rows": [row, ...]}``, one row per (dataset, method, metric)::
+
+  {"dataset": "digits", "method": "supcon", "metric": "accuracy", "mean": 98.9, "std": 0.2,
+   "seeds": [0, 1, 2]}
+
+Scores are in percent; ``std`` is the sample standard deviation over ``seeds`` (0 for one seed, see
+``metrics.mean_std``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+METRICS: tuple[str, ...] = ("accuracy", "macro_f1", "delta_m")
+_METRIC_HEADERS = {"accuracy": "accuracy", "macro_f1": "macro-F1", "delta_m": "Δm"}
+_ROW_KEYS = frozenset({"dataset", "method", "metric", "mean", "std", "seeds"})
+_MISSING = "—"
+
+
+def _check_row(index: int, row: Any) -> dict[str, Any]:
+  if not isinstance(row, Mapping):
+    raise ValueError(f"results row {index} must be a mapping; got {type(row).__name__}")
+  if set(row) != _ROW_KEYS:
+    raise ValueError(f"results row {index} must have exactly the keys {sorted(_ROW_KEYS)}; got {sorted(row)}")
+  for key in ("dataset", "method"):
+    if not isinstance(row[key], str) or not row[key]:
+      raise ValueError(f"results row {index}: {key} must be a non-empty string; got {row[key]!r}")
+  if row["metric"] not in METRICS:
+    raise ValueError(f"results row {index}: metric must be one of {METRICS}; got {row['metric']!r}")
+  for key in ("mean", "std"):
+    value = row[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+      raise ValueError(f"results row {index}: {key} must be a finite number; got {value!r}")
+  if row["std"] < 0:
+    raise ValueError(f"results row {index}: std must be >= 0; got {row['std']}")
+  seeds = row["seeds"]
+  if (not isinstance(seeds, Sequence) or isinstance(seeds, str) or not seeds
+      or not all(isinstance(seed, int) and not isinstance(seed, bool) for seed in seeds)
+      or len(set(seeds)) != len(seeds)):
+    raise ValueError(f"results row {index}: seeds must be a non-empty list of distinct ints; got {seeds!r}")
+  return {"dataset": row["dataset"], "method": row["method"], "metric": row["metric"],
+          "mean": float(row["mean"]), "std": float(row["std"]), "seeds": list(seeds)}
+
+
+def validate_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+  """Checks results rows and returns them as plain dicts.
+
+  Args:
+    rows: results rows (see the module docstring).
+
+  Returns:
+    The rows in order, with ``mean``/``std`` as floats and ``seeds`` as a list.
+
+  Raises:
+    ValueError: naming the row and field that is wrong, or a repeated (dataset, method, metric).
+  """
+  if isinstance(rows, (str, Mapping)) or not isinstance(rows, Sequence):
+    raise ValueError(f"rows must be a sequence of mappings; got {type(rows).__name__}")
+  checked = [_check_row(index, row) for index, row in enumerate(rows)]
+  seen = set()
+  for row in checked:
+    key = (row["dataset"], row["method"], row["metric"])
+    if key in seen:
+      raise ValueError(f"results rows repeat dataset={key[0]!r} method={key[1]!r} metric={key[2]!r}")
+    seen.add(key)
+  return checked
+
+
+def write_results(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> pathlib.Path:
+  """Validates ``rows`` and writes them as a JSON results file (parents created).
+
+  Args:
+    rows: results rows (see the module docstring).
+    path: the file to write.
+
+  Returns:
+    The path written.
+  """
+  checked = validate_rows(rows)
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps({"rows": checked}, indent=2) + "\n", encoding="utf-8")
+  return path
+
+
+def load_results(path: str | os.PathLike) -> list[dict[str, Any]]:
+  """Reads and validates a results file written by ``write_results``.
+
+  Args:
+    path: the JSON results file.
+
+  Returns:
+    Its rows, validated.
+  """
+  content = json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
+  if not isinstance(content, Mapping) or set(content) != {"rows"}:
+    raise ValueError(f"{path} must hold a JSON object with the single key 'rows'")
+  return validate_rows(content["rows"])
+
+
+def _seed_count(cells: Mapping[str, Mapping[str, Any]]) -> str:
+  counts = sorted({len(row["seeds"]) for row in cells.values()})
+  return "/".join(str(count) for count in counts)
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], *, anchors: Mapping[str, str] | None = None) -> str:
+  """Renders results rows as a markdown table with one line per (dataset, method).
+
+  Args:
+    rows: results rows (see the module docstring).
+    anchors: optional reference numbers per dataset, e.g. ``{"digits": "SVC-RBF 98.70 / logistic
+      97.04"}``, shown in an ``anchor`` column on the first line of their dataset.
+
+  Returns:
+    The table, datasets and methods in order of first appearance, each metric as ``mean ± std`` with
+    two decimals; metric columns that no row fills are left out, and ``seeds`` counts the seeds.
+
+  Examples:
+    >>> print(markdown_table([{"dataset": "digits", "method": "supcon", "metric": "accuracy",
+    ...                        "mean": 98.9, "std": 0.21, "seeds": [0, 1, 2]}]))
+    | dataset | method | accuracy | seeds |
+    |---|---|---|---|
+    | digits | supcon | 98.90 ± 0.21 | 3 |
+  """
+  checked = validate_rows(rows)
+  if not checked:
+    raise ValueError("markdown_table needs at least one results row")
+  metric_columns = [metric for metric in METRICS if any(row["metric"] == metric for row in checked)]
+  grouped: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
+  for row in checked:
+    grouped.setdefault(row["dataset"], {}).setdefault(row["method"], {})[row["metric"]] = row
+
+  header = ["dataset", "method"] + [_METRIC_HEADERS[metric] for metric in metric_columns] + ["seeds"]
+  if anchors is not None:
+    header.append("anchor")
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for dataset, methods in grouped.items():
+    for position, (method, cells) in enumerate(methods.items()):
+      line = [dataset, method]
+      for metric in metric_columns:
+        cell = cells.get(metric)
+        line.append(f"{cell['mean']:.2f} ± {cell['std']:.2f}" if cell else _MISSING)
+      line.append(_seed_count(cells))
+      if anchors is not None:
+        line.append(anchors.get(dataset, "") if position == 0 else "")
+      lines.append("| " + " | ".join(text.replace("|", "\\|") for text in line) + " |")
+  return "\n".join(lines)
+
+
+def update_readme_section(readme_path: str | os.PathLike, marker: str, markdown: str) -> pathlib.Path:
+  """Replaces the text between ``<!-- results:MARKER:start -->`` and ``<!-- results:MARKER:end -->``.
+
+  The marker comments stay, so the section can be regenerated any number of times.
+
+  Args:
+    readme_path: the markdown file to edit in place.
+    marker: the section's name, e.g. ``"digits"``.
+    markdown: the new content of the section.
+
+  Returns:
+    The path edited.
+
+  Raises:
+    ValueError: if either marker is missing or repeated, or the end comes before the start.
+  """
+  if not re.fullmatch(r"[A-Za-z0-9_.\-]+", marker):
+    raise ValueError(f"marker must be letters, digits, '_', '.' or '-'; got {marker!r}")
+  path = pathlib.Path(readme_path)
+  text = path.read_text(encoding="utf-8")
+  start, end = f"<!-- results:{marker}:start -->", f"<!-- results:{marker}:end -->"
+  for comment in (start, end):
+    if text.count(comment) != 1:
+      raise ValueError(f"{path} must contain {comment} exactly once; found it {text.count(comment)} times")
+  start_index, end_index = text.index(start) + len(start), text.index(end)
+  if end_index < start_index:
+    raise ValueError(f"{path}: {end} comes before {start}")
+  path.write_text(text[:start_index] + "\n" + markdown.strip("\n") + "\n" + text[end_index:], encoding="utf-8")
+  return path

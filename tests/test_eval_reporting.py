@@ -1,0 +1,144 @@
+"""Markdown reports, results tables and PNG figures."""
+
+from __future__ import annotations
+
+import doctest
+
+import numpy as np
+import pytest
+
+from mtcl_jax.eval import plots
+from mtcl_jax.eval import report
+from mtcl_jax.eval import tables
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _row(dataset, method, metric, mean, std, seeds):
+  return {"dataset": dataset, "method": method, "metric": metric, "mean": mean, "std": std, "seeds": seeds}
+
+
+def _rows():
+  return [
+      _row("digits", "supcon", "accuracy", 98.904, 0.2, [0, 1, 2]),
+      _row("digits", "supcon", "macro_f1", 98.8, 0.25, [0, 1, 2]),
+      _row("digits", "single", "accuracy", 97.0, 0.0, [0]),
+      _row("all", "supcon", "delta_m", 0.61, 0.1, [0, 1, 2]),
+  ]
+
+
+def test_results_round_trip(tmp_path):
+  path = tables.write_results(_rows(), tmp_path / "results" / "digits.json")
+  assert tables.load_results(path) == _rows()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"metric": "f1"},
+        {"mean": float("nan")},
+        {"std": -1.0},
+        {"seeds": []},
+        {"seeds": [0, 0]},
+        {"dataset": ""},
+        {"extra": 1},
+    ],
+)
+def test_results_rows_are_validated(tmp_path, change):
+  rows = _rows()
+  rows[0] = {**rows[0], **change}
+  with pytest.raises(ValueError, match="row 0"):
+    tables.write_results(rows, tmp_path / "results.json")
+  assert not (tmp_path / "results.json").exists()
+
+
+def test_results_reject_repeated_rows_and_bad_files(tmp_path):
+  with pytest.raises(ValueError, match="repeat"):
+    tables.validate_rows(_rows() + [_rows()[0]])
+  (tmp_path / "bad.json").write_text('[{"dataset": "digits"}]')
+  with pytest.raises(ValueError, match="rows"):
+    tables.load_results(tmp_path / "bad.json")
+
+
+def test_markdown_table_with_anchors():
+  text = tables.markdown_table(_rows(), anchors={"digits": "SVC-RBF 98.70 / logistic 97.04"})
+  assert text.splitlines() == [
+      "| dataset | method | accuracy | macro-F1 | Δm | seeds | anchor |",
+      "|---|---|---|---|---|---|---|",
+      "| digits | supcon | 98.90 ± 0.20 | 98.80 ± 0.25 | — | 3 | SVC-RBF 98.70 / logistic 97.04 |",
+      "| digits | single | 97.00 ± 0.00 | — | — | 1 |  |",
+      "| all | supcon | — | — | 0.61 ± 0.10 | 3 |  |",
+  ]
+  assert "anchor" not in tables.markdown_table(_rows())
+
+
+def test_update_readme_section_replaces_only_between_markers(tmp_path):
+  readme = tmp_path / "README.md"
+  readme.write_text("intro\n<!-- results:digits:start -->\nold table\n<!-- results:digits:end -->\noutro\n")
+  tables.update_readme_section(readme, "digits", "| new |\n")
+  expected = "intro\n<!-- results:digits:start -->\n| new |\n<!-- results:digits:end -->\noutro\n"
+  assert readme.read_text() == expected
+  tables.update_readme_section(readme, "digits", "| new |")
+  assert readme.read_text() == expected
+  with pytest.raises(ValueError, match="mnist1d"):
+    tables.update_readme_section(readme, "mnist1d", "x")
+  readme.write_text("<!-- results:digits:end -->\n<!-- results:digits:start -->\n")
+  with pytest.raises(ValueError, match="before"):
+    tables.update_readme_section(readme, "digits", "x")
+
+
+def test_tables_docstring_examples():
+  assert doctest.testmod(tables).failed == 0
+
+
+def test_markdown_report(tmp_path):
+  content = {
+      "tasks": {
+          "digits": {"accuracy": 97.2222, "macro_f1": 97.25, "probes": {
+              "linear": {"accuracy": 97.2222, "macro_f1": 97.25, "hparams": {"C": 0.1},
+                         "validation_accuracy": 94.4},
+              "knn": {"accuracy": 97.59, "macro_f1": 97.58, "hparams": {"k": 1, "temperature": 0.07}},
+          }},
+          "japanese_vowels": {"accuracy": 98.1, "macro_f1": 97.9, "probes": {
+              "linear": {"accuracy": 98.1, "macro_f1": 97.9, "hparams": {"C": 1.0}}}},
+      },
+      "delta_m": 0.61,
+      "config": {"seed": 0, "optimizer": {"name": "adamw", "learning_rate": 0.001}},
+  }
+  path = report.write_markdown_report(content, tmp_path / "out" / "report.md")
+  text = path.read_text()
+  assert "| digits | 97.22 / 97.25 | 97.59 / 97.58 |" in text
+  assert "| japanese_vowels | 98.10 / 97.90 | — |" in text
+  assert "| digits | linear | C=0.1 | 94.40 |" in text
+  assert "| delta_m | 0.61 |" in text
+  assert "| optimizer.learning_rate | 0.001 |" in text
+  with pytest.raises(ValueError, match="tasks"):
+    report.write_markdown_report({"tasks": {"digits": 97.0}}, tmp_path / "bad.md")
+
+
+def test_training_curves_write_pngs(tmp_path):
+  history = [{"step": step, "loss": 2.0 / (step + 1), "contrastive_loss": 1.0 / (step + 1)}
+             for step in range(0, 50, 5)]
+  history += [{"step": step, "eval/digits/accuracy": 90.0 + step / 10, "eval/vowels/accuracy": 80.0 + step / 5}
+              for step in (10, 30, 50)]
+  paths = plots.plot_training_curves(history, tmp_path / "figures")
+  assert [path.name for path in paths] == [plots.LOSS_FIGURE, plots.ACCURACY_FIGURE]
+  for path in paths:
+    assert path.read_bytes().startswith(PNG_SIGNATURE)
+  # No accuracy was logged: that figure is skipped, not drawn empty.
+  loss_only = plots.plot_training_curves(history[:3], tmp_path / "losses")
+  assert [path.name for path in loss_only] == [plots.LOSS_FIGURE]
+  assert plots.plot_training_curves([], tmp_path / "empty") == []
+  with pytest.raises(ValueError, match="step"):
+    plots.plot_training_curves([{"loss": 1.0}], tmp_path / "bad")
+
+
+def test_feature_pca_writes_png(tmp_path):
+  rng = np.random.default_rng(0)
+  features = np.concatenate([rng.normal(size=(40, 16)), rng.normal(loc=3.0, size=(30, 16))])
+  task_names = ["digits"] * 40 + ["vowels"] * 30
+  labels = np.concatenate([rng.integers(0, 10, 40), rng.integers(0, 9, 30)])
+  path = plots.plot_feature_pca(features, task_names, labels, tmp_path / "pca" / "features.png")
+  assert path.read_bytes().startswith(PNG_SIGNATURE)
+  with pytest.raises(ValueError, match="one per row"):
+    plots.plot_feature_pca(features, task_names[:-1], labels, tmp_path / "bad.png")
