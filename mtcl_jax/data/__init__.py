@@ -1,0 +1,55 @@
+"""Data: offline TFDS datasets, task specs, multi-task batches and augmented views.
+
+The whole path in four calls::
+
+    from mtcl_jax import data, parallel
+
+    tasks = data.load_tasks("digits+japanese_vowels")           # normalised arrays, task ids 0..T-1
+    batcher = data.MultiTaskBatcher(tasks, batch_sizes=64, seed=0)
+    batch = batcher.place(batcher.local_batch(step), parallel.make_mesh())
+    views = data.augment.make_views(key, batch["digits"]["x"], modality="image")   # [2, B, 8, 8, 1]
+
+``load_arrays(name, split)`` returns plain unnormalised ``(x, y)``; ``load_lengths`` the true lengths of a
+sequence dataset. ``register_task`` adds your own arrays as a task. See ``sources`` for the data directory
+(``$MTCL_DATA_DIR``) and how standard TFDS datasets are found offline.
+"""
+
+from mtcl_jax.data import augment
+from mtcl_jax.data.batching import MultiTaskBatcher
+from mtcl_jax.data.batching import batch_sizes_from_weights
+from mtcl_jax.data.batching import iterate_split
+from mtcl_jax.data.sources import CorruptDatasetError
+from mtcl_jax.data.sources import DATA_DIR_ENV
+from mtcl_jax.data.sources import DatasetNotPreparedError
+from mtcl_jax.data.sources import MODALITIES
+from mtcl_jax.data.sources import OFFLINE_DATASETS
+from mtcl_jax.data.sources import dataset_spec
+from mtcl_jax.data.sources import load_arrays
+from mtcl_jax.data.sources import load_lengths
+from mtcl_jax.data.sources import resolve_data_dir
+from mtcl_jax.data.tasks import COMPOSITIONS
+from mtcl_jax.data.tasks import Task
+from mtcl_jax.data.tasks import TaskData
+from mtcl_jax.data.tasks import load_tasks
+from mtcl_jax.data.tasks import register_task
+
+__all__ = [
+    "augment",
+    "MultiTaskBatcher",
+    "batch_sizes_from_weights",
+    "iterate_split",
+    "CorruptDatasetError",
+    "DATA_DIR_ENV",
+    "DatasetNotPreparedError",
+    "MODALITIES",
+    "OFFLINE_DATASETS",
+    "dataset_spec",
+    "load_arrays",
+    "load_lengths",
+    "resolve_data_dir",
+    "COMPOSITIONS",
+    "Task",
+    "TaskData",
+    "load_tasks",
+    "register_task",
+]

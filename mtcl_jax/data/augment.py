@@ -1,0 +1,278 @@
+"""Augmented views for contrastive pairs: pure, jit-able functions of an explicit key.
+
+Every function maps ``(key, x)`` to an array of the shape and dtype of ``x``, draws independent random
+parameters per item, and gives the same output for the same key. :func:`make_views` stacks ``num_views``
+augmentations of a batch, ``[num_views, B, ...]``, the input of SimCLR-style and supervised contrastive losses
+(use :func:`mtcl_jax.pairs.view_labels` for their labels after reshaping to ``[num_views * B, ...]``).
+
+Inputs are expected normalised (as :class:`~mtcl_jax.data.TaskData` holds them), so 0 is the train mean and the
+noise scales are in units of a standard deviation. The defaults keep the class recognisable on the datasets
+here: an 8x8 digit moves by at most one pixel and turns by at most 10 degrees; a 40-sample MNIST-1D signal or a
+29-frame vowel is cropped to 80-100% of its length, shifted by up to 10% of it, and loses up to 10% of it to a
+time mask. Under ``jax.jit`` pass ``modality``, ``num_views``, ``max_shift``, ``cutout_size``, ``fill_mode`` and
+``circular`` as static arguments; the other hyper-parameters may be traced.
+
+References:
+  Chen et al., "A Simple Framework for Contrastive Learning of Visual Representations" (SimCLR), ICML 2020.
+  DeVries and Taylor, "Improved Regularization of Convolutional Neural Networks with Cutout", 2017.
+  Park et al., "SpecAugment" (time masking), Interspeech 2019.
+  Um et al., "Data Augmentation of Wearable Sensor Data" (scaling, jitter, cropping), ICMI 2017.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+_MODALITIES = ("image", "signal", "sequence", "tabular")
+
+
+def _as_float_input(name: str, x: ArrayLike, ndim: int, layout: str) -> jax.Array:
+  x = jnp.asarray(x)
+  if x.ndim != ndim:
+    raise ValueError(f"{name} expects x of shape {layout}; got shape {x.shape}")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"{name} expects floating-point x; got dtype {x.dtype}")
+  return x
+
+
+def _bilinear_sample(
+    images: jax.Array, source_rows: jax.Array, source_cols: jax.Array, *, fill_mode: str, fill_value: float
+) -> jax.Array:
+  """Reads ``images [B, H, W, C]`` at fractional ``[B, H, W]`` positions, bilinearly."""
+  batch, height, width, _ = images.shape
+  if fill_mode == "nearest":
+    source_rows = jnp.clip(source_rows, 0.0, height - 1.0)
+    source_cols = jnp.clip(source_cols, 0.0, width - 1.0)
+  top, left = jnp.floor(source_rows), jnp.floor(source_cols)
+  row_weight, col_weight = source_rows - top, source_cols - left
+  batch_index = jnp.broadcast_to(jnp.arange(batch)[:, None, None], source_rows.shape)
+  sampled = jnp.zeros(images.shape, jnp.float32)
+  for row_offset, col_offset in ((0, 0), (0, 1), (1, 0), (1, 1)):
+    rows, cols = top + row_offset, left + col_offset
+    weight = (row_weight if row_offset else 1.0 - row_weight) * (col_weight if col_offset else 1.0 - col_weight)
+    row_index = jnp.clip(rows, 0, height - 1).astype(jnp.int32)
+    col_index = jnp.clip(cols, 0, width - 1).astype(jnp.int32)
+    values = images[batch_index, row_index, col_index]
+    if fill_mode == "constant":
+      inside = (rows >= 0) & (rows <= height - 1) & (cols >= 0) & (cols <= width - 1)
+      values = jnp.where(inside[..., None], values, fill_value)
+    sampled = sampled + weight[..., None] * values
+  return sampled
+
+
+def augment_image(
+    key: ArrayLike,
+    x: ArrayLike,
+    *,
+    max_shift: int = 1,
+    max_rotation_degrees: float = 10.0,
+    noise_std: float = 0.1,
+    cutout_size: int = 2,
+    fill_mode: str = "nearest",
+    fill_value: float = 0.0,
+) -> jax.Array:
+  """Random shift, small rotation, Gaussian noise and cutout, independently per image.
+
+  Shift and rotation are one bilinear warp about the image centre; pixels that come from outside the image
+  repeat the border (``fill_mode="nearest"``, right for digits whose border is background) or take
+  ``fill_value`` (``"constant"``). Cutout sets a ``cutout_size`` square at a random place to ``fill_value``.
+
+  Args:
+    key: a PRNG key.
+    x: ``[B, H, W, C]`` floating-point images.
+    max_shift: integer shift in pixels, drawn uniformly from ``[-max_shift, max_shift]`` per axis.
+    max_rotation_degrees: rotation angle drawn uniformly from ``[-max, max]``.
+    noise_std: standard deviation of additive Gaussian noise.
+    cutout_size: side of the cut-out square in pixels; 0 disables cutout.
+    fill_mode: ``"nearest"`` or ``"constant"``.
+    fill_value: scalar for ``"constant"`` fill and for cutout (0 is the mean of normalised inputs).
+
+  Returns:
+    ``[B, H, W, C]`` in the dtype of ``x``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> augment_image(jax.random.key(0), jnp.zeros((2, 8, 8, 1))).shape
+    (2, 8, 8, 1)
+  """
+  x = _as_float_input("augment_image", x, 4, "[B, H, W, C]")
+  batch, height, width, _ = x.shape
+  if max_shift < 0:
+    raise ValueError(f"max_shift must be >= 0; got {max_shift}")
+  if not 0 <= cutout_size <= min(height, width):
+    raise ValueError(f"cutout_size must be in [0, {min(height, width)}]; got {cutout_size}")
+  if fill_mode not in ("nearest", "constant"):
+    raise ValueError(f"fill_mode must be 'nearest' or 'constant'; got {fill_mode!r}")
+  shift_key, angle_key, noise_key, cutout_key = jax.random.split(key, 4)
+
+  # Shift and rotation as one inverse map: output pixel p reads input R(-angle)(p - centre - shift) + centre.
+  shifts = jax.random.randint(shift_key, (batch, 2), -max_shift, max_shift + 1).astype(jnp.float32)
+  angles = jax.random.uniform(angle_key, (batch,), jnp.float32, -1.0, 1.0) * (max_rotation_degrees * math.pi / 180)
+  cos, sin = jnp.cos(angles)[:, None, None], jnp.sin(angles)[:, None, None]
+  centre_row, centre_col = (height - 1) / 2, (width - 1) / 2
+  rows = jnp.arange(height, dtype=jnp.float32)[None, :, None] - centre_row - shifts[:, 0][:, None, None]
+  cols = jnp.arange(width, dtype=jnp.float32)[None, None, :] - centre_col - shifts[:, 1][:, None, None]
+  source_rows = cos * rows - sin * cols + centre_row
+  source_cols = sin * rows + cos * cols + centre_col
+  augmented = _bilinear_sample(
+      x.astype(jnp.float32), source_rows, source_cols, fill_mode=fill_mode, fill_value=fill_value
+  )
+
+  augmented = augmented + noise_std * jax.random.normal(noise_key, x.shape, jnp.float32)
+
+  if cutout_size:
+    top_key, left_key = jax.random.split(cutout_key)
+    top = jax.random.randint(top_key, (batch, 1, 1), 0, height - cutout_size + 1)
+    left = jax.random.randint(left_key, (batch, 1, 1), 0, width - cutout_size + 1)
+    row_index = jnp.arange(height)[None, :, None]
+    col_index = jnp.arange(width)[None, None, :]
+    inside_rows = (row_index >= top) & (row_index < top + cutout_size)
+    inside = inside_rows & (col_index >= left) & (col_index < left + cutout_size)
+    augmented = jnp.where(inside[..., None], fill_value, augmented)
+  return augmented.astype(x.dtype)
+
+
+def _frame_lengths(x: jax.Array, mask: ArrayLike | None) -> tuple[jax.Array, jax.Array]:
+  """Returns per-item real lengths ``[B, 1]`` float32 (at least 1) and the real-frame mask ``[B, T]``."""
+  batch, frames, _ = x.shape
+  if mask is None:
+    return jnp.full((batch, 1), float(frames), jnp.float32), jnp.ones((batch, frames), jnp.bool_)
+  mask = jnp.asarray(mask)
+  if mask.shape != (batch, frames) or mask.dtype != jnp.bool_:
+    raise ValueError(f"mask must be bool of shape {(batch, frames)}; got {mask.dtype} {mask.shape}")
+  lengths = jnp.sum(mask, axis=1, keepdims=True).astype(jnp.float32)
+  return jnp.maximum(lengths, 1.0), mask
+
+
+def augment_signal(
+    key: ArrayLike,
+    x: ArrayLike,
+    mask: ArrayLike | None = None,
+    *,
+    crop_fraction_range: tuple[float, float] = (0.8, 1.0),
+    max_shift_fraction: float = 0.1,
+    circular: bool = True,
+    scale_range: tuple[float, float] = (0.8, 1.2),
+    noise_std: float = 0.05,
+    time_mask_fraction: float = 0.1,
+) -> jax.Array:
+  """Random crop resized back, time shift, amplitude scaling, additive noise and a time mask, per item.
+
+  Everything happens inside each item's real frames (``mask``): a crop covers part of them and is stretched
+  back over all of them by linear interpolation, a circular shift wraps at the item's own length, the time
+  mask falls inside them, and padded frames stay exactly 0.
+
+  Args:
+    key: a PRNG key.
+    x: ``[B, T, C]`` floating-point signals (MNIST-1D ``[B, 40, 1]``) or frames (speech ``[B, 29, 12]``).
+    mask: ``[B, T]`` bool, True on real frames (a prefix of each row); None means all frames are real.
+    crop_fraction_range: the crop keeps a uniform fraction in this range of the real length.
+    max_shift_fraction: shift by a whole number of frames up to this fraction of the real length, either way.
+    circular: wrap shifted frames around (True) or pad with zeros (False).
+    scale_range: each item is multiplied by a factor drawn uniformly from this range.
+    noise_std: standard deviation of additive Gaussian noise.
+    time_mask_fraction: zero a run of frames up to this fraction of the real length; 0 disables it.
+
+  Returns:
+    ``[B, T, C]`` in the dtype of ``x``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> augment_signal(jax.random.key(0), jnp.ones((2, 40, 1))).shape
+    (2, 40, 1)
+  """
+  x = _as_float_input("augment_signal", x, 3, "[B, T, C]")
+  batch, frames, channels = x.shape
+  lengths, real = _frame_lengths(x, mask)
+  crop_key, start_key, shift_key, scale_key, noise_key, width_key, place_key = jax.random.split(key, 7)
+  time = jnp.arange(frames, dtype=jnp.float32)[None, :]
+
+  # Output frame t reads the source at a fractional position inside a crop stretched over the real length.
+  low, high = crop_fraction_range
+  crop_length = jax.random.uniform(crop_key, (batch, 1), jnp.float32, low, high) * lengths
+  crop_start = jax.random.uniform(start_key, (batch, 1), jnp.float32) * (lengths - crop_length)
+  position = crop_start + time * (jnp.maximum(crop_length, 1.0) - 1.0) / jnp.maximum(lengths - 1.0, 1.0)
+  shift_fraction = jax.random.uniform(shift_key, (batch, 1), jnp.float32, -1.0, 1.0) * max_shift_fraction
+  shift = jnp.round(shift_fraction * lengths)
+  source = position - shift
+  if circular:
+    source = jnp.mod(source, lengths)
+  inside = (source >= 0.0) & (source <= lengths - 1.0)
+  floor = jnp.floor(source)
+  weight = (source - floor)[:, :, None]
+  following = jnp.mod(floor + 1.0, lengths) if circular else floor + 1.0
+  signal = x.astype(jnp.float32)
+
+  def frames_at(index: jax.Array) -> jax.Array:
+    index = jnp.clip(index, 0, frames - 1).astype(jnp.int32)
+    return jnp.take_along_axis(signal, jnp.broadcast_to(index[:, :, None], (batch, frames, channels)), axis=1)
+
+  augmented = (1.0 - weight) * frames_at(floor) + weight * frames_at(following)
+  augmented = jnp.where(inside[:, :, None], augmented, 0.0)
+
+  scale_low, scale_high = scale_range
+  augmented = augmented * jax.random.uniform(scale_key, (batch, 1, 1), jnp.float32, scale_low, scale_high)
+  augmented = augmented + noise_std * jax.random.normal(noise_key, x.shape, jnp.float32)
+
+  mask_width = jnp.round(jax.random.uniform(width_key, (batch, 1), jnp.float32) * time_mask_fraction * lengths)
+  mask_start = jnp.floor(jax.random.uniform(place_key, (batch, 1), jnp.float32) * (lengths - mask_width + 1.0))
+  masked = (time >= mask_start) & (time < mask_start + mask_width)
+  augmented = jnp.where(masked[:, :, None], 0.0, augmented)
+  return jnp.where(real[:, :, None], augmented, 0.0).astype(x.dtype)
+
+
+def augment_tabular(
+    key: ArrayLike, x: ArrayLike, *, noise_std: float = 0.1, feature_drop_probability: float = 0.1
+) -> jax.Array:
+  """Additive Gaussian noise and random feature dropout (to 0, the mean) per row of ``x [B, D]``."""
+  x = _as_float_input("augment_tabular", x, 2, "[B, D]")
+  noise_key, drop_key = jax.random.split(key)
+  augmented = x.astype(jnp.float32) + noise_std * jax.random.normal(noise_key, x.shape, jnp.float32)
+  dropped = jax.random.bernoulli(drop_key, feature_drop_probability, x.shape)
+  return jnp.where(dropped, 0.0, augmented).astype(x.dtype)
+
+
+def make_views(
+    key: ArrayLike,
+    x: ArrayLike,
+    *,
+    modality: str,
+    num_views: int = 2,
+    mask: ArrayLike | None = None,
+    **params: object,
+) -> jax.Array:
+  """``num_views`` independent augmentations of a batch, for contrastive pairs.
+
+  Args:
+    key: a PRNG key; view ``v`` uses the ``v``-th of ``jax.random.split(key, num_views)``.
+    x: a batch of one modality: ``[B, H, W, C]`` image, ``[B, T, C]`` signal or sequence, ``[B, D]`` tabular.
+    modality: ``"image"``, ``"signal"``, ``"sequence"`` or ``"tabular"`` (static under jit).
+    num_views: number of views, >= 1 (static under jit).
+    mask: ``[B, T]`` bool real-frame mask, for sequence inputs.
+    **params: keyword hyper-parameters of :func:`augment_image`, :func:`augment_signal` or
+      :func:`augment_tabular`.
+
+  Returns:
+    ``[num_views, *x.shape]`` in the dtype of ``x``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> make_views(jax.random.key(0), jnp.zeros((4, 29, 12)), modality="sequence").shape
+    (2, 4, 29, 12)
+  """
+  if modality not in _MODALITIES:
+    raise ValueError(f"unknown modality {modality!r}; expected one of {_MODALITIES}")
+  if num_views < 1:
+    raise ValueError(f"num_views must be >= 1; got {num_views}")
+  if mask is not None and modality not in ("signal", "sequence"):
+    raise ValueError(f"a mask is for signal or sequence inputs, not {modality!r}")
+  keys = jax.random.split(key, num_views)
+  if modality == "image":
+    return jax.vmap(lambda view_key: augment_image(view_key, x, **params))(keys)
+  if modality == "tabular":
+    return jax.vmap(lambda view_key: augment_tabular(view_key, x, **params))(keys)
+  return jax.vmap(lambda view_key: augment_signal(view_key, x, mask, **params))(keys)

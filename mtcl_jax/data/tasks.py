@@ -1,0 +1,339 @@
+"""Task specs and multi-task compositions: which tasks a run trains on, their inputs normalised.
+
+A task is one classification problem: a dataset's inputs plus one label head. Compositions are named by
+joining dataset names with ``+``; each part may itself yield several tasks:
+
+=====================================  ====================================================================
+spec                                   tasks (task_id order)
+=====================================  ====================================================================
+``digits``                             ``digits`` (image, 10 classes)
+``mnist1d``                            ``mnist1d`` (signal, 10)
+``japanese_vowels``                    ``japanese_vowels`` (sequence with mask, 9 speakers)
+``digits+japanese_vowels[+mnist1d]``   multi-input: one task per dataset, each with its own modality
+``digits_multilabel``                  multi-label, one input: ``digit`` (10), ``parity`` (2), ``at_least_5`` (2)
+``multi_digits``                       multi-label MultiMNIST-style: ``left_digit`` (10), ``right_digit`` (10)
+a registered name                      the arrays given to :func:`register_task`
+a prepared TFDS name                   ``mnist`` -> ``mnist``; with several class labels (e.g. ``celeb_a``),
+                                       one task per label: ``celeb_a/attributes/Smiling``, ...
+=====================================  ====================================================================
+
+Tasks built from the same dataset (multi-label heads) share one normalised input array and the same
+``dataset`` field, and the batcher gives them the same rows at every step.
+
+Normalisation uses statistics of the train split only: per channel for images, signals and sequences (over
+real frames only, so padding does not count), per feature for tabular inputs. Padded frames stay exactly 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from mtcl_jax.data import sources
+
+_MIN_STD = 1e-6
+_RANK_BY_MODALITY = {"image": 4, "signal": 3, "sequence": 3, "tabular": 2}
+_MULTI_DIGITS_TASK_NAMES = {"left": "left_digit", "right": "right_digit"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """One classification task: what its inputs look like and how they are normalised.
+
+  Attributes:
+    name: unique within a run, e.g. ``"digits"``, ``"parity"``, ``"left_digit"``.
+    dataset: the dataset the inputs come from; tasks sharing it share inputs.
+    modality: ``"image"`` ``[H, W, C]``, ``"signal"`` ``[T, C]``, ``"sequence"`` ``[T, C]`` with a mask, or
+      ``"tabular"`` ``[D]``.
+    input_shape: the shape of one normalised input.
+    num_classes: number of classes.
+    class_names: one name per class.
+    mean: train-split mean, broadcastable to ``input_shape`` (``[1, 1, C]``, ``[1, C]`` or ``[D]``).
+    std: train-split standard deviation, same shape (floored at 1e-6 -> 1 for constant channels).
+    max_length: the padded length ``T`` of a sequence task, else None.
+  """
+
+  name: str
+  dataset: str
+  modality: str
+  input_shape: tuple[int, ...]
+  num_classes: int
+  class_names: tuple[str, ...]
+  mean: np.ndarray = dataclasses.field(compare=False, repr=False)
+  std: np.ndarray = dataclasses.field(compare=False, repr=False)
+  max_length: int | None = None
+
+  def normalize(self, x: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Returns ``(x - mean) / std`` as float32 ``[n, *input_shape]``; frames where ``mask`` is False stay 0."""
+    normalized = ((np.asarray(x, np.float64) - self.mean) / self.std).astype(np.float32)
+    if mask is not None:
+      normalized = np.where(mask[:, :, None], normalized, np.float32(0.0))
+    return normalized
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TaskData:
+  """A task with its arrays.
+
+  Attributes:
+    task: the spec.
+    task_id: the task's position in the composition, ``0..T-1``.
+    train: ``{"x": [n, *input_shape] float32 normalised, "y": [n] int32, "mask": [n, T] bool}`` (``mask``
+      only for sequence tasks: True on real frames).
+    test: the same for the held-out split, normalised with the train statistics.
+  """
+
+  task: Task
+  task_id: int
+  train: Mapping[str, np.ndarray]
+  test: Mapping[str, np.ndarray]
+
+
+def _mask_from_lengths(lengths: np.ndarray, max_length: int) -> np.ndarray:
+  return np.arange(max_length)[None, :] < lengths[:, None]
+
+
+def _statistics(modality: str, x: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+  """Per-channel (per-feature for tabular) mean and std of the train inputs, over real frames only."""
+  x = np.asarray(x, np.float64)
+  if modality == "tabular":
+    mean, std = x.mean(axis=0), x.std(axis=0)
+  elif mask is not None:
+    frames = x[mask]  # [real frames, C]
+    mean, std = frames.mean(axis=0)[None, :], frames.std(axis=0)[None, :]
+  else:
+    reduce_axes = tuple(range(x.ndim - 1))
+    mean, std = x.mean(axis=reduce_axes), x.std(axis=reduce_axes)
+    mean, std = mean.reshape((1,) * (x.ndim - 2) + mean.shape), std.reshape((1,) * (x.ndim - 2) + std.shape)
+  std = np.where(std < _MIN_STD, 1.0, std)
+  mean, std = mean.astype(np.float32), std.astype(np.float32)
+  mean.flags.writeable = False
+  std.flags.writeable = False
+  return mean, std
+
+
+def _normalized_splits(
+    dataset: str, spec: sources.DatasetSpec, data_dir: str | os.PathLike | None
+) -> tuple[Task, dict[str, sources.SplitArrays], dict[str, dict[str, np.ndarray]]]:
+  """Reads train and test, normalises both with train statistics; returns a template task (first head)."""
+  raw = {
+      split: sources.read_split(dataset, split, data_dir=data_dir)
+      for split in (spec.train_split, spec.test_split)
+  }
+  train = raw[spec.train_split]
+  max_length = train.x.shape[1] if spec.modality == "sequence" else None
+  masks = {
+      split: None if arrays.lengths is None else _mask_from_lengths(arrays.lengths, max_length)
+      for split, arrays in raw.items()
+  }
+  mean, std = _statistics(spec.modality, train.x, masks[spec.train_split])
+  head = spec.heads[0]
+  template = Task(
+      name=dataset,
+      dataset=dataset,
+      modality=spec.modality,
+      input_shape=tuple(train.x.shape[1:]),
+      num_classes=len(head.class_names),
+      class_names=head.class_names,
+      mean=mean,
+      std=std,
+      max_length=max_length,
+  )
+  inputs = {}
+  for split, arrays in raw.items():
+    x = arrays.x
+    if max_length is not None and x.shape[1] != max_length:
+      # TFDS sequences are padded per split; the input length of a model is the longest train item.
+      if x.shape[1] > max_length:
+        raise ValueError(
+            f"{dataset}: {split} has items of {x.shape[1]} frames, longer than any train item ({max_length})"
+        )
+      x = np.pad(x, ((0, 0), (0, max_length - x.shape[1])) + ((0, 0),) * (x.ndim - 2))
+    normalized = {"x": template.normalize(x, masks[split])}
+    if masks[split] is not None:
+      normalized["mask"] = masks[split]
+    for array in normalized.values():
+      array.flags.writeable = False
+    inputs[split] = normalized
+  return template, raw, inputs
+
+
+def _with_labels(inputs: Mapping[str, np.ndarray], labels: np.ndarray) -> dict[str, np.ndarray]:
+  y = labels.astype(np.int32)
+  y.flags.writeable = False
+  return {**inputs, "y": y}
+
+
+def _dataset_tasks(dataset: str, data_dir: str | os.PathLike | None) -> list[tuple[Task, dict, dict]]:
+  spec = sources.dataset_spec(dataset, data_dir=data_dir)
+  template, raw, inputs = _normalized_splits(dataset, spec, data_dir)
+  train_split, test_split = spec.train_split, spec.test_split
+  tasks = []
+  for head in spec.heads:
+    if len(spec.heads) == 1:
+      name = dataset
+    elif dataset == "multi_digits":
+      name = _MULTI_DIGITS_TASK_NAMES[head.key]
+    else:
+      name = f"{dataset}/{head.key}"
+    task = dataclasses.replace(
+        template, name=name, num_classes=len(head.class_names), class_names=head.class_names
+    )
+    tasks.append((
+        task,
+        _with_labels(inputs[train_split], raw[train_split].labels[head.key]),
+        _with_labels(inputs[test_split], raw[test_split].labels[head.key]),
+    ))
+  return tasks
+
+
+def _digits_multilabel_tasks(data_dir: str | os.PathLike | None) -> list[tuple[Task, dict, dict]]:
+  """digits with three heads on one input: the digit, its parity, and whether it is at least 5."""
+  ((digit_task, train, test),) = _dataset_tasks("digits", data_dir)
+  derived_heads = (
+      ("digit", digit_task.class_names, lambda digit: digit),
+      ("parity", ("even", "odd"), lambda digit: digit % 2),
+      ("at_least_5", ("0-4", "5-9"), lambda digit: (digit >= 5).astype(digit.dtype)),
+  )
+  tasks = []
+  for name, class_names, label_of in derived_heads:
+    task = dataclasses.replace(digit_task, name=name, num_classes=len(class_names), class_names=class_names)
+    tasks.append((task, _with_labels(train, label_of(train["y"])), _with_labels(test, label_of(test["y"]))))
+  return tasks
+
+
+COMPOSITIONS: dict[str, str] = {
+    "digits+japanese_vowels": "multi-input: an image task and a speech task (the classic running example)",
+    "digits+japanese_vowels+mnist1d": "multi-input: image, speech and 1-D signal tasks",
+    "digits_multilabel": "multi-label: digit, parity and at_least_5 heads on the digits images",
+    "multi_digits": "multi-label MultiMNIST-style: left_digit and right_digit on one canvas",
+}
+
+
+def load_tasks(spec: str, *, data_dir: str | os.PathLike | None = None) -> list[TaskData]:
+  """Loads the tasks of a composition, normalised with train statistics, with task ids ``0..T-1`` in order.
+
+  Args:
+    spec: a dataset name, ``digits_multilabel``, or ``+``-joined names, e.g. ``"digits+japanese_vowels"``
+      (see the module docstring for the table).
+    data_dir: overrides ``$MTCL_DATA_DIR`` and the default cache directory.
+
+  Returns:
+    One :class:`TaskData` per task.
+
+  Raises:
+    ValueError: an unknown name (the message lists the known ones), or two tasks with the same name.
+    DatasetNotPreparedError: a TFDS dataset that is not prepared in the data directory.
+
+  Examples:
+    >>> tasks = load_tasks("digits+japanese_vowels")  # doctest: +SKIP
+    >>> [(t.task.name, t.task_id, t.train["x"].shape) for t in tasks]  # doctest: +SKIP
+    [('digits', 0, (1257, 8, 8, 1)), ('japanese_vowels', 1, (270, 29, 12))]
+  """
+  parts = spec.split("+")
+  if not all(parts):
+    raise ValueError(f"empty name in task spec {spec!r}")
+  built = []
+  for part in parts:
+    built += _digits_multilabel_tasks(data_dir) if part == "digits_multilabel" else _dataset_tasks(part, data_dir)
+  names = [task.name for task, _, _ in built]
+  duplicates = sorted({name for name in names if names.count(name) > 1})
+  if duplicates:
+    raise ValueError(f"task spec {spec!r} yields duplicate task names {duplicates}")
+  return [TaskData(task, task_id, train, test) for task_id, (task, train, test) in enumerate(built)]
+
+
+def _prefix_mask_lengths(name: str, mask: np.ndarray, x: np.ndarray) -> np.ndarray:
+  mask = np.asarray(mask)
+  if mask.dtype != np.bool_ or mask.shape != x.shape[:2]:
+    raise ValueError(f"{name} must be bool of shape {x.shape[:2]}; got {mask.dtype} {mask.shape}")
+  lengths = mask.sum(axis=1).astype(np.int32)
+  if not np.array_equal(mask, _mask_from_lengths(lengths, mask.shape[1])):
+    raise ValueError(f"{name} must be True on a prefix of each row (real frames first, then padding)")
+  if np.any(lengths == 0):
+    raise ValueError(f"{name} has rows with no real frame")
+  return lengths
+
+
+def register_task(
+    name: str,
+    *,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    modality: str,
+    class_names: Sequence[str] | None = None,
+    mask_train: np.ndarray | None = None,
+    mask_test: np.ndarray | None = None,
+) -> None:
+  """Registers your own arrays as a task, usable in :func:`load_tasks` specs like ``"digits+name"``.
+
+  The arrays are copied and kept in this process's memory; registering ``name`` again replaces them.
+
+  Args:
+    name: the task's name (no ``+``; not a built-in dataset).
+    x_train: ``[n, H, W, C]`` (image), ``[n, T, C]`` (signal, sequence) or ``[n, D]`` (tabular), unnormalised.
+    y_train: ``[n]`` integer class ids in ``[0, num_classes)``.
+    x_test: held-out inputs, same trailing shape.
+    y_test: held-out class ids.
+    modality: ``"image"``, ``"signal"``, ``"sequence"`` or ``"tabular"``.
+    class_names: one per class; default ``"0", "1", ...`` up to the largest id.
+    mask_train: sequence tasks only: ``[n, T]`` bool, True on real frames, which come first. Default: all real.
+    mask_test: the same for the test split.
+
+  Raises:
+    ValueError: naming the argument whose shape, dtype or values are wrong.
+
+  Examples:
+    >>> register_task("blobs", x_train=xa, y_train=ya, x_test=xb, y_test=yb, modality="tabular")  # doctest: +SKIP
+    >>> load_tasks("digits+blobs")  # doctest: +SKIP
+  """
+  if not name or "+" in name or name in sources.OFFLINE_DATASETS or name == "digits_multilabel":
+    raise ValueError(f"cannot register a task named {name!r}: it is empty, has '+', or is built in")
+  if modality not in _RANK_BY_MODALITY:
+    raise ValueError(f"unknown modality {modality!r}; expected one of {sources.MODALITIES}")
+  arrays = {"x_train": np.asarray(x_train), "x_test": np.asarray(x_test)}
+  labels = {"y_train": np.asarray(y_train), "y_test": np.asarray(y_test)}
+  rank = _RANK_BY_MODALITY[modality]
+  for key, x in arrays.items():
+    if x.ndim != rank or not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+      raise ValueError(
+          f"{key} must be a numeric rank-{rank} array for modality {modality!r}; got {x.dtype} {x.shape}"
+      )
+  if arrays["x_train"].shape[1:] != arrays["x_test"].shape[1:]:
+    raise ValueError(f"x_train {arrays['x_train'].shape} and x_test {arrays['x_test'].shape} differ per item")
+  for (key, y), x in zip(labels.items(), arrays.values()):
+    if y.ndim != 1 or y.shape[0] != x.shape[0] or not np.issubdtype(y.dtype, np.integer):
+      raise ValueError(f"{key} must be integer of shape [{x.shape[0]}]; got {y.dtype} {y.shape}")
+    if y.size and y.min() < 0:
+      raise ValueError(f"{key} has negative class ids")
+  num_classes = int(max(y.max() for y in labels.values() if y.size)) + 1
+  if class_names is None:
+    class_names = tuple(str(class_id) for class_id in range(num_classes))
+  elif len(class_names) < num_classes:
+    raise ValueError(f"{len(class_names)} class_names for class ids up to {num_classes - 1}")
+  if arrays["x_train"].shape[0] == 0 or arrays["x_test"].shape[0] == 0:
+    raise ValueError("x_train and x_test must each hold at least one item")
+  masks = {"mask_train": mask_train, "mask_test": mask_test}
+  if modality != "sequence" and any(mask is not None for mask in masks.values()):
+    raise ValueError(f"masks are for sequence tasks; modality is {modality!r}")
+  splits = {}
+  for split, x, y, (mask_key, mask) in zip(("train", "test"), arrays.values(), labels.values(), masks.items()):
+    lengths = None
+    if modality == "sequence":
+      if mask is None:
+        lengths = np.full(x.shape[0], x.shape[1], np.int32)
+      else:
+        lengths = _prefix_mask_lengths(mask_key, mask, x)
+      x = np.where(_mask_from_lengths(lengths, x.shape[1])[:, :, None], x, np.zeros((), x.dtype))
+    x, y = np.array(x), y.astype(np.int64)
+    for array in (x, y, lengths):
+      if array is not None:
+        array.flags.writeable = False
+    splits[split] = sources.SplitArrays(x, {"label": y}, lengths)
+  head = sources.LabelHead("label", tuple(class_names))
+  sources.register_arrays(sources.DatasetSpec(name, modality, (head,), ("train", "test")), splits)

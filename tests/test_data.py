@@ -1,0 +1,488 @@
+"""Offline datasets, TFDS access without a network, task specs and normalisation."""
+
+from __future__ import annotations
+
+import io
+import os
+import pathlib
+import shutil
+import socket
+import time
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from mtcl_jax import data
+from mtcl_jax.data import _builders, sources
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> pathlib.Path:
+  """The CI's $MTCL_DATA_DIR, else one directory for the whole test session (prepared once)."""
+  shared = os.environ.get(data.DATA_DIR_ENV)
+  return pathlib.Path(shared) if shared else tmp_path_factory.getbasetemp() / "mtcl_data"
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+  """Any attempt to open a connection fails the test at once instead of waiting on a timeout."""
+
+  def refuse(*args, **kwargs):
+    raise AssertionError(f"network access attempted: {args}")
+
+  monkeypatch.setattr(socket.socket, "connect", refuse)
+  monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Offline datasets: sizes, shapes, dtypes, classes, splits.
+# --------------------------------------------------------------------------------------------------------
+
+EXPECTED = {
+    # name: (train size, test size, item shape, number of classes per head)
+    "digits": (1257, 540, (8, 8, 1), (10,)),
+    "mnist1d": (4000, 1000, (40, 1), (10,)),
+    "japanese_vowels": (270, 370, (29, 12), (9,)),
+    "multi_digits": (1257, 540, (8, 12, 1), (10, 10)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_offline_dataset_sizes_shapes_dtypes_and_classes(name, data_dir):
+  num_train, num_test, item_shape, classes_per_head = EXPECTED[name]
+  for split, size in (("train", num_train), ("test", num_test)):
+    x, y = data.load_arrays(name, split, data_dir=data_dir)
+    assert x.shape == (size, *item_shape) and x.dtype == np.float32
+    assert np.all(np.isfinite(x))
+    labels = y.reshape(size, -1)
+    assert y.dtype == np.int64 and labels.shape[1] == len(classes_per_head)
+    for head, num_classes in enumerate(classes_per_head):
+      # Every class appears in both splits, and nothing else does.
+      assert set(np.unique(labels[:, head])) == set(range(num_classes))
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_train_and_test_share_no_item(name, data_dir):
+  x_train, _ = data.load_arrays(name, "train", data_dir=data_dir)
+  x_test, _ = data.load_arrays(name, "test", data_dir=data_dir)
+  train_items = {item.tobytes() for item in x_train}
+  assert len(train_items) == len(x_train)
+  assert not train_items & {item.tobytes() for item in x_test}
+
+
+def test_digits_is_the_stratified_70_30_split_with_random_state_0(data_dir):
+  from sklearn.datasets import load_digits
+  from sklearn.model_selection import train_test_split
+
+  digits = load_digits()
+  x_train, x_test, y_train, y_test = train_test_split(
+      digits.images / 16.0, digits.target, test_size=0.3, stratify=digits.target, random_state=0
+  )
+  for split, x_expected, y_expected in (("train", x_train, y_train), ("test", x_test, y_test)):
+    x, y = data.load_arrays("digits", split, data_dir=data_dir)
+    np.testing.assert_allclose(x[..., 0], x_expected, rtol=0, atol=1e-7)
+    np.testing.assert_array_equal(y, y_expected)
+    assert x.min() == 0.0 and x.max() == 1.0
+
+
+def test_japanese_vowels_matches_aeon_with_lengths_and_zero_padding(data_dir):
+  from aeon.datasets import load_classification
+
+  for split in ("train", "test"):
+    series, labels = load_classification("JapaneseVowels", split=split)
+    x, y = data.load_arrays("japanese_vowels", split, data_dir=data_dir)
+    lengths = data.load_lengths("japanese_vowels", split, data_dir=data_dir)
+    assert lengths.dtype == np.int32 and lengths.min() >= 7 and lengths.max() <= 29
+    np.testing.assert_array_equal(y, labels.astype(int) - 1)
+    for row, (item, length) in enumerate(zip(series, lengths)):
+      assert item.shape == (12, length)
+      np.testing.assert_allclose(x[row, :length], item.T, rtol=1e-6)
+      assert not np.any(x[row, length:])
+  assert data.load_lengths("japanese_vowels", "train", data_dir=data_dir).max() == 26
+
+
+def test_multi_digits_pairs_two_digits_of_the_same_split(data_dir):
+  digits_x, digits_y = data.load_arrays("digits", "test", data_dir=data_dir)
+  x, y = data.load_arrays("multi_digits", "test", data_dir=data_dir)
+  # The left digit of item i is digit i, moved up or down by at most one row, under the right one's max.
+  np.testing.assert_array_equal(y[:, 0], digits_y)
+  for row in range(0, len(x), 97):
+    left_window = x[row, :, :8, 0]
+    candidates = [_builders._shift_rows(digits_x[row, :, :, 0], shift) for shift in (-1, 0, 1)]
+    assert any(np.all(left_window[:, :4] == candidate[:, :4]) for candidate in candidates)
+    assert any(np.all(left_window >= candidate - 1e-7) for candidate in candidates)
+  assert np.mean(y[:, 0] == y[:, 1]) < 0.3  # partners are shuffled, not the same digit
+
+
+def test_preparing_writes_once_and_reuses(tmp_path, no_network):
+  start = time.perf_counter()
+  x, _ = data.load_arrays("japanese_vowels", "train", data_dir=tmp_path)
+  info_file = next(tmp_path.glob("japanese_vowels/*/dataset_info.json"))
+  written = info_file.stat().st_mtime_ns
+  sources._open.cache_clear()
+  sources._read_split.cache_clear()
+  again, _ = data.load_arrays("japanese_vowels", "train", data_dir=tmp_path)
+  assert info_file.stat().st_mtime_ns == written
+  np.testing.assert_array_equal(again, x)
+  assert time.perf_counter() - start < 60
+
+
+def test_data_dir_comes_from_the_environment(monkeypatch, tmp_path):
+  monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path / "from_env"))
+  assert data.resolve_data_dir() == (tmp_path / "from_env").resolve()
+  assert data.resolve_data_dir(tmp_path / "given") == (tmp_path / "given").resolve()
+  monkeypatch.delenv(data.DATA_DIR_ENV)
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+  assert data.resolve_data_dir() == (tmp_path / "cache" / "mtcl_jax" / "datasets").resolve()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Errors: unknown names, missing and corrupt data.
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_unknown_dataset_lists_known_names(data_dir):
+  with pytest.raises(ValueError, match="unknown dataset 'nope'.*digits.*japanese_vowels.*mnist1d"):
+    data.load_arrays("nope", "train", data_dir=data_dir)
+  with pytest.raises(ValueError, match="unknown dataset"):
+    data.load_tasks("digits+nope", data_dir=data_dir)
+
+
+def test_unknown_split_lists_known_splits(data_dir):
+  with pytest.raises(ValueError, match="unknown split 'validation'.*train, test"):
+    data.load_arrays("digits", "validation", data_dir=data_dir)
+
+
+def test_unprepared_standard_tfds_dataset_fails_fast_with_instructions(tmp_path, no_network):
+  start = time.perf_counter()
+  for name in ("mnist", "cifar10", "speech_commands"):
+    with pytest.raises(data.DatasetNotPreparedError, match=rf"(?s)'{name}' is not prepared.*tfds build {name}"):
+      data.load_tasks(name, data_dir=tmp_path)
+  with pytest.raises(FileNotFoundError, match="--file_format=array_record"):
+    data.load_arrays("fashion_mnist", "train", data_dir=tmp_path)
+  assert time.perf_counter() - start < 5.0
+  assert not any(tmp_path.iterdir())  # nothing was downloaded or created
+
+
+def _copy_prepared(name: str, source_dir: pathlib.Path, target_dir: pathlib.Path) -> pathlib.Path:
+  data.load_arrays(name, "train", data_dir=source_dir)
+  shutil.copytree(source_dir / name, target_dir / name)
+  return next((target_dir / name).glob("*"))
+
+
+def test_corrupt_record_file_gives_a_clear_error(data_dir, tmp_path):
+  version_dir = _copy_prepared("digits", data_dir, tmp_path)
+  (record_file,) = version_dir.glob("*-train.array_record-*")
+  record_file.write_bytes(record_file.read_bytes()[: record_file.stat().st_size // 2])
+  with pytest.raises(data.CorruptDatasetError, match="cannot read split 'train' of 'digits'.*Delete"):
+    data.load_arrays("digits", "train", data_dir=tmp_path)
+
+
+def test_missing_record_file_gives_a_clear_error(data_dir, tmp_path):
+  version_dir = _copy_prepared("mnist1d", data_dir, tmp_path)
+  (record_file,) = version_dir.glob("*-test.array_record-*")
+  record_file.unlink()
+  with pytest.raises(data.CorruptDatasetError, match="'mnist1d'"):
+    data.load_tasks("mnist1d", data_dir=tmp_path)
+
+
+def test_corrupt_metadata_gives_a_clear_error(data_dir, tmp_path):
+  version_dir = _copy_prepared("digits", data_dir, tmp_path)
+  (version_dir / "dataset_info.json").write_text("{not json")
+  with pytest.raises(data.CorruptDatasetError, match="delete it and it will be prepared again"):
+    data.load_arrays("digits", "train", data_dir=tmp_path)
+
+
+# --------------------------------------------------------------------------------------------------------
+# A standard-layout TFDS dataset prepared elsewhere, read by name with no builder code and no network.
+# --------------------------------------------------------------------------------------------------------
+
+
+def _png(pixels: np.ndarray) -> bytes:
+  import PIL.Image
+
+  buffer = io.BytesIO()
+  PIL.Image.fromarray(pixels).save(buffer, format="PNG")
+  return buffer.getvalue()
+
+
+class TinyFaces(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Laid out like celeb_a (PNG image, boolean attributes, no supervised keys) plus a class label."""
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(6, 5, 1)),
+            "identity": tfds.features.ClassLabel(names=("ann", "bob", "cy")),
+            "attributes": {"Smiling": np.bool_, "Young": np.bool_},
+        }),
+    )
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples(30), "test": self._generate_examples(12)}
+
+  def _generate_examples(self, count):
+    rng = np.random.default_rng(count)
+    for index in range(count):
+      yield index, {
+          "image": _png(rng.integers(0, 256, (6, 5), dtype=np.uint8)),
+          "identity": index % 3,
+          "attributes": {"Smiling": bool(index % 2), "Young": index % 3 == 0},
+      }
+
+
+@pytest.fixture(scope="module")
+def tiny_faces_dir(tmp_path_factory) -> pathlib.Path:
+  prepared_dir = tmp_path_factory.mktemp("tfds_prepared")
+  TinyFaces(data_dir=str(prepared_dir), file_format="array_record").download_and_prepare(
+      file_format="array_record"
+  )
+  return prepared_dir
+
+
+def test_prepared_tfds_dataset_loads_by_name_offline(tiny_faces_dir, no_network):
+  x, y = data.load_arrays("tiny_faces", "train", data_dir=tiny_faces_dir)
+  assert x.shape == (30, 6, 5, 1) and x.dtype == np.uint8
+  # One head per class label or boolean, sorted by path: Smiling, Young, identity (rows in stored order).
+  assert y.shape == (30, 3)
+  smiling, young, identity = y.T
+  np.testing.assert_array_equal(np.bincount(identity), [10, 10, 10])
+  np.testing.assert_array_equal(young, identity == 0)
+  assert smiling.sum() == 15
+  x_slice, _ = data.load_arrays("tiny_faces", "train[:10]", data_dir=tiny_faces_dir)
+  np.testing.assert_array_equal(x_slice, x[:10])
+
+  tasks = data.load_tasks("tiny_faces", data_dir=tiny_faces_dir)
+  names = [task_data.task.name for task_data in tasks]
+  assert names == ["tiny_faces/attributes/Smiling", "tiny_faces/attributes/Young", "tiny_faces/identity"]
+  by_name = {task_data.task.name: task_data for task_data in tasks}
+  identity = by_name["tiny_faces/identity"]
+  assert identity.task.class_names == ("ann", "bob", "cy") and identity.task.modality == "image"
+  assert by_name["tiny_faces/attributes/Smiling"].task.class_names == ("false", "true")
+  assert identity.train["x"].dtype == np.float32 and identity.test["x"].shape == (12, 6, 5, 1)
+
+
+def test_tfds_dataset_composes_with_offline_ones(tiny_faces_dir, data_dir):
+  shutil.copytree(tiny_faces_dir / "tiny_faces", data_dir / "tiny_faces", dirs_exist_ok=True)
+  tasks = data.load_tasks("digits+tiny_faces", data_dir=data_dir)
+  assert [task_data.task_id for task_data in tasks] == [0, 1, 2, 3]
+  assert tasks[0].task.name == "digits"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Task specs, compositions and normalisation.
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_composition_of_image_speech_and_signal_tasks(data_dir):
+  tasks = data.load_tasks("digits+japanese_vowels+mnist1d", data_dir=data_dir)
+  assert [(t.task.name, t.task_id, t.task.modality) for t in tasks] == [
+      ("digits", 0, "image"),
+      ("japanese_vowels", 1, "sequence"),
+      ("mnist1d", 2, "signal"),
+  ]
+  shapes = {t.task.name: (t.task.input_shape, t.task.num_classes, t.task.max_length) for t in tasks}
+  assert shapes == {
+      "digits": ((8, 8, 1), 10, None),
+      "japanese_vowels": ((29, 12), 9, 29),
+      "mnist1d": ((40, 1), 10, None),
+  }
+  for task_data in tasks:
+    for arrays in (task_data.train, task_data.test):
+      assert arrays["x"].dtype == np.float32 and arrays["y"].dtype == np.int32
+      assert arrays["x"].shape[1:] == task_data.task.input_shape
+      assert ("mask" in arrays) == (task_data.task.modality == "sequence")
+  speech = tasks[1]
+  assert speech.train["mask"].dtype == np.bool_ and speech.train["mask"].shape == (270, 29)
+  test_lengths = data.load_lengths("japanese_vowels", "test", data_dir=data_dir)
+  np.testing.assert_array_equal(speech.test["mask"].sum(1), test_lengths)
+
+
+@pytest.mark.parametrize("name", ["digits", "mnist1d", "japanese_vowels"])
+def test_normalisation_uses_train_statistics_only(name, data_dir):
+  (task_data,) = data.load_tasks(name, data_dir=data_dir)
+  task = task_data.task
+  x_train, _ = data.load_arrays(name, "train", data_dir=data_dir)
+  x_test, _ = data.load_arrays(name, "test", data_dir=data_dir)
+  if name == "japanese_vowels":
+    mask_train, mask_test = task_data.train["mask"], task_data.test["mask"]
+    expected_mean, expected_std = x_train[mask_train].mean(0), x_train[mask_train].std(0)
+    assert not np.any(task_data.train["x"][~mask_train]) and not np.any(task_data.test["x"][~mask_test])
+    normalized_train = task_data.train["x"][mask_train]
+  else:
+    channels = x_train.shape[-1]
+    expected_mean = x_train.reshape(-1, channels).mean(0)
+    expected_std = x_train.reshape(-1, channels).std(0)
+    mask_test = None
+    normalized_train = task_data.train["x"].reshape(-1, channels)
+  np.testing.assert_allclose(task.mean.reshape(-1), expected_mean, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(task.std.reshape(-1), expected_std, rtol=1e-5)
+  np.testing.assert_allclose(normalized_train.mean(0), 0.0, atol=1e-4)
+  np.testing.assert_allclose(normalized_train.std(0), 1.0, atol=1e-4)
+  np.testing.assert_allclose(task_data.test["x"], task.normalize(x_test, mask_test), rtol=1e-6)
+  assert np.broadcast_shapes(task.mean.shape, task.input_shape) == task.input_shape
+
+
+def test_registered_test_split_does_not_move_statistics():
+  rng = np.random.default_rng(0)
+  x_train, x_test = rng.normal(3.0, 2.0, (50, 4)), rng.normal(1000.0, 50.0, (20, 4))
+  y_train, y_test = rng.integers(0, 3, 50), rng.integers(0, 3, 20)
+  data.register_task(
+      "shifted_test", x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test, modality="tabular"
+  )
+  (task_data,) = data.load_tasks("shifted_test")
+  np.testing.assert_allclose(task_data.task.mean, x_train.mean(0), rtol=1e-5)
+  np.testing.assert_allclose(task_data.task.std, x_train.std(0), rtol=1e-5)
+  assert task_data.test["x"].mean() > 100  # the test split is far off and stays so
+  assert task_data.task.class_names == ("0", "1", "2") and task_data.task.input_shape == (4,)
+
+
+def test_digits_multilabel_heads_share_one_input(data_dir):
+  tasks = data.load_tasks("digits_multilabel", data_dir=data_dir)
+  assert [(t.task.name, t.task.num_classes) for t in tasks] == [("digit", 10), ("parity", 2), ("at_least_5", 2)]
+  digit, parity, at_least_5 = tasks
+  assert parity.train["x"] is digit.train["x"] and {t.task.dataset for t in tasks} == {"digits"}
+  for split in ("train", "test"):
+    digits = getattr(digit, split)["y"]
+    np.testing.assert_array_equal(getattr(parity, split)["y"], digits % 2)
+    np.testing.assert_array_equal(getattr(at_least_5, split)["y"], (digits >= 5).astype(np.int32))
+
+
+def test_multi_digits_tasks(data_dir):
+  left, right = data.load_tasks("multi_digits", data_dir=data_dir)
+  assert (left.task.name, right.task.name) == ("left_digit", "right_digit")
+  assert left.task.input_shape == (8, 12, 1) and left.train["x"] is right.train["x"]
+  _, y = data.load_arrays("multi_digits", "train", data_dir=data_dir)
+  np.testing.assert_array_equal(right.train["y"], y[:, 1])
+
+
+def test_duplicate_task_names_are_rejected(data_dir):
+  with pytest.raises(ValueError, match="duplicate task names.*digits"):
+    data.load_tasks("digits+digits", data_dir=data_dir)
+  with pytest.raises(ValueError, match="empty name"):
+    data.load_tasks("digits+", data_dir=data_dir)
+
+
+def test_task_arrays_are_read_only(data_dir):
+  (task_data,) = data.load_tasks("digits", data_dir=data_dir)
+  with pytest.raises(ValueError, match="read-only"):
+    task_data.train["x"][0] = 0.0
+  x, _ = data.load_arrays("digits", "train", data_dir=data_dir)
+  x[0] = 5.0  # load_arrays hands out a copy
+  assert data.load_arrays("digits", "train", data_dir=data_dir)[0][0].max() <= 1.0
+
+
+# --------------------------------------------------------------------------------------------------------
+# User-registered arrays.
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_registered_sequence_task_with_masks(data_dir):
+  rng = np.random.default_rng(1)
+  lengths_train, lengths_test = rng.integers(3, 11, 40), rng.integers(3, 11, 10)
+  mask_train = np.arange(10)[None, :] < lengths_train[:, None]
+  mask_test = np.arange(10)[None, :] < lengths_test[:, None]
+  x_train = rng.normal(5.0, 1.0, (40, 10, 2)).astype(np.float32)
+  data.register_task(
+      "my_speech",
+      x_train=x_train,
+      y_train=rng.integers(0, 4, 40),
+      x_test=rng.normal(5.0, 1.0, (10, 10, 2)),
+      y_test=rng.integers(0, 4, 10),
+      modality="sequence",
+      class_names=("a", "b", "c", "d"),
+      mask_train=mask_train,
+      mask_test=mask_test,
+  )
+  digits, speech = data.load_tasks("digits+my_speech", data_dir=data_dir)
+  assert speech.task_id == 1 and speech.task.max_length == 10 and speech.task.class_names == ("a", "b", "c", "d")
+  np.testing.assert_array_equal(speech.train["mask"], mask_train)
+  # Statistics over real frames only: the padding of x_train must not count.
+  np.testing.assert_allclose(speech.task.mean[0], x_train[mask_train].mean(0), rtol=1e-5)
+  assert not np.any(speech.train["x"][~mask_train])
+  x, y = data.load_arrays("my_speech", "test")
+  assert x.shape == (10, 10, 2) and not np.any(x[~mask_test])
+  np.testing.assert_array_equal(data.load_lengths("my_speech", "train"), lengths_train)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"name": "digits"}, "built in"),
+        ({"name": "a+b"}, "has '\\+'"),
+        ({"modality": "video"}, "unknown modality"),
+        ({"x_train": np.zeros((6, 3, 2))}, "rank-2"),
+        ({"y_train": np.zeros(5, np.int64)}, "y_train must be integer of shape \\[6\\]"),
+        ({"y_test": np.array([0.0, 1.0])}, "y_test must be integer"),
+        ({"class_names": ("only",)}, "class_names"),
+        ({"mask_train": np.ones((6, 3), bool)}, "masks are for sequence tasks"),
+    ],
+)
+def test_register_task_rejects_bad_input(overrides, message):
+  arguments = {
+      "name": "bad",
+      "x_train": np.zeros((6, 3)),
+      "y_train": np.array([0, 1, 0, 1, 0, 1]),
+      "x_test": np.zeros((2, 3)),
+      "y_test": np.array([0, 1]),
+      "modality": "tabular",
+  }
+  arguments.update(overrides)
+  with pytest.raises(ValueError, match=message):
+    data.register_task(**arguments)
+
+
+def test_register_sequence_rejects_a_mask_with_holes():
+  mask = np.ones((2, 4), bool)
+  mask[0, 1] = False
+  with pytest.raises(ValueError, match="prefix"):
+    data.register_task(
+        "holes",
+        x_train=np.zeros((2, 4, 1)),
+        y_train=np.array([0, 1]),
+        x_test=np.zeros((1, 4, 1)),
+        y_test=np.array([0]),
+        modality="sequence",
+        mask_train=mask,
+    )
+
+
+class TinyCalls(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Variable-length 2-channel sequences with supervised keys, like a prepared audio-feature dataset."""
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict({
+            "frames": tfds.features.Tensor(shape=(None, 2), dtype=np.float32),
+            "caller": tfds.features.ClassLabel(num_classes=2),
+        }),
+        supervised_keys=("frames", "caller"),
+    )
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples(20, 8), "test": self._generate_examples(6, 5)}
+
+  def _generate_examples(self, count, longest):
+    for index in range(count):
+      length = 2 + index % (longest - 1)
+      yield index, {"frames": np.full((length, 2), 1.0 + index, np.float32), "caller": index % 2}
+
+
+def test_prepared_variable_length_tfds_dataset_becomes_a_masked_sequence_task(tmp_path, no_network):
+  TinyCalls(data_dir=str(tmp_path), file_format="array_record").download_and_prepare(file_format="array_record")
+  (task_data,) = data.load_tasks("tiny_calls", data_dir=tmp_path)
+  assert task_data.task.modality == "sequence" and task_data.task.input_shape == (8, 2)
+  assert task_data.task.max_length == 8
+  # The test split (at most 5 frames) is padded to the train length; real frames are a prefix.
+  assert task_data.test["x"].shape == (6, 8, 2) and task_data.test["mask"].shape == (6, 8)
+  lengths = data.load_lengths("tiny_calls", "test", data_dir=tmp_path)
+  np.testing.assert_array_equal(task_data.test["mask"].sum(1), lengths)
+  assert sorted(lengths) == [2, 2, 3, 3, 4, 5]  # 2 + index % 4 for the six test items
+  assert not np.any(task_data.test["x"][~task_data.test["mask"]])
