@@ -79,6 +79,42 @@ def pairwise(a: ArrayLike, b: ArrayLike, *, metric: Metric = "cosine") -> jax.Ar
   raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
 
 
+def paired(a: ArrayLike, b: ArrayLike, *, metric: Metric = "cosine") -> jax.Array:
+  """Similarity of corresponding vectors along the last axis; larger means more similar.
+
+  Unlike :func:`pairwise`, which compares every row of ``a`` with every row of ``b``, this compares
+  ``a[..., :]`` with ``b[..., :]`` position by position. Euclidean metrics use the difference ``a − b``
+  directly (no expansion), so identical vectors give exactly 0 and a zero gradient.
+
+  Args:
+    a: ``[..., D]``.
+    b: ``[..., D]``, the same rank as ``a``; leading axes broadcast where one of them is 1.
+    metric: ``"cosine"``, ``"dot"``, ``"neg_euclidean"`` (−‖a−b‖₂) or ``"neg_sq_euclidean"`` (−‖a−b‖₂²).
+
+  Returns:
+    ``[...]``: the broadcast leading shape of ``a`` and ``b``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> paired(jnp.array([[3.0, 4.0], [1.0, 0.0]]), jnp.array([[0.0, 0.0], [1.0, 0.0]]),
+    ...        metric="neg_euclidean")
+    Array([-5., -0.], dtype=float32)
+  """
+  a, b = jnp.asarray(a), jnp.asarray(b)
+  if a.ndim != b.ndim or a.ndim == 0 or a.shape[-1] != b.shape[-1]:
+    raise ValueError(f"paired expects a [..., D] and b [..., D] of equal rank; got {a.shape} and {b.shape}")
+  if metric == "cosine":
+    return jnp.sum(l2_normalize(a) * l2_normalize(b), axis=-1)
+  if metric == "dot":
+    return jnp.sum(a * b, axis=-1)
+  if metric in ("neg_euclidean", "neg_sq_euclidean"):
+    squared = jnp.sum(jnp.square(a - b), axis=-1)
+    if metric == "neg_sq_euclidean":
+      return -squared
+    return -_safe_sqrt(squared)
+  raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
+
+
 @jax.custom_jvp
 def _safe_sqrt(x: jax.Array) -> jax.Array:
   """sqrt whose derivative is 0 (not inf) at x = 0: the subgradient of ‖a−b‖ at a = b."""

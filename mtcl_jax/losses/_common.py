@@ -62,3 +62,12 @@ def masked_logsumexp(logits: jax.Array, mask: jax.Array, axis: int = -1) -> jax.
   row_max = jax.lax.stop_gradient(jnp.max(logits, axis=axis, keepdims=True))
   summed = jnp.sum(jnp.where(mask, jnp.exp(logits - row_max), 0.0), axis=axis, keepdims=True)
   return jnp.squeeze(row_max + jnp.log(jnp.maximum(summed, jnp.finfo(jnp.float32).tiny)), axis)
+
+
+def check_block_size(block_size: int | None) -> int | None:
+  """Returns ``block_size`` unchanged if it is None or a positive Python int; raises otherwise."""
+  if block_size is None:
+    return None
+  if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size <= 0:
+    raise ValueError(f"block_size must be a positive int or None; got {block_size!r}")
+  return int(block_size)

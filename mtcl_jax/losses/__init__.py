@@ -1,0 +1,25 @@
+"""Contrastive and metric-learning losses: pure functions of arrays, jit, vmap and grad safe.
+
+``from mtcl_jax import losses; losses.supcon(z, labels)`` is the whole API. Every hyper-parameter is
+keyword-only; the math runs in float32 whatever the input dtype; a temperature may be a traced scalar.
+"""
+
+from mtcl_jax.losses._clip import clip
+from mtcl_jax.losses._clip import sigmoid_pairwise
+from mtcl_jax.losses._infonce import binary_infonce
+from mtcl_jax.losses._margin import margin_contrastive
+from mtcl_jax.losses._margin import triplet_margin
+from mtcl_jax.losses._ntxent import ntxent
+from mtcl_jax.losses._ntxent import supcon
+from mtcl_jax.losses._ntxent import task_contrastive
+
+__all__ = (
+    "binary_infonce",
+    "clip",
+    "margin_contrastive",
+    "ntxent",
+    "sigmoid_pairwise",
+    "supcon",
+    "task_contrastive",
+    "triplet_margin",
+)
