@@ -1,0 +1,164 @@
+"""The multi-task contrastive model: per-task modality stems, one shared trunk, a projection head, task heads.
+
+::
+
+  batch[task]["x"] --stem[task]--> [B_t, stem_width] --trunk (shared)--> features [B_t, F]
+  features --projection (shared)--> projection [B_t, P]      (for the contrastive loss)
+  features --head[task]----------> logits [B_t, num_classes_t]  (per-task cross-entropy)
+
+Frozen features for probes are the trunk's output, ``features``: ``model.apply(params, batch,
+method=MultiTaskModel.encode)`` returns them alone (see also ``mtcl_jax.train.extract_features``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mtcl_jax.models.stems import MODALITIES, ImageStem, SequenceStem, TabularStem, float32_norm
+
+
+class TaskInfo(NamedTuple):
+  """What the model needs to know about a task: its name, input modality and number of classes."""
+
+  name: str
+  modality: str
+  num_classes: int
+
+
+class MLP(nn.Module):
+  """Dense -> LayerNorm -> GELU layers; the last layer is a plain Dense when ``linear_output``.
+
+  Attributes:
+    widths: the width of each layer.
+    linear_output: whether the last layer has no norm and activation (a projection head's output).
+    dtype: compute dtype.
+  """
+
+  widths: Sequence[int]
+  linear_output: bool = False
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for index, width in enumerate(self.widths):
+      x = nn.Dense(width, dtype=self.dtype, name=f"dense{index}")(x)
+      if self.linear_output and index == len(self.widths) - 1:
+        break
+      x = nn.gelu(float32_norm(nn.LayerNorm(name=f"norm{index}"), x))
+    return x
+
+
+class MultiTaskModel(nn.Module):
+  """One shared encoder for several tasks of possibly different modalities.
+
+  Parameters are float32; ``dtype`` sets the compute dtype (e.g. ``jnp.bfloat16``), and every output is returned
+  in float32 so the losses run in float32.
+
+  Attributes:
+    tasks: the tasks, in task-id order.
+    stem_width: common width every stem maps its input to.
+    trunk_widths: widths of the shared trunk's layers; the last one is the feature width.
+    projection_widths: widths of the projection head; the last one is the contrastive embedding width.
+    image_channels: channels of each stage of the image stems.
+    sequence_channels: channels of the signal and sequence stems.
+    sequence_blocks: residual blocks of the signal and sequence stems.
+    tabular_hidden: hidden width of the tabular stems.
+    dtype: compute dtype.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> model = MultiTaskModel(tasks=(TaskInfo("digits", "image", 10),), trunk_widths=(32,), projection_widths=(16,))
+    >>> batch = {"digits": {"x": jnp.zeros((4, 8, 8))}}
+    >>> params = model.init(jax.random.key(0), batch)
+    >>> out = model.apply(params, batch)
+    >>> out["features"]["digits"].shape, out["projection"]["digits"].shape, out["logits"]["digits"].shape
+    ((4, 32), (4, 16), (4, 10))
+  """
+
+  tasks: Sequence[TaskInfo]
+  stem_width: int = 128
+  trunk_widths: Sequence[int] = (256, 128)
+  projection_widths: Sequence[int] = (128, 64)
+  image_channels: Sequence[int] = (32, 64)
+  sequence_channels: int = 64
+  sequence_blocks: int = 3
+  tabular_hidden: int = 128
+  dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    names = [task.name for task in self.tasks]
+    if len(set(names)) != len(names):
+      raise ValueError(f"task names must be unique; got {names}")
+    stems = {}
+    for task in self.tasks:
+      if task.modality == "image":
+        stems[task.name] = ImageStem(self.stem_width, stage_channels=self.image_channels, dtype=self.dtype)
+      elif task.modality in ("signal", "sequence"):
+        stems[task.name] = SequenceStem(
+            self.stem_width, channels=self.sequence_channels, num_blocks=self.sequence_blocks, dtype=self.dtype
+        )
+      elif task.modality == "tabular":
+        stems[task.name] = TabularStem(self.stem_width, hidden=self.tabular_hidden, dtype=self.dtype)
+      else:
+        raise ValueError(f"task {task.name!r}: unknown modality {task.modality!r}; expected one of {MODALITIES}")
+    self.stems = stems
+    self.trunk = MLP(self.trunk_widths, dtype=self.dtype)
+    self.projection = MLP(self.projection_widths, linear_output=True, dtype=self.dtype)
+    self.heads = {task.name: nn.Dense(task.num_classes, dtype=self.dtype) for task in self.tasks}
+
+  def _check_tasks(self, batch: Mapping[str, object]) -> None:
+    unknown = sorted(set(batch) - {task.name for task in self.tasks})
+    if unknown:
+      raise ValueError(f"batch has tasks {unknown} the model does not know; model tasks: {[t.name for t in self.tasks]}")
+
+  def encode(self, batch: Mapping[str, Mapping[str, jax.Array]]) -> dict[str, jax.Array]:
+    """Shared-trunk features of every task in ``batch``.
+
+    Args:
+      batch: ``{task: {"x": [B_t, ...], "mask": [B_t, T] (sequence tasks, optional)}}``; any subset of the tasks.
+
+    Returns:
+      ``{task: [B_t, trunk_widths[-1]]}`` float32.
+    """
+    self._check_tasks(batch)
+    features = {}
+    for task in self.tasks:
+      if task.name not in batch:
+        continue
+      inputs = batch[task.name]
+      if task.modality in ("signal", "sequence"):
+        stem_out = self.stems[task.name](inputs["x"], inputs.get("mask"))
+      else:
+        stem_out = self.stems[task.name](inputs["x"])
+      features[task.name] = self.trunk(stem_out).astype(jnp.float32)
+    return features
+
+  def project(self, features: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """Contrastive embeddings ``{task: [B_t, projection_widths[-1]]}`` (float32, not normalised)."""
+    return {name: self.projection(f.astype(self.dtype)).astype(jnp.float32) for name, f in features.items()}
+
+  def classify(self, features: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """Task-head logits ``{task: [B_t, num_classes_t]}`` (float32)."""
+    return {name: self.heads[name](f.astype(self.dtype)).astype(jnp.float32) for name, f in features.items()}
+
+  def __call__(
+      self, batch: Mapping[str, Mapping[str, jax.Array]], *, frozen_heads_input: bool = False
+  ) -> dict[str, dict[str, jax.Array]]:
+    """Features, projections and logits of every task in ``batch``.
+
+    Args:
+      batch: as for :meth:`encode`.
+      frozen_heads_input: feed the heads ``stop_gradient(features)``, so the classification loss trains the heads
+        only (the second stage of two-stage training).
+
+    Returns:
+      ``{"features": {task: [B_t, F]}, "projection": {task: [B_t, P]}, "logits": {task: [B_t, C_t]}}``, float32.
+    """
+    features = self.encode(batch)
+    head_input = jax.lax.stop_gradient(features) if frozen_heads_input else features
+    return {"features": features, "projection": self.project(features), "logits": self.classify(head_input)}
