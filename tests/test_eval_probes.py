@@ -6,6 +6,9 @@ scikit-learn so these tests do not depend on ``mtcl_jax.data``.
 
 from __future__ import annotations
 
+import doctest
+
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from sklearn.datasets import load_digits
@@ -88,14 +91,10 @@ def test_probe_standardises_its_features(digits):
 
 
 def _knn_numpy(train_x, train_y, test_x, *, k, num_classes, temperature):
-  mean, std = train_x.mean(axis=0), train_x.std(axis=0)
-  std = np.where(std > 0, std, 1.0)
-  reference = (train_x - mean) / std
-  reference /= np.linalg.norm(reference, axis=1, keepdims=True)
+  reference = train_x / np.linalg.norm(train_x, axis=1, keepdims=True)
   scores = np.zeros((len(test_x), num_classes))
   for row, query in enumerate(test_x):
-    query = (query - mean) / std
-    query /= np.linalg.norm(query)
+    query = query / np.linalg.norm(query)
     similarity = reference @ query
     nearest = np.argsort(-similarity)[:k]
     for neighbour in nearest:
@@ -115,6 +114,28 @@ def test_knn_matches_numpy_loop(k):
   np.testing.assert_array_equal(np.asarray(probe.predict(test_x)), expected.argmax(axis=1))
   assert probe.hparams == {"k": k, "temperature": probes.KNN_TEMPERATURE}
   assert probe.validation_accuracy is None
+
+
+def test_knn_selects_k_on_validation_split():
+  # Two interleaved classes on a circle, every third label flipped: a single neighbour copies the noise,
+  # a wide vote averages it out.
+  rng = np.random.default_rng(0)
+  angle = rng.uniform(0, 2 * np.pi, size=600)
+  features = np.stack([np.cos(angle), np.sin(angle)], axis=1).astype(np.float32)
+  labels = (np.sin(3 * angle) > 0).astype(np.int32)
+  noisy = np.where(rng.uniform(size=600) < 0.3, 1 - labels, labels)
+  probe = probes.fit_probe("knn", features, noisy, num_classes=2, grid=(20, 1))
+  assert probe.hparams["k"] == 20
+  assert np.mean(np.asarray(probe.predict(features)) == labels) > 0.9
+
+
+def test_probes_accept_bfloat16_features():
+  rng = np.random.default_rng(0)
+  features = jnp.asarray(rng.normal(size=(40, 5)), jnp.bfloat16)
+  labels = rng.integers(0, 3, size=40)
+  probe = probes.fit_probe("knn", features, labels, num_classes=3, grid=(1,))
+  # Each row is its own nearest neighbour.
+  np.testing.assert_array_equal(np.asarray(probe.predict(features)), labels)
 
 
 def test_validation_split_is_stratified_and_seeded():
@@ -147,3 +168,7 @@ def test_fit_probe_rejects_bad_input():
     probe.predict(np.zeros((2, 4), np.float32))
   with pytest.raises(ValueError, match="unknown probes"):
     probes.evaluate_task(features, labels, features, labels, num_classes=2, probes=("linear", "tree"))
+
+
+def test_docstring_examples():
+  assert doctest.testmod(probes).failed == 0
