@@ -1,7 +1,8 @@
 """Evaluation of frozen features: probes, metrics, Δm, reports, result tables and plots.
 
-``evaluate_task`` is the entry point the trainer calls once per task; ``metrics`` holds the scores and Δm;
-``report``, ``tables`` and ``plots`` turn results into markdown, README tables and PNG figures.
+``evaluate_task`` is the entry point the trainer calls once per task; ``metrics`` holds the scores and Δm.
+The sub-modules ``report``, ``tables`` and ``plots`` (which imports matplotlib) turn results into markdown,
+README tables and PNG figures; they are imported by name, e.g. ``from mtcl_jax.eval import plots``.
 """
 
 from mtcl_jax.eval import metrics
