@@ -254,13 +254,16 @@ def prepared_builder(name: str, data_dir: pathlib.Path) -> OfflineBuilder:
   disk), so the dataset is written once and the others reuse it.
   """
   builder = BUILDERS[name](data_dir=str(data_dir), file_format=FILE_FORMAT)
-  if builder.is_prepared():
+  # TFDS writes dataset_info.json last, when it renames the finished directory into place. Checking for it
+  # directly, rather than with builder.is_prepared(), avoids a logged warning about a missing folder.
+  info_file = pathlib.Path(builder.data_dir) / "dataset_info.json"
+  if info_file.exists():
     return builder
   data_dir.mkdir(parents=True, exist_ok=True)
   with open(data_dir / f".{name}.lock", "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     try:
-      if not builder.is_prepared():
+      if not info_file.exists():
         builder.download_and_prepare(file_format=FILE_FORMAT)
     finally:
       fcntl.flock(lock, fcntl.LOCK_UN)

@@ -9,8 +9,9 @@ Inputs are expected normalised (as :class:`~mtcl_jax.data.TaskData` holds them),
 noise scales are in units of a standard deviation. The defaults keep the class recognisable on the datasets
 here: an 8x8 digit moves by at most one pixel and turns by at most 10 degrees; a 40-sample MNIST-1D signal or a
 29-frame vowel is cropped to 80-100% of its length, shifted by up to 10% of it, and loses up to 10% of it to a
-time mask. Under ``jax.jit`` pass ``modality``, ``num_views``, ``max_shift``, ``cutout_size``, ``fill_mode`` and
-``circular`` as static arguments; the other hyper-parameters may be traced.
+time mask. The three ``augment_*`` functions are jitted (``max_shift``, ``cutout_size``, ``fill_mode`` and
+``circular`` are static, the other hyper-parameters may be traced); under your own ``jax.jit`` of
+:func:`make_views`, make ``modality``, ``num_views`` and any of those structural parameters static.
 
 References:
   Chen et al., "A Simple Framework for Contrastive Learning of Visual Representations" (SimCLR), ICML 2020.
@@ -21,6 +22,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -28,6 +30,12 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 _MODALITIES = ("image", "signal", "sequence", "tabular")
+_SNAP = 1e-4  # fractional frame positions closer than this to a whole frame read that frame
+
+
+def _standard_normal(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Float32 N(0, 1) noise of ``shape``, drawn flat: XLA compiles a 1-D draw many times faster than a 3-D one."""
+  return jax.random.normal(key, (math.prod(shape),), jnp.float32).reshape(shape)
 
 
 def _as_float_input(name: str, x: ArrayLike, ndim: int, layout: str) -> jax.Array:
@@ -64,6 +72,7 @@ def _bilinear_sample(
   return sampled
 
 
+@functools.partial(jax.jit, static_argnames=("max_shift", "cutout_size", "fill_mode"))
 def augment_image(
     key: ArrayLike,
     x: ArrayLike,
@@ -107,11 +116,13 @@ def augment_image(
     raise ValueError(f"cutout_size must be in [0, {min(height, width)}]; got {cutout_size}")
   if fill_mode not in ("nearest", "constant"):
     raise ValueError(f"fill_mode must be 'nearest' or 'constant'; got {fill_mode!r}")
-  shift_key, angle_key, noise_key, cutout_key = jax.random.split(key, 4)
+  # One uniform draw per item for all parameters: each random op costs compile time, not run time.
+  uniform_key, noise_key = jax.random.split(key)
+  uniforms = jax.random.uniform(uniform_key, (batch, 5), jnp.float32)
 
   # Shift and rotation as one inverse map: output pixel p reads input R(-angle)(p - centre - shift) + centre.
-  shifts = jax.random.randint(shift_key, (batch, 2), -max_shift, max_shift + 1).astype(jnp.float32)
-  angles = jax.random.uniform(angle_key, (batch,), jnp.float32, -1.0, 1.0) * (max_rotation_degrees * math.pi / 180)
+  shifts = jnp.floor(uniforms[:, :2] * (2 * max_shift + 1)) - max_shift
+  angles = (2.0 * uniforms[:, 2] - 1.0) * (max_rotation_degrees * math.pi / 180)
   cos, sin = jnp.cos(angles)[:, None, None], jnp.sin(angles)[:, None, None]
   centre_row, centre_col = (height - 1) / 2, (width - 1) / 2
   rows = jnp.arange(height, dtype=jnp.float32)[None, :, None] - centre_row - shifts[:, 0][:, None, None]
@@ -122,14 +133,13 @@ def augment_image(
       x.astype(jnp.float32), source_rows, source_cols, fill_mode=fill_mode, fill_value=fill_value
   )
 
-  augmented = augmented + noise_std * jax.random.normal(noise_key, x.shape, jnp.float32)
+  augmented = augmented + noise_std * _standard_normal(noise_key, x.shape)
 
   if cutout_size:
-    top_key, left_key = jax.random.split(cutout_key)
-    top = jax.random.randint(top_key, (batch, 1, 1), 0, height - cutout_size + 1)
-    left = jax.random.randint(left_key, (batch, 1, 1), 0, width - cutout_size + 1)
-    row_index = jnp.arange(height)[None, :, None]
-    col_index = jnp.arange(width)[None, None, :]
+    top = jnp.floor(uniforms[:, 3] * (height - cutout_size + 1))[:, None, None]
+    left = jnp.floor(uniforms[:, 4] * (width - cutout_size + 1))[:, None, None]
+    row_index = jnp.arange(height, dtype=jnp.float32)[None, :, None]
+    col_index = jnp.arange(width, dtype=jnp.float32)[None, None, :]
     inside_rows = (row_index >= top) & (row_index < top + cutout_size)
     inside = inside_rows & (col_index >= left) & (col_index < left + cutout_size)
     augmented = jnp.where(inside[..., None], fill_value, augmented)
@@ -148,6 +158,7 @@ def _frame_lengths(x: jax.Array, mask: ArrayLike | None) -> tuple[jax.Array, jax
   return jnp.maximum(lengths, 1.0), mask
 
 
+@functools.partial(jax.jit, static_argnames=("circular",))
 def augment_signal(
     key: ArrayLike,
     x: ArrayLike,
@@ -188,17 +199,24 @@ def augment_signal(
   x = _as_float_input("augment_signal", x, 3, "[B, T, C]")
   batch, frames, channels = x.shape
   lengths, real = _frame_lengths(x, mask)
-  crop_key, start_key, shift_key, scale_key, noise_key, width_key, place_key = jax.random.split(key, 7)
+  # One uniform draw per item for all parameters (columns: crop fraction, crop start, shift, scale, time-mask
+  # width, time-mask start): each random op costs compile time, not run time.
+  uniform_key, noise_key = jax.random.split(key)
+  uniforms = jax.random.uniform(uniform_key, (batch, 6), jnp.float32)
+  crop_u, start_u, shift_u, scale_u, width_u, place_u = (uniforms[:, column, None] for column in range(6))
   time = jnp.arange(frames, dtype=jnp.float32)[None, :]
 
   # Output frame t reads the source at a fractional position inside a crop stretched over the real length.
   low, high = crop_fraction_range
-  crop_length = jax.random.uniform(crop_key, (batch, 1), jnp.float32, low, high) * lengths
-  crop_start = jax.random.uniform(start_key, (batch, 1), jnp.float32) * (lengths - crop_length)
+  crop_length = (low + (high - low) * crop_u) * lengths
+  crop_start = start_u * (lengths - crop_length)
   position = crop_start + time * (jnp.maximum(crop_length, 1.0) - 1.0) / jnp.maximum(lengths - 1.0, 1.0)
-  shift_fraction = jax.random.uniform(shift_key, (batch, 1), jnp.float32, -1.0, 1.0) * max_shift_fraction
-  shift = jnp.round(shift_fraction * lengths)
+  shift = jnp.round((2.0 * shift_u - 1.0) * max_shift_fraction * lengths)
   source = position - shift
+  # XLA's division is not correctly rounded, so an intended whole frame can land a few ulps off it; snap
+  # those back so that an augmentation that should copy frames copies them exactly.
+  nearest_frame = jnp.round(source)
+  source = jnp.where(jnp.abs(source - nearest_frame) < _SNAP, nearest_frame, source)
   if circular:
     source = jnp.mod(source, lengths)
   inside = (source >= 0.0) & (source <= lengths - 1.0)
@@ -215,24 +233,26 @@ def augment_signal(
   augmented = jnp.where(inside[:, :, None], augmented, 0.0)
 
   scale_low, scale_high = scale_range
-  augmented = augmented * jax.random.uniform(scale_key, (batch, 1, 1), jnp.float32, scale_low, scale_high)
-  augmented = augmented + noise_std * jax.random.normal(noise_key, x.shape, jnp.float32)
+  augmented = augmented * (scale_low + (scale_high - scale_low) * scale_u)[:, :, None]
+  augmented = augmented + noise_std * _standard_normal(noise_key, x.shape)
 
-  mask_width = jnp.round(jax.random.uniform(width_key, (batch, 1), jnp.float32) * time_mask_fraction * lengths)
-  mask_start = jnp.floor(jax.random.uniform(place_key, (batch, 1), jnp.float32) * (lengths - mask_width + 1.0))
+  mask_width = jnp.round(width_u * time_mask_fraction * lengths)
+  mask_start = jnp.floor(place_u * (lengths - mask_width + 1.0))
   masked = (time >= mask_start) & (time < mask_start + mask_width)
   augmented = jnp.where(masked[:, :, None], 0.0, augmented)
   return jnp.where(real[:, :, None], augmented, 0.0).astype(x.dtype)
 
 
+@jax.jit
 def augment_tabular(
     key: ArrayLike, x: ArrayLike, *, noise_std: float = 0.1, feature_drop_probability: float = 0.1
 ) -> jax.Array:
   """Additive Gaussian noise and random feature dropout (to 0, the mean) per row of ``x [B, D]``."""
   x = _as_float_input("augment_tabular", x, 2, "[B, D]")
   noise_key, drop_key = jax.random.split(key)
-  augmented = x.astype(jnp.float32) + noise_std * jax.random.normal(noise_key, x.shape, jnp.float32)
-  dropped = jax.random.bernoulli(drop_key, feature_drop_probability, x.shape)
+  augmented = x.astype(jnp.float32) + noise_std * _standard_normal(noise_key, x.shape)
+  drop_draws = jax.random.uniform(drop_key, (math.prod(x.shape),), jnp.float32).reshape(x.shape)
+  dropped = drop_draws < feature_drop_probability
   return jnp.where(dropped, 0.0, augmented).astype(x.dtype)
 
 
