@@ -1,0 +1,39 @@
+"""Training: config schema, train state, optimizers, jitted steps, checkpoints and the whole run.
+
+``train_and_evaluate(config, workdir)`` is the entry point (``python -m mtcl_jax.run`` calls it);
+``extract_features(state_or_params, model, task_data, split)`` gives frozen trunk features for probes.
+"""
+
+from mtcl_jax.train.checkpoint import Checkpointer
+from mtcl_jax.train.config import apply_overrides
+from mtcl_jax.train.config import base_config
+from mtcl_jax.train.config import load_config
+from mtcl_jax.train.config import validate_config
+from mtcl_jax.train.evaluation import extract_features
+from mtcl_jax.train.evaluation import predict_split
+from mtcl_jax.train.loop import NonFiniteLossError
+from mtcl_jax.train.loop import build_model
+from mtcl_jax.train.loop import train_and_evaluate
+from mtcl_jax.train.optim import make_optimizer
+from mtcl_jax.train.state import TrainState
+from mtcl_jax.train.state import create_train_state
+from mtcl_jax.train.steps import make_eval_step
+from mtcl_jax.train.steps import make_train_step
+
+__all__ = [
+    "Checkpointer",
+    "apply_overrides",
+    "base_config",
+    "load_config",
+    "validate_config",
+    "extract_features",
+    "predict_split",
+    "NonFiniteLossError",
+    "build_model",
+    "train_and_evaluate",
+    "make_optimizer",
+    "TrainState",
+    "create_train_state",
+    "make_eval_step",
+    "make_train_step",
+]

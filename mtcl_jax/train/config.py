@@ -1,0 +1,271 @@
+"""The experiment config: its schema with defaults, loading a config file, command-line overrides, validation.
+
+A config file (``experiments/configs/*.py``) defines ``get_config()``, which starts from :func:`base_config` and
+sets what the experiment changes. The base config is locked, so an assignment to a key that does not exist, in
+the file or in a ``--set key=value`` override, fails and names the key. Two sections are open maps keyed by
+task name (``classification.task_weights`` and ``data.task_batch_sizes``); their keys are checked against the
+run's task names when the run starts.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import os
+import pathlib
+from collections.abc import Iterable, Sequence
+
+import ml_collections
+from ml_collections import config_dict
+
+CONTRASTIVE_RULES: tuple[str, ...] = ("supcon", "task_contrastive", "ntxent", "clip", "binary_infonce", "none")
+DISTRIBUTED_MODES: tuple[str, ...] = ("replicate", "all_gather", "ring")
+SCHEDULES: tuple[str, ...] = ("joint", "two_stage")
+DTYPES: tuple[str, ...] = ("float32", "bfloat16")
+# Sections whose keys are task names, known only once the data is loaded.
+OPEN_SECTIONS: tuple[str, ...] = ("classification.task_weights", "data.task_batch_sizes")
+
+
+def _optimizer_section(**overrides: object) -> ml_collections.ConfigDict:
+  section = ml_collections.ConfigDict({
+      "name": "adamw",  # adamw | sgd | lars
+      "learning_rate": 1e-3,
+      "warmup_steps": 0,
+      "schedule": "cosine",  # cosine | constant (after the warmup)
+      "final_fraction": 0.0,  # the cosine's last value, as a fraction of the peak
+      "weight_decay": 1e-4,
+      "momentum": 0.9,  # sgd and lars
+      "nesterov": False,
+      "b1": 0.9,  # adamw
+      "b2": 0.999,
+      "grad_clip_norm": 1.0,  # 0 disables clipping
+  })
+  section.update(overrides)
+  return section
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key a run reads, with its default value; locked (unknown keys raise, naming the key).
+
+  Returns:
+    A locked ``ml_collections.ConfigDict``; the two task-keyed sections (``OPEN_SECTIONS``) stay open.
+  """
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.data = ml_collections.ConfigDict({
+      # A mtcl_jax.data.load_tasks spec: dataset names joined by "+", e.g. "digits+japanese_vowels".
+      "tasks": "digits+japanese_vowels",
+      "data_dir": config_dict.placeholder(str),  # default: $MTCL_DATA_DIR or mtcl_jax's cache directory
+      "batch_size": 64,  # rows per task per step (global, over all devices)
+      "task_batch_sizes": ml_collections.ConfigDict(),  # task -> rows, overriding batch_size
+  })
+
+  config.model = ml_collections.ConfigDict({
+      "stem_width": 128,
+      "trunk_widths": (256, 128),
+      "projection_widths": (128, 64),
+      "image_channels": (32, 64),
+      "sequence_channels": 64,
+      "sequence_blocks": 3,
+      "tabular_hidden": 128,
+      "dtype": "float32",  # compute dtype: float32 | bfloat16 (params and losses stay float32)
+  })
+
+  config.contrastive = ml_collections.ConfigDict({
+      "rule": "supcon",  # supcon | task_contrastive | ntxent | clip | binary_infonce | none
+      "weight": 1.0,
+      "temperature": 0.1,
+      "learn_temperature": False,  # log-parameterised, trained with the encoder
+      "distributed": "replicate",  # replicate | all_gather | ring (mtcl_jax.losses._sharded)
+      "block_size": config_dict.placeholder(int),  # tiled loss in [block_size, N] slabs
+      "num_views": 2,  # ntxent: augmented views per item
+      "clip_tasks": config_dict.placeholder(tuple),  # clip: the two tasks to pair; default the first two
+      "num_pairs": config_dict.placeholder(int),  # clip: pairs per step; default the smaller task batch
+      "num_triplets": 256,  # binary_infonce: (anchor, positive, negative) triples per step
+  })
+
+  config.classification = ml_collections.ConfigDict({
+      "weight": 1.0,
+      "task_weights": ml_collections.ConfigDict(),  # task -> weight of its cross-entropy (default 1)
+  })
+
+  config.optimizer = _optimizer_section()
+  # The optimizer of the heads in the second stage of two_stage training.
+  config.head_optimizer = _optimizer_section(weight_decay=0.0)
+
+  config.train = ml_collections.ConfigDict({
+      "schedule": "joint",  # joint | two_stage (contrastive pre-training, then heads on frozen features)
+      "num_steps": 1000,
+      "pretrain_steps": 0,  # two_stage: steps of the first stage (the rest train the heads)
+      "stop_at_step": config_dict.placeholder(int),  # end this process there, checkpointed, to resume later
+      "num_devices": config_dict.placeholder(int),  # default: every device
+      "log_every": 50,
+      "eval_every": 250,  # head accuracy on the test split; 0 = only at the end
+      "checkpoint_every": 500,
+      "keep_checkpoints": 2,
+      "async_checkpoints": True,
+  })
+
+  config.eval = ml_collections.ConfigDict({
+      "probes": ("linear",),  # mtcl_jax.eval.PROBE_KINDS on frozen trunk features; () for none
+      "batch_size": 512,  # rows per feature-extraction batch
+      "pca_max_points": 2000,
+      "plots": True,
+  })
+
+  config.lock()
+  for path in OPEN_SECTIONS:
+    _lookup(config, path).unlock()
+  return config
+
+
+def _lookup(config: ml_collections.ConfigDict, dotted: str) -> object:
+  node = config
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
+def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  """Dotted paths of every leaf key (open task-keyed sections count as leaves)."""
+  keys = []
+  for key, value in config.items():
+    path = f"{prefix}{key}"
+    if isinstance(value, ml_collections.ConfigDict) and path not in OPEN_SECTIONS:
+      keys += flat_keys(value, f"{path}.")
+    else:
+      keys.append(path)
+  return keys
+
+
+def _unknown_key_error(key: str, known: Iterable[str]) -> ValueError:
+  suggestions = difflib.get_close_matches(key, list(known), n=3)
+  hint = f"; did you mean {' or '.join(repr(s) for s in suggestions)}?" if suggestions else ""
+  return ValueError(f"unknown config key {key!r}{hint}")
+
+
+def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
+  """Imports a config file and returns its ``get_config()``.
+
+  Args:
+    path: a Python file defining ``get_config() -> ml_collections.ConfigDict``.
+
+  Raises:
+    ValueError: the file is missing, has no ``get_config``, or sets a key the schema lacks (named).
+  """
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise ValueError(f"config file {str(path)!r} does not exist")
+  spec = importlib.util.spec_from_file_location(f"mtcl_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except AttributeError as error:
+    # A locked ConfigDict reports an unknown key as AttributeError('Key "x" does not exist ...').
+    raise ValueError(f"config file {str(path)!r}: {error}") from error
+  if not hasattr(module, "get_config"):
+    raise ValueError(f"config file {str(path)!r} defines no get_config()")
+  try:
+    config = module.get_config()
+  except AttributeError as error:
+    raise ValueError(f"config file {str(path)!r}: {error}") from error
+  check_known_keys(config)
+  return config
+
+
+def check_known_keys(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first key of ``config`` that the schema (:func:`base_config`) lacks."""
+  known = set(flat_keys(base_config()))
+  for key in flat_keys(config):
+    if key not in known:
+      raise _unknown_key_error(key, known)
+
+
+def _parse_value(text: str) -> object:
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text  # a bare word is a string: --set contrastive.rule=ntxent
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
+  """Applies ``key=value`` overrides (values are Python literals, or bare strings) in place.
+
+  Args:
+    config: the config to change.
+    overrides: e.g. ``["train.num_steps=100", "contrastive.rule=ntxent", "model.trunk_widths=(64,)"]``.
+
+  Returns:
+    ``config``.
+
+  Raises:
+    ValueError: a malformed override, an unknown key (named, with close matches), or a value of the wrong type.
+  """
+  known = flat_keys(config)
+  for override in overrides:
+    key, separator, text = override.partition("=")
+    key = key.strip()
+    if not separator or not key:
+      raise ValueError(f"override {override!r} is not of the form key=value")
+    parent_path, _, leaf = key.rpartition(".")
+    open_section = parent_path in OPEN_SECTIONS
+    if key not in known and not open_section:
+      raise _unknown_key_error(key, known)
+    parent = _lookup(config, parent_path) if parent_path else config
+    value = _parse_value(text)
+    if not open_section and parent.get_type(leaf) is tuple and isinstance(value, (list, str)):
+      value = tuple(value) if isinstance(value, list) else (value,)
+    try:
+      parent[leaf] = value
+    except TypeError as error:
+      raise ValueError(f"config key {key!r}: cannot set {value!r}: {error}") from error
+  return config
+
+
+def validate_config(config: ml_collections.ConfigDict, task_names: Sequence[str] | None = None) -> None:
+  """Checks choices and ranges, and (given the run's task names) the task-keyed sections.
+
+  Raises:
+    ValueError: naming the offending key and value.
+  """
+  check_known_keys(config)
+  choices = {
+      "contrastive.rule": CONTRASTIVE_RULES,
+      "contrastive.distributed": DISTRIBUTED_MODES,
+      "train.schedule": SCHEDULES,
+      "model.dtype": DTYPES,
+  }
+  for key, allowed in choices.items():
+    value = _lookup(config, key)
+    if value not in allowed:
+      raise ValueError(f"config key {key!r} is {value!r}; expected one of {allowed}")
+  train = config.train
+  for key in ("train.num_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+              "data.batch_size"):
+    value = _lookup(config, key)
+    if value < 1:
+      raise ValueError(f"config key {key!r} must be >= 1; got {value}")
+  if train.schedule == "two_stage" and not 0 < train.pretrain_steps < train.num_steps:
+    raise ValueError(
+        f"train.schedule='two_stage' needs 0 < train.pretrain_steps < train.num_steps; got "
+        f"pretrain_steps={train.pretrain_steps}, num_steps={train.num_steps}"
+    )
+  if train.stop_at_step is not None and not 0 < train.stop_at_step <= train.num_steps:
+    raise ValueError(f"train.stop_at_step must be in [1, train.num_steps]; got {train.stop_at_step}")
+  if config.contrastive.temperature <= 0:
+    raise ValueError(f"contrastive.temperature must be > 0; got {config.contrastive.temperature}")
+  if task_names is not None:
+    for section in OPEN_SECTIONS:
+      unknown = sorted(set(_lookup(config, section)) - set(task_names))
+      if unknown:
+        raise ValueError(f"config {section} names unknown tasks {unknown}; the run's tasks are {list(task_names)}")
+    clip_tasks = config.contrastive.clip_tasks
+    if config.contrastive.rule == "clip":
+      if clip_tasks is not None and (len(clip_tasks) != 2 or not set(clip_tasks) <= set(task_names)):
+        raise ValueError(
+            f"contrastive.clip_tasks must name two of the run's tasks {list(task_names)}; got {clip_tasks}"
+        )
+      if clip_tasks is None and len(task_names) < 2:
+        raise ValueError("contrastive.rule='clip' pairs two tasks; the run has one")

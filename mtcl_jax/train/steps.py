@@ -1,0 +1,191 @@
+"""The jitted train and eval steps, data-parallel over a mesh: batch sharded on ``"data"``, state replicated.
+
+``train_step(state, batch) -> (state, metrics)`` is pure: the state is donated and a new one returned. The
+contrastive loss sees the global batch: with ``contrastive.distributed = "replicate"`` the projections are
+resharded to replicated before the loss (XLA all-gathers them); ``"all_gather"`` and ``"ring"`` use
+``mtcl_jax.losses._sharded.sharded_loss`` inside ``shard_map``.
+
+Stages: ``"joint"`` trains everything on the weighted sum of the contrastive loss and the per-task
+cross-entropies; two-stage training runs ``"pretrain"`` (contrastive loss only) and then ``"heads"``
+(cross-entropy of heads fed frozen features).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh
+
+from mtcl_jax import parallel
+from mtcl_jax.data import augment
+from mtcl_jax.models import MultiTaskModel
+from mtcl_jax.train import objectives
+from mtcl_jax.train.state import TrainState
+
+STAGES: tuple[str, ...] = ("joint", "pretrain", "heads")
+Batch = Mapping[str, Mapping[str, jax.Array]]
+Metrics = dict[str, jax.Array]
+
+
+def _encode_and_project(module: MultiTaskModel, batch: Batch) -> dict[str, jax.Array]:
+  return module.project(module.encode(batch))
+
+
+def make_loss_fn(
+    model: MultiTaskModel, config: ml_collections.ConfigDict, mesh: Mesh, *, stage: str
+) -> Callable[[tuple[Any, jax.Array | None], jax.Array, Batch], tuple[jax.Array, Metrics]]:
+  """The training loss of one stage as ``loss_fn(trainable, step_key, batch) -> (loss, metrics)``.
+
+  Args:
+    model: the model; its ``tasks`` give the task order, modalities and class counts.
+    config: the run's config (sections ``contrastive`` and ``classification``).
+    mesh: the device mesh (the contrastive loss gathers the batch over it).
+    stage: ``"joint"``, ``"pretrain"`` or ``"heads"``.
+
+  Returns:
+    The loss function; ``trainable`` is ``(params, log_temperature)``.
+  """
+  if stage not in STAGES:
+    raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+  order = tuple(task.name for task in model.tasks)
+  modality = {task.name: task.modality for task in model.tasks}
+  max_classes = max(task.num_classes for task in model.tasks)
+  contrastive = config.contrastive
+  task_weights = {name: float(config.classification.task_weights.get(name, 1.0)) for name in order}
+  use_contrastive = stage != "heads" and contrastive.rule != "none" and contrastive.weight != 0
+  use_classification = stage != "pretrain" and config.classification.weight != 0
+  replicated = parallel.replicated(mesh)
+
+  def gather(tree: Any) -> Any:
+    # The contrastive loss compares every row with every other: each device needs the global batch.
+    return jax.tree.map(lambda leaf: jax.sharding.reshard(leaf, replicated), tree)
+
+  # Augmentations gather pixels/frames at random offsets, a gather whose output sharding an Explicit mesh
+  # cannot infer: auto_axes lets the compiler shard it and returns the views batch-sharded.
+  views_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, parallel.DATA_AXIS))
+
+  def augmented_views(key: jax.Array, batch: Batch) -> list[dict[str, dict[str, jax.Array]]]:
+    """``num_views`` batches of augmented inputs, each ``{task: {"x", "mask"?}}``."""
+    views = [{} for _ in range(contrastive.num_views)]
+    for index, name in enumerate(order):
+      task_batch = batch[name]
+      make_views = functools.partial(augment.make_views, modality=modality[name], num_views=contrastive.num_views)
+      task_key = jax.random.fold_in(key, index)
+      if "mask" in task_batch:
+        stacked = jax.sharding.auto_axes(lambda k, x, m: make_views(k, x, mask=m), out_sharding=views_sharding)(
+            task_key, task_batch["x"], task_batch["mask"])
+      else:
+        stacked = jax.sharding.auto_axes(make_views, out_sharding=views_sharding)(task_key, task_batch["x"])
+      for view in range(contrastive.num_views):
+        views[view][name] = {"x": stacked[view], **({"mask": task_batch["mask"]} if "mask" in task_batch else {})}
+    return views
+
+  def contrastive_term(params: Any, outputs: Mapping[str, Any], key: jax.Array, temperature: jax.Array,
+                       batch: Batch) -> jax.Array:
+    if contrastive.rule == "ntxent":
+      view_projections = [
+          model.apply(params, view_batch, method=_encode_and_project) for view_batch in augmented_views(key, batch)
+      ]
+      return objectives.ntxent_over_views(
+          gather(view_projections), order=order, temperature=temperature, block_size=contrastive.block_size
+      )
+    return objectives.contrastive_loss(
+        contrastive.rule,
+        gather(outputs["projection"]),
+        gather({name: batch[name]["y"] for name in order}),
+        gather({name: batch[name]["task_id"] for name in order}),
+        order=order,
+        key=key,
+        temperature=temperature,
+        num_classes=max_classes,
+        block_size=contrastive.block_size,
+        clip_tasks=contrastive.clip_tasks,
+        num_pairs=contrastive.num_pairs,
+        num_triplets=contrastive.num_triplets,
+    )
+
+  def loss_fn(trainable: tuple[Any, jax.Array | None], step_key: jax.Array, batch: Batch) -> tuple[jax.Array, Metrics]:
+    params, log_temperature = trainable
+    temperature = (
+        jnp.asarray(contrastive.temperature, jnp.float32) if log_temperature is None else jnp.exp(log_temperature)
+    )
+    outputs = model.apply(params, batch, frozen_heads_input=stage == "heads")
+    loss = jnp.zeros((), jnp.float32)
+    metrics: Metrics = {"temperature": temperature}
+    if use_contrastive:
+      contrastive_loss = contrastive_term(params, outputs, step_key, temperature, batch)
+      loss = loss + contrastive.weight * contrastive_loss
+      metrics["contrastive_loss"] = contrastive_loss
+    if use_classification:
+      classification_loss = jnp.zeros((), jnp.float32)
+      for name in order:
+        logits, labels = outputs["logits"][name], batch[name]["y"]
+        task_loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+        classification_loss = classification_loss + task_weights[name] * task_loss
+        metrics[f"{name}/ce_loss"] = task_loss
+        metrics[f"train/{name}/accuracy"] = 100.0 * jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
+      loss = loss + config.classification.weight * classification_loss
+      metrics["classification_loss"] = classification_loss
+    metrics["loss"] = loss
+    return loss, metrics
+
+  return loss_fn
+
+
+def make_train_step(
+    model: MultiTaskModel,
+    optimizer: optax.GradientTransformation,
+    config: ml_collections.ConfigDict,
+    mesh: Mesh,
+    *,
+    stage: str = "joint",
+) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+  """A jitted, state-donating ``train_step(state, batch) -> (new_state, metrics)`` over ``mesh``.
+
+  Args:
+    model: the model.
+    optimizer: the optimizer of ``state.trainable``.
+    config: the run's config.
+    mesh: the mesh; ``state`` must be replicated on it and ``batch`` sharded on ``"data"``
+      (``mtcl_jax.parallel.replicate`` / ``shard_batch``).
+    stage: ``"joint"``, ``"pretrain"`` or ``"heads"``.
+
+  Returns:
+    The step function. ``metrics`` are replicated float32 scalars: ``loss``, ``contrastive_loss``,
+    ``classification_loss``, ``<task>/ce_loss``, ``train/<task>/accuracy`` (percent), ``temperature``,
+    ``grad_norm`` (those that apply to the stage).
+  """
+  loss_fn = make_loss_fn(model, config, mesh, stage=stage)
+
+  def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.trainable, state.step_key(), batch)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    return state.apply_gradients(grads, optimizer), metrics
+
+  replicated, batch_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+  return jax.jit(
+      train_step, in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated), donate_argnums=0
+  )
+
+
+def make_eval_step(model: MultiTaskModel, mesh: Mesh) -> Callable[[Any, Batch], dict[str, dict[str, jax.Array]]]:
+  """A jitted ``eval_step(params, batch) -> {task: {"features": [B_t, F], "logits": [B_t, C_t]}}`` over ``mesh``.
+
+  ``params`` replicated, ``batch`` and the outputs sharded on ``"data"``.
+  """
+
+  def eval_step(params: Any, batch: Batch) -> dict[str, dict[str, jax.Array]]:
+    outputs = model.apply(params, batch)
+    return {name: {"features": outputs["features"][name], "logits": outputs["logits"][name]} for name in batch}
+
+  return jax.jit(
+      eval_step,
+      in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
+      out_shardings=parallel.batch_sharding(mesh),
+  )
