@@ -7,6 +7,8 @@ import os
 import pathlib
 import shutil
 import socket
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -128,6 +130,30 @@ def test_preparing_writes_once_and_reuses(tmp_path, no_network):
   assert time.perf_counter() - start < 60
 
 
+def test_processes_that_start_together_prepare_once_and_all_read_it(tmp_path):
+  reader = (
+      "import sys; from mtcl_jax import data; "
+      "x, y = data.load_arrays('japanese_vowels', 'test', data_dir=sys.argv[1]); print(x.shape, y.sum())"
+  )
+  environment = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  processes = [
+      subprocess.Popen(
+          [sys.executable, "-c", reader, str(tmp_path)],
+          stdout=subprocess.PIPE,
+          stderr=subprocess.PIPE,
+          text=True,
+          env=environment,
+      )
+      for _ in range(2)
+  ]
+  outputs = [process.communicate(timeout=300) for process in processes]
+  for process, (stdout, stderr) in zip(processes, outputs):
+    assert process.returncode == 0, stderr[-2000:]
+    assert stdout.strip().splitlines()[-1] == outputs[0][0].strip().splitlines()[-1]
+  assert outputs[0][0].strip().splitlines()[-1].startswith("(370, 29, 12)")
+  assert [path.name for path in (tmp_path / "japanese_vowels").iterdir()] == ["1.0.0"]
+
+
 def test_data_dir_comes_from_the_environment(monkeypatch, tmp_path):
   monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path / "from_env"))
   assert data.resolve_data_dir() == (tmp_path / "from_env").resolve()
@@ -145,7 +171,7 @@ def test_data_dir_comes_from_the_environment(monkeypatch, tmp_path):
 def test_unknown_dataset_lists_known_names(data_dir):
   with pytest.raises(ValueError, match="unknown dataset 'nope'.*digits.*japanese_vowels.*mnist1d"):
     data.load_arrays("nope", "train", data_dir=data_dir)
-  with pytest.raises(ValueError, match="unknown dataset"):
+  with pytest.raises(ValueError, match="unknown name 'nope' in task spec 'digits\\+nope'.*digits_multilabel"):
     data.load_tasks("digits+nope", data_dir=data_dir)
 
 

@@ -10,8 +10,13 @@ The whole path in four calls::
     views = data.augment.make_views(key, batch["digits"]["x"], modality="image")   # [2, B, 8, 8, 1]
 
 ``load_arrays(name, split)`` returns plain unnormalised ``(x, y)``; ``load_lengths`` the true lengths of a
-sequence dataset. ``register_task`` adds your own arrays as a task. See ``sources`` for the data directory
+sequence dataset (also ``TaskData.train["mask"].sum(1)``). See ``sources`` for the data directory
 (``$MTCL_DATA_DIR``) and how standard TFDS datasets are found offline.
+
+Your own arrays become a task in one call, then compose like any dataset::
+
+    data.register_task("wine", x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te, modality="tabular")
+    tasks = data.load_tasks("digits+wine")           # normalised with wine's train statistics
 """
 
 from mtcl_jax.data import augment
@@ -23,6 +28,7 @@ from mtcl_jax.data.sources import DATA_DIR_ENV
 from mtcl_jax.data.sources import DatasetNotPreparedError
 from mtcl_jax.data.sources import MODALITIES
 from mtcl_jax.data.sources import OFFLINE_DATASETS
+from mtcl_jax.data.sources import UnknownDatasetError
 from mtcl_jax.data.sources import dataset_spec
 from mtcl_jax.data.sources import load_arrays
 from mtcl_jax.data.sources import load_lengths
@@ -43,6 +49,7 @@ __all__ = [
     "DatasetNotPreparedError",
     "MODALITIES",
     "OFFLINE_DATASETS",
+    "UnknownDatasetError",
     "dataset_spec",
     "load_arrays",
     "load_lengths",

@@ -267,4 +267,6 @@ def prepared_builder(name: str, data_dir: pathlib.Path) -> OfflineBuilder:
         builder.download_and_prepare(file_format=FILE_FORMAT)
     finally:
       fcntl.flock(lock, fcntl.LOCK_UN)
-  return builder
+  # A builder made before the files existed keeps empty split metadata (another process may have done the
+  # preparing), so read the finished directory afresh.
+  return BUILDERS[name](data_dir=str(data_dir), file_format=FILE_FORMAT)

@@ -37,6 +37,10 @@ class DatasetNotPreparedError(FileNotFoundError):
   """A TFDS dataset is not prepared in the data directory, and this library never downloads one."""
 
 
+class UnknownDatasetError(ValueError):
+  """No offline, registered or prepared TFDS dataset has this name."""
+
+
 class CorruptDatasetError(RuntimeError):
   """A prepared dataset's files cannot be read, or hold fewer records than its metadata promises."""
 
@@ -112,10 +116,6 @@ def register_arrays(spec: DatasetSpec, splits: Mapping[str, SplitArrays]) -> Non
   if spec.name in OFFLINE_DATASETS:
     raise ValueError(f"{spec.name!r} is a built-in dataset; register your arrays under another name")
   _REGISTERED[spec.name] = (spec, dict(splits))
-
-
-def registered_names() -> tuple[str, ...]:
-  return tuple(sorted(_REGISTERED))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -265,7 +265,7 @@ def _open(name: str, location: _Location) -> _Opened:
     base_name = name.split(":")[0].split("/")[0]
     if base_name in tfds.list_builders(with_community_datasets=False):
       raise DatasetNotPreparedError(_not_prepared_message(name, search_dirs)) from error
-    raise ValueError(f"unknown dataset {name!r}; {_known_names_message()}") from error
+    raise UnknownDatasetError(f"unknown dataset {name!r}; {_known_names_message()}") from error
   except ModuleNotFoundError as error:
     if error.name != "tensorflow":
       raise

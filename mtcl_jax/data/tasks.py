@@ -238,7 +238,13 @@ def load_tasks(spec: str, *, data_dir: str | os.PathLike | None = None) -> list[
     raise ValueError(f"empty name in task spec {spec!r}")
   built = []
   for part in parts:
-    built += _digits_multilabel_tasks(data_dir) if part == "digits_multilabel" else _dataset_tasks(part, data_dir)
+    try:
+      built += _digits_multilabel_tasks(data_dir) if part == "digits_multilabel" else _dataset_tasks(part, data_dir)
+    except sources.UnknownDatasetError as error:
+      raise ValueError(
+          f"unknown name {part!r} in task spec {spec!r}: {error}. Compositions: digits_multilabel, "
+          f"and any '+'-joined list of names, e.g. {', '.join(COMPOSITIONS)}"
+      ) from error
   names = [task.name for task, _, _ in built]
   duplicates = sorted({name for name in names if names.count(name) > 1})
   if duplicates:
