@@ -186,7 +186,8 @@ def test_circular_shift_rolls_each_item_within_its_own_length():
   out = np.asarray(augment.augment_signal(jax.random.key(6), x, mask, **params))
   shifts = []
   for item, augmented, length in zip(x, out, lengths):
-    rolls = [s for s in range(length) if np.allclose(augmented[:length], np.roll(item[:length], s, axis=0), atol=1e-5)]
+    real = item[:length]
+    rolls = [s for s in range(length) if np.allclose(augmented[:length], np.roll(real, s, axis=0), atol=1e-5)]
     assert rolls, f"item of length {length} is not a circular shift of itself"
     shifts.append(rolls[0])
   assert len(set(shifts)) > 1
@@ -249,11 +250,16 @@ def test_make_views_stacks_independent_views():
         (lambda: augment.augment_image(jax.random.key(0), jnp.zeros((8, 8, 8, 1), jnp.int32)), "floating"),
         (lambda: augment.augment_image(jax.random.key(0), _images(), cutout_size=9), "cutout_size"),
         (lambda: augment.augment_image(jax.random.key(0), _images(), fill_mode="wrap"), "fill_mode"),
-        (lambda: augment.augment_signal(jax.random.key(0), _frames(), jnp.ones((8, 28), bool)), "mask must be bool"),
+        (
+            lambda: augment.augment_signal(jax.random.key(0), _frames(), jnp.ones((8, 28), bool)),
+            "mask must be bool",
+        ),
         (lambda: augment.make_views(jax.random.key(0), _images(), modality="video"), "unknown modality"),
         (lambda: augment.make_views(jax.random.key(0), _images(), modality="image", num_views=0), "num_views"),
         (
-            lambda: augment.make_views(jax.random.key(0), _images(), modality="image", mask=jnp.ones((8, 8), bool)),
+            lambda: augment.make_views(
+                jax.random.key(0), _images(), modality="image", mask=jnp.ones((8, 8), bool)
+            ),
             "mask is for signal",
         ),
     ],

@@ -42,7 +42,8 @@ def test_batch_layout_shapes_and_dtypes(tasks):
   digits, speech = batch["digits"], batch["japanese_vowels"]
   assert set(digits) == {"x", "y", "task_id"} and set(speech) == {"x", "y", "task_id", "mask"}
   assert digits["x"].shape == (64, 8, 8, 1) and digits["x"].dtype == np.float32
-  assert speech["x"].shape == (16, 29, 12) and speech["mask"].shape == (16, 29) and speech["mask"].dtype == np.bool_
+  assert speech["x"].shape == (16, 29, 12) and speech["mask"].shape == (16, 29)
+  assert speech["mask"].dtype == np.bool_
   for task_batch, task_id in ((digits, 0), (speech, 1)):
     assert task_batch["y"].dtype == np.int32 and task_batch["task_id"].dtype == np.int32
     np.testing.assert_array_equal(task_batch["task_id"], task_id)
@@ -84,9 +85,8 @@ def test_each_epoch_is_a_fresh_permutation_without_repeats(tasks):
   assert batcher.steps_per_epoch == 1257 // 64
   epochs = []
   for epoch in range(2):
-    rows = np.concatenate([
-        batcher.indices("japanese_vowels", step) for step in range(epoch * speech_steps, (epoch + 1) * speech_steps)
-    ])
+    steps = range(epoch * speech_steps, (epoch + 1) * speech_steps)
+    rows = np.concatenate([batcher.indices("japanese_vowels", step) for step in steps])
     assert len(np.unique(rows)) == speech_steps * 16  # the remainder (14 rows) is dropped, nothing repeats
     epochs.append(rows)
   assert not np.array_equal(epochs[0], epochs[1])

@@ -239,7 +239,10 @@ def load_tasks(spec: str, *, data_dir: str | os.PathLike | None = None) -> list[
   built = []
   for part in parts:
     try:
-      built += _digits_multilabel_tasks(data_dir) if part == "digits_multilabel" else _dataset_tasks(part, data_dir)
+      if part == "digits_multilabel":
+        built += _digits_multilabel_tasks(data_dir)
+      else:
+        built += _dataset_tasks(part, data_dir)
     except sources.UnknownDatasetError as error:
       raise ValueError(
           f"unknown name {part!r} in task spec {spec!r}: {error}. Compositions: digits_multilabel, "
