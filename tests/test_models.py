@@ -126,3 +126,15 @@ def test_bad_shapes_are_rejected():
     models.SequenceStem(4).init(jax.random.key(0), jnp.zeros((2, 5, 3)), jnp.ones((2, 4), bool))
   with pytest.raises(ValueError, match="TabularStem expects"):
     models.TabularStem(4).init(jax.random.key(0), jnp.zeros((3,)))
+
+
+def test_tasks_sharing_an_input_share_one_stem():
+  tasks = (models.TaskInfo("digit", "image", 10, "digits"), models.TaskInfo("parity", "image", 2, "digits"))
+  model = models.MultiTaskModel(tasks=tasks, **SMALL)
+  images = np.random.default_rng(7).normal(size=(3, 8, 8, 1)).astype(np.float32)
+  batch = {"digit": {"x": images}, "parity": {"x": images}}
+  params = model.init(jax.random.key(7), batch)
+  assert [name for name in params["params"] if name.startswith("stems_")] == ["stems_digits"]
+  outputs = model.apply(params, batch)
+  np.testing.assert_array_equal(outputs["features"]["digit"], outputs["features"]["parity"])
+  assert outputs["logits"]["parity"].shape == (3, 2)

@@ -2,7 +2,7 @@
 
 ::
 
-  batch[task]["x"] --stem[task]--> [B_t, stem_width] --trunk (shared)--> features [B_t, F]
+  batch[task]["x"] --stem[input of task]--> [B_t, stem_width] --trunk (shared)--> features [B_t, F]
   features --projection (shared)--> projection [B_t, P]      (for the contrastive loss)
   features --head[task]----------> logits [B_t, num_classes_t]  (per-task cross-entropy)
 
@@ -23,11 +23,21 @@ from mtcl_jax.models.stems import MODALITIES, ImageStem, SequenceStem, TabularSt
 
 
 class TaskInfo(NamedTuple):
-  """What the model needs to know about a task: its name, input modality and number of classes."""
+  """What the model needs to know about a task: its name, input, input modality and number of classes.
+
+  Tasks with the same ``input_name`` (several label heads on one dataset, e.g. CelebA's attributes) read the
+  same inputs: they share one stem, and their features are computed once.
+  """
 
   name: str
   modality: str
   num_classes: int
+  input_name: str | None = None
+
+  @property
+  def source(self) -> str:
+    """The name of the task's input: ``input_name``, or the task's own name."""
+    return self.input_name or self.name
 
 
 class MLP(nn.Module):
@@ -96,14 +106,16 @@ class MultiTaskModel(nn.Module):
       raise ValueError(f"task names must be unique; got {names}")
     stems = {}
     for task in self.tasks:
+      if task.source in stems:
+        continue
       if task.modality == "image":
-        stems[task.name] = ImageStem(self.stem_width, stage_channels=self.image_channels, dtype=self.dtype)
+        stems[task.source] = ImageStem(self.stem_width, stage_channels=self.image_channels, dtype=self.dtype)
       elif task.modality in ("signal", "sequence"):
-        stems[task.name] = SequenceStem(
+        stems[task.source] = SequenceStem(
             self.stem_width, channels=self.sequence_channels, num_blocks=self.sequence_blocks, dtype=self.dtype
         )
       elif task.modality == "tabular":
-        stems[task.name] = TabularStem(self.stem_width, hidden=self.tabular_hidden, dtype=self.dtype)
+        stems[task.source] = TabularStem(self.stem_width, hidden=self.tabular_hidden, dtype=self.dtype)
       else:
         raise ValueError(f"task {task.name!r}: unknown modality {task.modality!r}; expected one of {MODALITIES}")
     self.stems = stems
@@ -121,21 +133,25 @@ class MultiTaskModel(nn.Module):
 
     Args:
       batch: ``{task: {"x": [B_t, ...], "mask": [B_t, T] (sequence tasks, optional)}}``; any subset of the tasks.
+        Tasks sharing an input must hold the same rows (the data batcher guarantees it); the first one's are used.
 
     Returns:
-      ``{task: [B_t, trunk_widths[-1]]}`` float32.
+      ``{task: [B_t, trunk_widths[-1]]}`` float32 (the same array for tasks sharing an input).
     """
     self._check_tasks(batch)
+    by_source: dict[str, jax.Array] = {}
     features = {}
     for task in self.tasks:
       if task.name not in batch:
         continue
-      inputs = batch[task.name]
-      if task.modality in ("signal", "sequence"):
-        stem_out = self.stems[task.name](inputs["x"], inputs.get("mask"))
-      else:
-        stem_out = self.stems[task.name](inputs["x"])
-      features[task.name] = self.trunk(stem_out).astype(jnp.float32)
+      if task.source not in by_source:
+        inputs = batch[task.name]
+        if task.modality in ("signal", "sequence"):
+          stem_out = self.stems[task.source](inputs["x"], inputs.get("mask"))
+        else:
+          stem_out = self.stems[task.source](inputs["x"])
+        by_source[task.source] = self.trunk(stem_out).astype(jnp.float32)
+      features[task.name] = by_source[task.source]
     return features
 
   def project(self, features: Mapping[str, jax.Array]) -> dict[str, jax.Array]:

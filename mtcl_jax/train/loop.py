@@ -141,7 +141,7 @@ def build_model(config: ml_collections.ConfigDict, tasks: Sequence[data.TaskData
   """The model a config describes, over the run's tasks (in task-id order)."""
   model_config = config.model
   return MultiTaskModel(
-      tasks=tuple(TaskInfo(t.task.name, t.task.modality, t.task.num_classes) for t in tasks),
+      tasks=tuple(TaskInfo(t.task.name, t.task.modality, t.task.num_classes, t.task.dataset) for t in tasks),
       stem_width=model_config.stem_width,
       trunk_widths=tuple(model_config.trunk_widths),
       projection_widths=tuple(model_config.projection_widths),

@@ -1,16 +1,19 @@
 """The contrastive term of the training loss, for each pair rule a config can choose.
 
-Every rule sees the global batch: each task's projections ``[B_t, P]`` are concatenated in task order into
-``z [N, P]`` (``N = Σ_t B_t``), with ``task_ids [N]`` and ``labels [N]`` alongside, and the loss is computed on
-all ``N`` rows whatever the number of devices.
+The rows of the contrastive loss are the batch's *items*: one row per row of each input. Usually every task
+has its own input (digits images, vowel recordings, ...) and the items are simply every task's rows; tasks
+that share an input (several label heads on one dataset) contribute each item once, as a group. Every rule sees
+the global batch: the groups' projections are concatenated in task order into ``z [N, P]``, whatever the
+number of devices.
 
 ==================  ==================================================================================
 rule                positives of a row
 ==================  ==================================================================================
-``supcon``          rows of the same task and the same class (labels from ``pairs.task_class_labels``)
-``task_contrastive``  rows of the same task (the classic rule)
+``supcon``          rows of the same task and the same class (``pairs.task_class_labels``); for a group
+                    of tasks sharing an input, rows that agree on every task's class (:func:`item_labels`)
+``task_contrastive``  rows of the same task (group): the classic rule
 ``ntxent``          the other augmented views of the same item (``pairs.view_labels``; self-supervised)
-``clip``            its partner: two tasks' rows paired by class (see :func:`class_paired_rows`)
+``clip``            its partner: rows of two tasks paired by class (:func:`class_paired_rows`)
 ``binary_infonce``  one sampled row of the same task against one of another task (``pairs.sample_triplets``)
 ==================  ==================================================================================
 """
@@ -25,10 +28,33 @@ from jax.typing import ArrayLike
 
 from mtcl_jax import losses, pairs
 
+GROUP_RULES: tuple[str, ...] = ("supcon", "task_contrastive", "binary_infonce")
 
-def concat_tasks(per_task: Mapping[str, jax.Array], order: Sequence[str]) -> jax.Array:
-  """Concatenates per-task arrays along the batch axis in ``order``."""
-  return jnp.concatenate([per_task[name] for name in order], axis=0)
+
+def concat_groups(per_group: Mapping[str, jax.Array], order: Sequence[str]) -> jax.Array:
+  """Concatenates per-group arrays along the batch axis in ``order``."""
+  return jnp.concatenate([per_group[name] for name in order], axis=0)
+
+
+def item_labels(label_columns: Sequence[ArrayLike]) -> jax.Array:
+  """One label per item from its classes in one or several tasks: equal labels iff every class agrees.
+
+  Args:
+    label_columns: one ``[B]`` integer array per task of the group.
+
+  Returns:
+    ``[B]`` int32: the classes themselves for a single task; for several, the index of the first row with the
+    same classes in every task (so labels lie in ``[0, B)``).
+
+  Examples:
+    >>> item_labels([jnp.array([1, 1, 0]), jnp.array([0, 0, 0])])
+    Array([0, 0, 2], dtype=int32)
+  """
+  if len(label_columns) == 1:
+    return jnp.asarray(label_columns[0]).astype(jnp.int32)
+  stacked = jnp.stack([jnp.asarray(column) for column in label_columns], axis=1)  # [B, T]
+  same_classes = jnp.all(stacked[:, None, :] == stacked[None, :, :], axis=-1)  # [B, B]
+  return jnp.argmax(same_classes, axis=1).astype(jnp.int32)
 
 
 def class_paired_rows(
@@ -61,62 +87,79 @@ def class_paired_rows(
   return rows_a.astype(jnp.int32), rows_b.astype(jnp.int32), jnp.any(has_partner)
 
 
+def clip_by_class(
+    key: jax.Array,
+    projections_a: jax.Array,
+    labels_a: jax.Array,
+    projections_b: jax.Array,
+    labels_b: jax.Array,
+    *,
+    temperature: ArrayLike,
+    num_pairs: int,
+    block_size: int | None = None,
+) -> jax.Array:
+  """CLIP between two tasks' rows paired by class (:func:`class_paired_rows`); 0 if they share no class.
+
+  Args:
+    key: this step's key.
+    projections_a: ``[B_a, P]`` task A's embeddings.
+    labels_a: ``[B_a]`` task A's classes.
+    projections_b: ``[B_b, P]`` task B's embeddings.
+    labels_b: ``[B_b]`` task B's classes.
+    temperature: τ, possibly traced.
+    num_pairs: pairs per step.
+    block_size: tiled computation.
+
+  Returns:
+    float32 scalar.
+  """
+  rows_a, rows_b, matched = class_paired_rows(key, labels_a, labels_b, num_pairs=num_pairs)
+  loss = losses.clip(projections_a[rows_a], projections_b[rows_b], temperature=temperature, block_size=block_size)
+  # Batches with no class in common give no pairs to learn from: no loss, no gradient.
+  return jnp.where(matched, loss, 0.0)
+
+
 def contrastive_loss(
     rule: str,
     projections: Mapping[str, jax.Array],
     labels: Mapping[str, jax.Array],
-    task_ids: Mapping[str, jax.Array],
+    group_ids: Mapping[str, jax.Array],
     *,
     order: Sequence[str],
     key: jax.Array,
     temperature: ArrayLike,
     num_classes: int,
     block_size: int | None = None,
-    clip_tasks: tuple[str, str] | None = None,
-    num_pairs: int | None = None,
     num_triplets: int = 256,
 ) -> jax.Array:
-  """The contrastive term for ``rule`` over the global batch (every array here must be replicated).
+  """The ``supcon``, ``task_contrastive`` or ``binary_infonce`` term over every group's items.
 
   Args:
-    rule: ``"supcon"``, ``"task_contrastive"``, ``"clip"`` or ``"binary_infonce"`` (``"ntxent"``: see
-      :func:`ntxent_over_views`).
-    projections: ``{task: [B_t, P]}`` float32.
-    labels: ``{task: [B_t]}`` classes.
-    task_ids: ``{task: [B_t]}`` task ids.
-    order: task names in task-id order.
-    key: this step's key (clip and binary_infonce sample with it).
+    rule: one of :data:`GROUP_RULES`.
+    projections: ``{group: [B_g, P]}`` float32 (replicated: the loss needs the global batch).
+    labels: ``{group: [B_g]}`` item labels (:func:`item_labels`).
+    group_ids: ``{group: [B_g]}`` the group's id on every row (the task id when a task has its own input).
+    order: group names in task-id order.
+    key: this step's key (binary_infonce samples with it).
     temperature: τ, possibly traced (learned).
-    num_classes: the largest task's class count (for task × class labels).
-    block_size: tiled computation for supcon / task_contrastive / clip.
-    clip_tasks: the two tasks clip pairs; default the first two of ``order``.
-    num_pairs: clip's pairs per step; default the smaller of the two task batches.
+    num_classes: an upper bound on every group's labels (for task × class labels).
+    block_size: tiled computation for supcon and task_contrastive.
     num_triplets: binary_infonce's triplets per step.
 
   Returns:
     float32 scalar.
   """
-  if rule in ("supcon", "task_contrastive", "binary_infonce"):
-    z = concat_tasks(projections, order)
-    ids = concat_tasks(task_ids, order)
-    if rule == "supcon":
-      composite = pairs.task_class_labels(ids, concat_tasks(labels, order), num_classes=num_classes)
-      return losses.supcon(z, composite, temperature=temperature, block_size=block_size)
-    if rule == "task_contrastive":
-      return losses.task_contrastive(z, ids, temperature=temperature, block_size=block_size)
+  z = concat_groups(projections, order)
+  ids = concat_groups(group_ids, order)
+  if rule == "supcon":
+    composite = pairs.task_class_labels(ids, concat_groups(labels, order), num_classes=num_classes)
+    return losses.supcon(z, composite, temperature=temperature, block_size=block_size)
+  if rule == "task_contrastive":
+    return losses.task_contrastive(z, ids, temperature=temperature, block_size=block_size)
+  if rule == "binary_infonce":
     anchor, positive, negative = pairs.sample_triplets(key, ids, num_triplets=num_triplets)
     return jnp.mean(losses.binary_infonce(z[anchor], z[positive], z[negative], temperature=temperature))
-  if rule == "clip":
-    task_a, task_b = clip_tasks if clip_tasks is not None else tuple(order[:2])
-    if num_pairs is None:
-      num_pairs = min(labels[task_a].shape[0], labels[task_b].shape[0])
-    rows_a, rows_b, matched = class_paired_rows(key, labels[task_a], labels[task_b], num_pairs=num_pairs)
-    loss = losses.clip(
-        projections[task_a][rows_a], projections[task_b][rows_b], temperature=temperature, block_size=block_size
-    )
-    # Batches with no class in common give no pairs to learn from: no loss, no gradient.
-    return jnp.where(matched, loss, 0.0)
-  raise ValueError(f"unknown contrastive rule {rule!r} for contrastive_loss")
+  raise ValueError(f"contrastive_loss handles the rules {GROUP_RULES}; got {rule!r}")
 
 
 def ntxent_over_views(
@@ -126,18 +169,18 @@ def ntxent_over_views(
     temperature: ArrayLike,
     block_size: int | None = None,
 ) -> jax.Array:
-  """NT-Xent over augmented views: row ``v * N + i`` is view ``v`` of item ``i`` (all tasks' items together).
+  """NT-Xent over augmented views: row ``v * N + i`` is view ``v`` of item ``i`` (all groups' items together).
 
   Args:
-    view_projections: one ``{task: [B_t, P]}`` per view, the same items in the same order in each.
-    order: task names in task-id order.
+    view_projections: one ``{group: [B_g, P]}`` per view, the same items in the same order in each.
+    order: group names in task-id order.
     temperature: τ, possibly traced.
     block_size: tiled computation.
 
   Returns:
     float32 scalar.
   """
-  z = jnp.concatenate([concat_tasks(view, order) for view in view_projections], axis=0)
+  z = jnp.concatenate([concat_groups(view, order) for view in view_projections], axis=0)
   num_items = z.shape[0] // len(view_projections)
   labels = pairs.view_labels(num_items, len(view_projections))
   return losses.ntxent(z, labels, temperature=temperature, block_size=block_size)

@@ -54,26 +54,38 @@ def make_loss_fn(
   if stage not in STAGES:
     raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
   order = tuple(task.name for task in model.tasks)
+  num_classes = {task.name: task.num_classes for task in model.tasks}
   modality = {task.name: task.modality for task in model.tasks}
-  max_classes = max(task.num_classes for task in model.tasks)
+  # Contrastive rows are items: tasks sharing an input form one group, represented by its first task.
+  groups: dict[str, list[str]] = {}
+  for task in model.tasks:
+    groups.setdefault(task.source, []).append(task.name)
+  representatives = tuple(members[0] for members in groups.values())
   contrastive = config.contrastive
+  clip_tasks = tuple(contrastive.clip_tasks) if contrastive.clip_tasks is not None else order[:2]
+  source = {task.name: task.source for task in model.tasks}
+  if contrastive.rule == "clip" and (len(clip_tasks) != 2 or source[clip_tasks[0]] == source[clip_tasks[1]]):
+    raise ValueError(f"contrastive.rule='clip' pairs two tasks with different inputs; got {clip_tasks} "
+                     f"with inputs {[source.get(name) for name in clip_tasks]}")
+  if contrastive.rule in ("task_contrastive", "binary_infonce") and len(groups) < 2:
+    raise ValueError(f"contrastive.rule={contrastive.rule!r} contrasts tasks with different inputs; every task "
+                     f"here reads the input {next(iter(groups))!r}")
   task_weights = {name: float(config.classification.task_weights.get(name, 1.0)) for name in order}
   use_contrastive = stage != "heads" and contrastive.rule != "none" and contrastive.weight != 0
   use_classification = stage != "pretrain" and config.classification.weight != 0
   replicated = parallel.replicated(mesh)
+  # Augmentations gather pixels/frames at random offsets, a gather whose output sharding an Explicit mesh
+  # cannot infer: auto_axes lets the compiler shard it and returns the views batch-sharded.
+  views_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, parallel.DATA_AXIS))
 
   def gather(tree: Any) -> Any:
     # The contrastive loss compares every row with every other: each device needs the global batch.
     return jax.tree.map(lambda leaf: jax.sharding.reshard(leaf, replicated), tree)
 
-  # Augmentations gather pixels/frames at random offsets, a gather whose output sharding an Explicit mesh
-  # cannot infer: auto_axes lets the compiler shard it and returns the views batch-sharded.
-  views_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, parallel.DATA_AXIS))
-
   def augmented_views(key: jax.Array, batch: Batch) -> list[dict[str, dict[str, jax.Array]]]:
-    """``num_views`` batches of augmented inputs, each ``{task: {"x", "mask"?}}``."""
+    """``num_views`` batches of augmented inputs of each group, ``{representative: {"x", "mask"?}}``."""
     views = [{} for _ in range(contrastive.num_views)]
-    for index, name in enumerate(order):
+    for index, name in enumerate(representatives):
       task_batch = batch[name]
       make_views = functools.partial(augment.make_views, modality=modality[name], num_views=contrastive.num_views)
       task_key = jax.random.fold_in(key, index)
@@ -93,20 +105,31 @@ def make_loss_fn(
           model.apply(params, view_batch, method=_encode_and_project) for view_batch in augmented_views(key, batch)
       ]
       return objectives.ntxent_over_views(
-          gather(view_projections), order=order, temperature=temperature, block_size=contrastive.block_size
-      )
+          gather(view_projections), order=representatives, temperature=temperature,
+          block_size=contrastive.block_size)
+    if contrastive.rule == "clip":
+      task_a, task_b = clip_tasks
+      num_pairs = contrastive.num_pairs or min(batch[task_a]["y"].shape[0], batch[task_b]["y"].shape[0])
+      projections_a, labels_a, projections_b, labels_b = gather((
+          outputs["projection"][task_a], batch[task_a]["y"], outputs["projection"][task_b], batch[task_b]["y"]))
+      return objectives.clip_by_class(
+          key, projections_a, labels_a, projections_b, labels_b, temperature=temperature, num_pairs=num_pairs,
+          block_size=contrastive.block_size)
+    labels = {rep: objectives.item_labels(gather([batch[name]["y"] for name in members]))
+              for rep, members in zip(representatives, groups.values())}
+    # Task x class labels need a bound on every group's labels: its class count, or its rows for a group.
+    label_bound = max(num_classes[rep] if len(members) == 1 else batch[rep]["y"].shape[0]
+                      for rep, members in zip(representatives, groups.values()))
     return objectives.contrastive_loss(
         contrastive.rule,
-        gather(outputs["projection"]),
-        gather({name: batch[name]["y"] for name in order}),
-        gather({name: batch[name]["task_id"] for name in order}),
-        order=order,
+        gather({rep: outputs["projection"][rep] for rep in representatives}),
+        gather(labels),
+        gather({rep: batch[rep]["task_id"] for rep in representatives}),
+        order=representatives,
         key=key,
         temperature=temperature,
-        num_classes=max_classes,
+        num_classes=label_bound,
         block_size=contrastive.block_size,
-        clip_tasks=contrastive.clip_tasks,
-        num_pairs=contrastive.num_pairs,
         num_triplets=contrastive.num_triplets,
     )
 
@@ -165,7 +188,7 @@ def make_train_step(
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     grads, metrics = jax.grad(loss_fn, has_aux=True)(state.trainable, state.step_key(), batch)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     return state.apply_gradients(grads, optimizer), metrics
 
   replicated, batch_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
