@@ -1,0 +1,759 @@
+"""Tiled contrastive losses: the similarity matrix is visited in block × block tiles and never stored whole.
+
+Each loss here is a sum over anchors of a term built from log-sum-exps over the anchor's row of the logit matrix
+``L = A Cᵀ / τ``. A sweep visits the tiles of ``L`` in a ``fori_loop`` and folds each tile into per-row running
+statistics: the online log-sum-exp of FlashAttention keeps a running max and a running sum rescaled whenever the
+max grows. The backward pass is a ``jax.custom_vjp`` that saves only the inputs and those per-row statistics and
+recomputes every tile, so memory is O(block² + N·D) both ways.
+
+Three layouts share the tile code:
+
+- symmetric: the columns are the anchors (NT-Xent, SupCon on one device). Only tiles on or above the block
+  diagonal are visited, and each one also serves its column rows as anchors ("mirror"): half the matmuls.
+- cross: anchors against a separate set of columns, every tile (CLIP's two modalities; one device's rows against
+  the all-gathered batch). With mirror, each tile also feeds the statistics of its column rows.
+- ring: the columns start as this device's rows and travel around a mesh axis with ``ppermute``; statistics and
+  gradients that belong to the travelling rows travel with them and are home again after a full turn.
+
+Tile math is free of selects and compares: XLA:CPU fuses a reduction with the elementwise math feeding it only
+then, and otherwise writes every block × block intermediate to memory. Masks are 0/1 floats built from integer
+arithmetic, masked logits are pushed down by a constant instead of selected away.
+
+References:
+  Milakov & Gimelshein, "Online normalizer calculation for softmax", arXiv:1805.02867, 2018.
+  Dao et al., "FlashAttention: Fast and Memory-Efficient Exact Attention with IO-Awareness", NeurIPS 2022.
+  Liu et al., "Ring Attention with Blockwise Transformers for Near-Infinite Context", arXiv:2310.01889, 2023.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.typing import ArrayLike
+
+from mtcl_jax.losses._common import MASK_VALUE
+
+_TINY = float(np.finfo(np.float32).tiny)
+# exp() of a logit minus its row's log-sum-exp is at most 1 where the mask is 1; the cap keeps it finite (so that
+# 0 · exp stays 0) where the mask is 0 and the row's log-sum-exp is about MASK_VALUE.
+_EXP_CAP = 60.0
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rows cut into blocks, and the layout of a sweep.
+
+
+class Layout(NamedTuple):
+  """How a sweep visits the tiles; static (hashable) so it can steer tracing.
+
+  Attributes:
+    block_size: at most this many rows per block, on either side of a tile.
+    symmetric: the columns are the anchors themselves; only tiles on or above the block diagonal are visited.
+    mirror: in a cross or ring layout, each tile also updates the statistics of its column rows, which are anchors
+      in their own right (CLIP's second direction). A symmetric layout always mirrors, except on diagonal tiles.
+    axis_name: mesh axis of a ring: the columns are this device's rows and travel one device per turn.
+  """
+
+  block_size: int
+  symmetric: bool = False
+  mirror: bool = False
+  axis_name: str | None = None
+
+
+class Rows(NamedTuple):
+  """Rows padded to whole blocks, ``[num_blocks, block, ...]``."""
+
+  embeddings: jax.Array  # [num_blocks, block, dim] float32
+  labels: jax.Array  # [num_blocks, block] int32
+  index: jax.Array  # [num_blocks, block] int32: the row's position in the whole batch, -1 on padding
+  valid: jax.Array  # [num_blocks, block] float32: 1 for a real row, 0 for padding
+
+  def block(self, i: jax.Array) -> Rows:
+    return Rows(*(lax.dynamic_index_in_dim(x, i, keepdims=False) for x in self))
+
+
+def to_rows(embeddings: jax.Array, labels: jax.Array, index: jax.Array, block_size: int) -> Rows:
+  """Cuts ``[n, dim]`` rows into blocks of at most ``block_size`` rows, as even as possible."""
+  num_rows = embeddings.shape[0]
+  num_blocks = max(1, -(-num_rows // block_size))
+  block = max(1, -(-num_rows // num_blocks))
+  padding = num_blocks * block - num_rows
+  index = jnp.pad(index, (0, padding), constant_values=-1).reshape(num_blocks, block)
+  return Rows(
+      jnp.pad(embeddings, ((0, padding), (0, 0))).reshape(num_blocks, block, embeddings.shape[1]),
+      jnp.pad(labels, (0, padding)).reshape(num_blocks, block),
+      index,
+      (index >= 0).astype(jnp.float32),
+  )
+
+
+def unblock(blocked: jax.Array, num_rows: int) -> jax.Array:
+  """Per-row values ``[num_blocks, block, ...]`` back to ``[num_rows, ...]``, padding dropped."""
+  return blocked.reshape(-1, *blocked.shape[2:])[:num_rows]
+
+
+def _zeros(rows: Rows, *feature_shape: int) -> jax.Array:
+  return jnp.zeros(rows.index.shape + feature_shape, jnp.float32)
+
+
+def vary_like(tree: Any, reference: jax.Array) -> Any:
+  """Marks fresh arrays as varying over the mesh axes ``reference`` varies over.
+
+  Inside ``shard_map`` a loop carry must keep its type, and a constant starts out invariant while the values folded
+  into it vary per device. Outside ``shard_map`` this is the identity.
+  """
+  axes = jax.typeof(reference).manual_axis_type.varying
+  if not axes:
+    return tree
+
+  def cast(x: jax.Array) -> jax.Array:
+    missing = tuple(sorted(axes - jax.typeof(x).manual_axis_type.varying))
+    return lax.pcast(x, missing, to="varying") if missing else x
+
+  return jax.tree.map(cast, tree)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tiles, and online log-sum-exp along either side of one.
+
+
+def _differ(a: jax.Array, b: jax.Array) -> jax.Array:
+  """``[len(a), len(b)]`` 0/1 floats, 1 where ``a_i != b_k``: |sign(a_i - b_k)|, 0 only for equal int32 values
+  (wrapping subtraction included)."""
+  return jnp.abs(jnp.sign(a[:, None] - b[None, :])).astype(jnp.float32)
+
+
+def along(per_row: jax.Array, axis: int) -> jax.Array:
+  """Broadcasts a per-row vector over a tile whose rows lie on the other axis than ``axis`` (the reduced one)."""
+  return per_row[:, None] if axis == 1 else per_row[None, :]
+
+
+class Tile(NamedTuple):
+  """One tile of the logit matrix: anchors on axis 0 (their rows reduce along axis 1), column rows on axis 1."""
+
+  anchor: Rows  # one block
+  column: Rows  # one block
+  logits: jax.Array  # [anchor block, column block]: cosine similarity / temperature
+  mirror: jax.Array | float  # 1.0 where the column rows take this tile as anchors too, else 0.0
+
+  def update_columns(self, old: Any, new: Any) -> Any:
+    """The column rows' ``new`` state where this tile counts for them, else ``old``.
+
+    Choosing per block of rows keeps the mask itself the same in both directions, so one masked tile serves both.
+    """
+    if isinstance(self.mirror, float):
+      return new if self.mirror else old
+    return jax.tree.map(lambda n, o: jnp.where(self.mirror > 0, n, o), new, old)
+
+  def valid(self) -> jax.Array:
+    return self.anchor.valid[:, None] * self.column.valid[None, :]
+
+  def differ_label(self) -> jax.Array:
+    return _differ(self.anchor.labels, self.column.labels)
+
+  def distinct(self) -> jax.Array:
+    return _differ(self.anchor.index, self.column.index)
+
+
+class Lse(NamedTuple):
+  """Running log-sum-exp of each row: ``log Σ exp(x) = max + log(sum)``."""
+
+  max: jax.Array
+  sum: jax.Array
+
+
+def lse_init(rows: Rows) -> Lse:
+  return Lse(jnp.full(rows.index.shape, MASK_VALUE, jnp.float32), _zeros(rows))
+
+
+def sink_masked(logits: jax.Array, mask: jax.Array) -> jax.Array:
+  """``logits`` where ``mask`` is 1, pushed down by -MASK_VALUE where it is 0 (arithmetic, not a select)."""
+  return logits + MASK_VALUE * (1.0 - mask)
+
+
+def lse_add(state: Lse, masked: jax.Array, axis: int) -> Lse:
+  """Folds a tile of :func:`sink_masked` logits into the running state of the rows that reduce ``axis``."""
+  # A row that has seen only sunk entries carries a garbage sum at a max near MASK_VALUE, which its first real
+  # entry scales away by exp(-1e9) = 0; one that never sees a real entry ends near MASK_VALUE, which every user of
+  # the value treats as "no entry".
+  new_max = jnp.maximum(state.max, jnp.max(masked, axis=axis))
+  tile_sum = jnp.sum(jnp.exp(masked - along(new_max, axis)), axis=axis)
+  return Lse(new_max, state.sum * jnp.exp(state.max - new_max) + tile_sum)
+
+
+def lse_merge(a: Lse, b: Lse) -> Lse:
+  new_max = jnp.maximum(a.max, b.max)
+  return Lse(new_max, a.sum * jnp.exp(a.max - new_max) + b.sum * jnp.exp(b.max - new_max))
+
+
+def lse_value(state: Lse) -> jax.Array:
+  return state.max + jnp.log(jnp.maximum(state.sum, _TINY))
+
+
+def softmax_against(logits: jax.Array, lse: jax.Array, axis: int) -> jax.Array:
+  """``exp(logits - lse)`` for the rows reducing ``axis``; capped, so multiply by the mask to drop entries."""
+  return jnp.exp(jnp.minimum(logits - along(lse, axis), _EXP_CAP))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sweeps: visit every tile once, carrying per-row state for the anchors and for the column rows.
+
+# tile_fn(tile, anchor_state, column_state) -> (anchor_state, column_state), each the state of one block.
+TileFn = Callable[[Tile, Any, Any], tuple[Any, Any]]
+
+
+def _take(tree: Any, i: jax.Array) -> Any:
+  return jax.tree.map(lambda x: lax.dynamic_index_in_dim(x, i, keepdims=False), tree)
+
+
+def _put(tree: Any, block: Any, i: jax.Array) -> Any:
+  return jax.tree.map(lambda x, b: lax.dynamic_update_index_in_dim(x, b, i, 0), tree, block)
+
+
+def _local_sweep(
+    tile_fn: TileFn,
+    anchors: Rows,
+    columns: Rows,
+    carry: tuple[Any, Any],
+    inv_temperature: jax.Array,
+    *,
+    symmetric: bool,
+    mirror: bool,
+) -> tuple[Any, Any]:
+  num_anchor_blocks, num_column_blocks = anchors.index.shape[0], columns.index.shape[0]
+  if symmetric:
+    anchor_ids, column_ids = np.triu_indices(num_anchor_blocks)
+  else:
+    anchor_ids, column_ids = np.divmod(np.arange(num_anchor_blocks * num_column_blocks), num_column_blocks)
+  anchor_ids, column_ids = jnp.asarray(anchor_ids, jnp.int32), jnp.asarray(column_ids, jnp.int32)
+
+  def visit(t: jax.Array, carry: tuple[Any, Any]) -> tuple[Any, Any]:
+    anchor_state, column_state = carry
+    i, k = anchor_ids[t], column_ids[t]
+    anchor, column = anchors.block(i), columns.block(k)
+    logits = (anchor.embeddings * inv_temperature) @ column.embeddings.T
+    # A diagonal tile of the symmetric layout holds both directions of each of its pairs already.
+    tile_mirror = (i != k).astype(jnp.float32) if symmetric else float(mirror)
+    anchor_block, column_block = tile_fn(
+        Tile(anchor, column, logits, tile_mirror), _take(anchor_state, i), _take(column_state, k)
+    )
+    return _put(anchor_state, anchor_block, i), _put(column_state, column_block, k)
+
+  return lax.fori_loop(0, anchor_ids.shape[0], visit, carry)
+
+
+def _ring_sweep(
+    tile_fn: TileFn,
+    anchors: Rows,
+    columns: Rows,
+    carry: tuple[Any, Any],
+    inv_temperature: jax.Array,
+    *,
+    mirror: bool,
+    axis_name: str,
+) -> tuple[Any, Any]:
+  num_devices = lax.axis_size(axis_name)
+  shift = [(d, (d + 1) % num_devices) for d in range(num_devices)]
+
+  def turn(_: jax.Array, ring_carry: tuple[Rows, Any, Any]) -> tuple[Rows, Any, Any]:
+    visiting, anchor_state, column_state = ring_carry
+    # Sent on before it is used, so the transfer can overlap this turn's tiles.
+    arriving = lax.ppermute(visiting, axis_name, shift)
+    anchor_state, column_state = _local_sweep(
+        tile_fn, anchors, visiting, (anchor_state, column_state), inv_temperature, symmetric=False, mirror=mirror
+    )
+    # The visiting rows' own state travels with them: after num_devices turns it is back with its owner.
+    column_state = lax.ppermute(column_state, axis_name, shift)
+    return arriving, anchor_state, column_state
+
+  _, anchor_state, column_state = lax.fori_loop(0, num_devices, turn, (columns, *carry))
+  return anchor_state, column_state
+
+
+def sweep(
+    layout: Layout,
+    tile_fn: TileFn,
+    anchors: Rows,
+    columns: Rows,
+    carry: tuple[Any, Any],
+    inv_temperature: jax.Array,
+) -> tuple[Any, Any]:
+  """Runs ``tile_fn`` over every tile of ``anchors × columns`` as ``layout`` says; returns the final carry."""
+  carry = vary_like(carry, anchors.embeddings)
+  if layout.axis_name is None:
+    return _local_sweep(
+        tile_fn, anchors, columns, carry, inv_temperature, symmetric=layout.symmetric, mirror=layout.mirror
+    )
+  return _ring_sweep(
+      tile_fn, anchors, columns, carry, inv_temperature, mirror=layout.mirror, axis_name=layout.axis_name
+  )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shared by the three losses: blocking, gradient accumulation, cotangents.
+
+
+def _blocks(layout: Layout, anchor_arrays: tuple, column_arrays: tuple | None) -> tuple[Rows, Rows]:
+  """Blocks both sides; ``column_arrays=None`` means the columns are the anchors (symmetric or ring)."""
+
+  def rows(arrays: tuple) -> Rows:
+    if len(arrays) == 2:  # (embeddings, index): a loss without labels
+      embeddings, index = arrays
+      return to_rows(embeddings, jnp.zeros_like(index), index, layout.block_size)
+    return to_rows(*arrays, layout.block_size)
+
+  anchors = rows(anchor_arrays)
+  return anchors, anchors if column_arrays is None else rows(column_arrays)
+
+
+def _mirrors(layout: Layout, anchors: Rows) -> bool:
+  """Whether the column rows need state of their own: a mirroring layout with some off-diagonal tile."""
+  if layout.symmetric:
+    return anchors.index.shape[0] > 1
+  return layout.mirror
+
+
+class _Gradients(NamedTuple):
+  """Per-row statistics a backward sweep reads, and the gradient it accumulates, for one side of the tiles."""
+
+  stats: Any  # None on a column side that does not mirror
+  grad: jax.Array  # [block, dim]: Σ_k dLoss/dL_ik · c_k over the tiles seen so far
+
+
+def _gradient_tile(coupling_fn: Callable[[Tile, Any, Any], jax.Array]) -> TileFn:
+  """A tile function that pushes ``coupling_fn``'s dLoss/dL of the tile onto both sides' rows."""
+
+  def tile_fn(tile: Tile, anchor: _Gradients, column: _Gradients) -> tuple[_Gradients, _Gradients]:
+    coupling = coupling_fn(tile, anchor.stats, column.stats)
+    return (
+        anchor._replace(grad=anchor.grad + coupling @ tile.column.embeddings),
+        column._replace(grad=column.grad + coupling.T @ tile.anchor.embeddings),
+    )
+
+  return tile_fn
+
+
+def _backward_sweep(
+    layout: Layout,
+    coupling_fn: Callable[[Tile, Any, Any], jax.Array],
+    anchor_arrays: tuple,
+    column_arrays: tuple | None,
+    anchor_stats: Any,
+    column_stats: Any,
+    temperature: jax.Array,
+    value_cotangent: jax.Array,
+) -> tuple[tuple, tuple | None, jax.Array]:
+  """Recomputes every tile, accumulates ``Σ_k dLoss/dL_ik · c_k`` per row; returns the custom_vjp cotangents."""
+  anchors, columns = _blocks(layout, anchor_arrays, column_arrays)
+  dim = anchors.embeddings.shape[2]
+  carry = (_Gradients(anchor_stats, _zeros(anchors, dim)), _Gradients(column_stats, _zeros(columns, dim)))
+  anchor_side, column_side = sweep(
+      layout, _gradient_tile(coupling_fn), anchors, columns, carry, 1.0 / temperature
+  )
+  # L_ik = a_i·c_k / τ: each gradient row picks up 1/τ, and Σ_ik dLoss/dL_ik · L_ik = Σ_i a_i · grad_i / τ
+  # gives dLoss/dτ = -that / τ without ever forming the similarities again.
+  scale = value_cotangent / temperature
+  logit_total = jnp.sum(anchors.embeddings * anchor_side.grad) / temperature
+  temperature_cotangent = -value_cotangent * logit_total / temperature
+  no_labels = (None,) * (len(anchor_arrays) - 1)
+  anchor_grad = anchor_side.grad
+  if column_arrays is None:
+    anchor_grad = anchor_grad + column_side.grad
+    column_cotangent = None
+  else:
+    column_cotangent = (scale * unblock(column_side.grad, column_arrays[0].shape[0]), *no_labels)
+  anchor_cotangent = (scale * unblock(anchor_grad, anchor_arrays[0].shape[0]), *no_labels)
+  return anchor_cotangent, column_cotangent, temperature_cotangent
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# NT-Xent: softplus(NEG_i - L_ij) over ordered positive pairs (i, j), NEG_i = LSE of L_ik over i's negatives k.
+
+
+class _NtxentTerms(NamedTuple):
+  negatives_lse: jax.Array  # NEG_i, read only
+  value: jax.Array  # Σ_j softplus(NEG_i - L_ij) over i's positives j
+  weight: jax.Array  # Σ_j sigmoid(NEG_i - L_ij) = dValue/dNEG_i
+  count: jax.Array  # |P(i)|
+
+
+def _ntxent_masks(tile: Tile) -> tuple[jax.Array, jax.Array]:
+  """0/1 ``(negative, positive)`` masks of the tile."""
+  valid, differ = tile.valid(), tile.differ_label()
+  return valid * differ, valid * (1.0 - differ) * tile.distinct()
+
+
+def _negatives_tile(tile: Tile, anchor_lse: Lse, column_lse: Lse | None) -> tuple[Lse, Lse | None]:
+  negative, _ = _ntxent_masks(tile)
+  masked = sink_masked(tile.logits, negative)
+  anchor_lse = lse_add(anchor_lse, masked, axis=1)
+  if column_lse is not None:
+    column_lse = tile.update_columns(column_lse, lse_add(column_lse, masked, axis=0))
+  return anchor_lse, column_lse
+
+
+def _add_positive_terms(terms: _NtxentTerms, logits: jax.Array, positive: jax.Array, axis: int) -> _NtxentTerms:
+  margin = along(terms.negatives_lse, axis) - logits
+  softplus = jnp.maximum(margin, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(margin)))
+  return _NtxentTerms(
+      terms.negatives_lse,
+      terms.value + jnp.sum(positive * softplus, axis=axis),
+      terms.weight + jnp.sum(positive * jax.nn.sigmoid(margin), axis=axis),
+      terms.count + jnp.sum(positive, axis=axis),
+  )
+
+
+def _positives_tile(tile: Tile, anchor_terms: _NtxentTerms, column_terms: _NtxentTerms | None):
+  _, positive = _ntxent_masks(tile)
+
+  def accumulate(terms):
+    anchor_terms, column_terms = terms
+    anchor_terms = _add_positive_terms(anchor_terms, tile.logits, positive, axis=1)
+    if column_terms is not None:
+      column_terms = tile.update_columns(
+          column_terms, _add_positive_terms(column_terms, tile.logits, positive, axis=0)
+      )
+    return anchor_terms, column_terms
+
+  # With two views most tiles hold no positive pair: skip their softplus work.
+  return lax.cond(jnp.sum(positive) > 0, accumulate, lambda terms: terms, (anchor_terms, column_terms))
+
+
+def _ntxent_coupling(tile: Tile, anchor_stats, column_stats) -> jax.Array:
+  """dLoss/dL of the tile (before the 1/#pairs scale), both directions of each pair that count here."""
+  negative, positive = _ntxent_masks(tile)
+
+  def direction(stats, mask: jax.Array, axis: int) -> jax.Array:
+    negatives_lse, weight = stats
+    # dNEG_i/dL_ik is the softmax over i's negatives, dValue/dNEG_i the weight; a positive pulls by -sigmoid.
+    pull = softmax_against(tile.logits, negatives_lse, axis) * along(weight, axis)
+    return mask * pull
+
+  coupling = direction(anchor_stats, negative, axis=1)
+  if column_stats is not None:
+    coupling = coupling + direction(column_stats, negative * tile.mirror, axis=0)
+
+  def subtract_positives(coupling: jax.Array) -> jax.Array:
+    coupling = coupling - positive * jax.nn.sigmoid(along(anchor_stats[0], 1) - tile.logits)
+    if column_stats is not None:
+      coupling = coupling - positive * tile.mirror * jax.nn.sigmoid(along(column_stats[0], 0) - tile.logits)
+    return coupling
+
+  return lax.cond(jnp.sum(positive) > 0, subtract_positives, lambda c: c, coupling)
+
+
+def _ntxent_forward(layout: Layout, anchor_arrays, column_arrays, temperature):
+  anchors, columns = _blocks(layout, anchor_arrays, column_arrays)
+  inv_temperature = 1.0 / temperature
+  mirror = _mirrors(layout, anchors)
+
+  # Pass 1: each anchor's log-sum-exp over its negatives.
+  carry = (lse_init(anchors), lse_init(columns) if mirror else None)
+  anchor_lse, column_lse = sweep(layout, _negatives_tile, anchors, columns, carry, inv_temperature)
+  if mirror:
+    anchor_lse = lse_merge(anchor_lse, column_lse)
+  negatives_lse = lse_value(anchor_lse)
+
+  # Pass 2: softplus(NEG_i - L_ij) over the positives; it needs the finished NEG_i, hence a second sweep.
+  def fresh_terms() -> _NtxentTerms:
+    return _NtxentTerms(negatives_lse, _zeros(anchors), _zeros(anchors), _zeros(anchors))
+
+  carry = (fresh_terms(), fresh_terms() if mirror else None)
+  terms, column_terms = sweep(layout, _positives_tile, anchors, columns, carry, inv_temperature)
+  if mirror:
+    terms = _NtxentTerms(negatives_lse, *(a + b for a, b in zip(terms[1:], column_terms[1:], strict=True)))
+  sums = (jnp.sum(terms.value), jnp.sum(terms.count))
+  return sums, (anchor_arrays, column_arrays, temperature, negatives_lse, terms.weight)
+
+
+def _ntxent_backward(layout: Layout, residuals, cotangents):
+  anchor_arrays, column_arrays, temperature, negatives_lse, weight = residuals
+  value_cotangent, _ = cotangents
+  anchors, _ = _blocks(layout, anchor_arrays, column_arrays)
+  stats = (negatives_lse, weight)
+  column_stats = stats if _mirrors(layout, anchors) else None
+  return _backward_sweep(
+      layout, _ntxent_coupling, anchor_arrays, column_arrays, stats, column_stats, temperature, value_cotangent
+  )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def ntxent_sums(
+    layout: Layout, anchor_arrays: tuple, column_arrays: tuple | None, temperature: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """NT-Xent summed over the ordered positive pairs of the anchors, and the number of those pairs.
+
+  Args:
+    layout: how to visit the tiles.
+    anchor_arrays: ``(embeddings [n, dim], labels [n], index [n])``: float32 L2-normalised rows, int32 labels,
+      and each row's int32 position in the whole batch (a row never pairs with itself).
+    column_arrays: the same for the rows the anchors are compared with, or None when they are the anchors
+      themselves (symmetric and ring layouts).
+    temperature: float32 scalar.
+
+  Returns:
+    ``(Σ_i Σ_{j ∈ P(i)} softplus(NEG_i - L_ij), Σ_i |P(i)|)``, float32 scalars; the count has no gradient.
+  """
+  return _ntxent_forward(layout, anchor_arrays, column_arrays, temperature)[0]
+
+
+ntxent_sums.defvjp(_ntxent_forward, _ntxent_backward)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SupCon: per anchor with positives, ALL_i - mean_{p ∈ P(i)} L_ip, ALL_i = LSE of L_ik over every other row k.
+
+
+class _SupconTerms(NamedTuple):
+  lse: Lse
+  positive_logits: jax.Array  # Σ_{p ∈ P(i)} L_ip
+  count: jax.Array  # |P(i)|
+
+
+def _supcon_masks(tile: Tile) -> tuple[jax.Array, jax.Array]:
+  """0/1 ``(other, positive)`` masks: every other real row, and those of them with the anchor's label."""
+  other = tile.valid() * tile.distinct()
+  return other, other * (1.0 - tile.differ_label())
+
+
+def _add_supcon_terms(terms: _SupconTerms, logits, masked, positive, axis: int) -> _SupconTerms:
+  return _SupconTerms(
+      lse_add(terms.lse, masked, axis),
+      terms.positive_logits + jnp.sum(positive * logits, axis=axis),
+      terms.count + jnp.sum(positive, axis=axis),
+  )
+
+
+def _supcon_tile(tile: Tile, anchor_terms: _SupconTerms, column_terms: _SupconTerms | None):
+  other, positive = _supcon_masks(tile)
+  masked = sink_masked(tile.logits, other)
+  anchor_terms = _add_supcon_terms(anchor_terms, tile.logits, masked, positive, axis=1)
+  if column_terms is not None:
+    column_terms = tile.update_columns(
+        column_terms, _add_supcon_terms(column_terms, tile.logits, masked, positive, axis=0)
+    )
+  return anchor_terms, column_terms
+
+
+def _supcon_coupling(tile: Tile, anchor_stats, column_stats) -> jax.Array:
+  other, positive = _supcon_masks(tile)
+
+  def direction(stats, mirror: jax.Array | float, axis: int) -> jax.Array:
+    all_lse, has_positive, positive_share = stats
+    softmax = softmax_against(tile.logits, all_lse, axis) * along(has_positive, axis)
+    return mirror * (other * softmax - positive * along(positive_share, axis))
+
+  coupling = direction(anchor_stats, 1.0, axis=1)
+  if column_stats is not None:
+    coupling = coupling + direction(column_stats, tile.mirror, axis=0)
+  return coupling
+
+
+def _supcon_forward(layout: Layout, anchor_arrays, column_arrays, temperature):
+  anchors, columns = _blocks(layout, anchor_arrays, column_arrays)
+  mirror = _mirrors(layout, anchors)
+
+  # One pass: log-sum-exp over all other rows, with the sum and count of the positive logits beside it.
+  def fresh_terms(rows: Rows) -> _SupconTerms:
+    return _SupconTerms(lse_init(rows), _zeros(rows), _zeros(rows))
+
+  carry = (fresh_terms(anchors), fresh_terms(columns) if mirror else None)
+  terms, column_terms = sweep(layout, _supcon_tile, anchors, columns, carry, 1.0 / temperature)
+  if mirror:
+    terms = _SupconTerms(
+        lse_merge(terms.lse, column_terms.lse),
+        terms.positive_logits + column_terms.positive_logits,
+        terms.count + column_terms.count,
+    )
+  all_lse = lse_value(terms.lse)
+  has_positive = (terms.count > 0).astype(jnp.float32)
+  positive_share = has_positive / jnp.maximum(terms.count, 1.0)
+  per_anchor = jnp.where(terms.count > 0, all_lse - positive_share * terms.positive_logits, 0.0)
+  sums = (jnp.sum(per_anchor), jnp.sum(has_positive))
+  return sums, (anchor_arrays, column_arrays, temperature, (all_lse, has_positive, positive_share))
+
+
+def _supcon_backward(layout: Layout, residuals, cotangents):
+  anchor_arrays, column_arrays, temperature, stats = residuals
+  value_cotangent, _ = cotangents
+  anchors, _ = _blocks(layout, anchor_arrays, column_arrays)
+  column_stats = stats if _mirrors(layout, anchors) else None
+  return _backward_sweep(
+      layout, _supcon_coupling, anchor_arrays, column_arrays, stats, column_stats, temperature, value_cotangent
+  )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def supcon_sums(
+    layout: Layout, anchor_arrays: tuple, column_arrays: tuple | None, temperature: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """SupCon summed over the anchors that have a positive, and the number of such anchors.
+
+  Args:
+    layout: how to visit the tiles.
+    anchor_arrays: ``(embeddings [n, dim], labels [n], index [n])`` as in :func:`ntxent_sums`.
+    column_arrays: the same for the columns, or None when they are the anchors.
+    temperature: float32 scalar.
+
+  Returns:
+    ``(Σ_i [ALL_i - mean_{p ∈ P(i)} L_ip], #{i : P(i) non-empty})``, float32 scalars; the count has no gradient.
+  """
+  return _supcon_forward(layout, anchor_arrays, column_arrays, temperature)[0]
+
+
+supcon_sums.defvjp(_supcon_forward, _supcon_backward)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Log-sum-exp sums (CLIP): Σ_i LSE_k L_ik over the anchors, plus Σ_k LSE_i L_ik over the columns with mirror.
+
+
+def _lse_tile(tile: Tile, anchor_lse: Lse, column_lse: Lse | None) -> tuple[Lse, Lse | None]:
+  masked = sink_masked(tile.logits, tile.valid())
+  anchor_lse = lse_add(anchor_lse, masked, axis=1)
+  if column_lse is not None:
+    column_lse = tile.update_columns(column_lse, lse_add(column_lse, masked, axis=0))
+  return anchor_lse, column_lse
+
+
+def _lse_coupling(tile: Tile, anchor_lse, column_lse) -> jax.Array:
+  valid = tile.valid()
+  coupling = valid * softmax_against(tile.logits, anchor_lse, axis=1)
+  if column_lse is not None:
+    coupling = coupling + valid * tile.mirror * softmax_against(tile.logits, column_lse, axis=0)
+  return coupling
+
+
+def _lse_forward(layout: Layout, anchor_arrays, column_arrays, temperature):
+  anchors, columns = _blocks(layout, anchor_arrays, column_arrays)
+  carry = (lse_init(anchors), lse_init(columns) if layout.mirror else None)
+  anchor_lse, column_lse = sweep(layout, _lse_tile, anchors, columns, carry, 1.0 / temperature)
+  anchor_lse = lse_value(anchor_lse)
+  total = jnp.sum(anchors.valid * anchor_lse)
+  if layout.mirror:
+    column_lse = lse_value(column_lse)
+    total = total + jnp.sum(columns.valid * column_lse)
+  return total, (anchor_arrays, column_arrays, temperature, anchor_lse, column_lse)
+
+
+def _lse_backward(layout: Layout, residuals, value_cotangent):
+  anchor_arrays, column_arrays, temperature, anchor_lse, column_lse = residuals
+  return _backward_sweep(
+      layout, _lse_coupling, anchor_arrays, column_arrays, anchor_lse, column_lse, temperature, value_cotangent
+  )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def lse_sums(layout: Layout, anchor_arrays: tuple, column_arrays: tuple, temperature: jax.Array) -> jax.Array:
+  """Σ over the anchors of LSE_k L_ik against every column, plus Σ over the columns of LSE_i L_ik with mirror.
+
+  Args:
+    layout: how to visit the tiles; never symmetric.
+    anchor_arrays: ``(embeddings [n, dim], index [n])``; float32 L2-normalised rows, int32 positions.
+    column_arrays: ``(embeddings [m, dim], index [m])``.
+    temperature: float32 scalar.
+
+  Returns:
+    A float32 scalar.
+  """
+  return _lse_forward(layout, anchor_arrays, column_arrays, temperature)[0]
+
+
+lse_sums.defvjp(_lse_forward, _lse_backward)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The single-device losses.
+
+
+def _batch_index(num_rows: int) -> jax.Array:
+  return jnp.arange(num_rows, dtype=jnp.int32)
+
+
+def mean_or_zero(total: jax.Array, count: jax.Array) -> jax.Array:
+  """``total / count``, and 0 with a zero gradient when there is nothing to average."""
+  return jnp.where(count > 0, total / jnp.maximum(count, 1.0), 0.0)
+
+
+def ntxent_tiled(embeddings: ArrayLike, labels: ArrayLike, temperature: ArrayLike, block_size: int) -> jax.Array:
+  """NT-Xent over block × block tiles, never holding the ``[N, N]`` similarity matrix.
+
+  The mean over ordered positive pairs ``(i, j)`` of ``softplus(NEG_i - s_ij / τ)``, ``NEG_i`` the log-sum-exp of
+  ``s_ik / τ`` over the rows ``k`` whose label differs from ``i``'s (a pair whose anchor has no negative adds 0);
+  0 when there is no positive pair. Two sweeps forward (``NEG``, then the pairs), one backward; tiles without a
+  positive pair skip the pair math.
+
+  Args:
+    embeddings: ``[N, dim]`` float32, L2-normalised rows.
+    labels: ``[N]`` int32; rows with equal labels are positives.
+    temperature: float32 scalar, may be traced (its gradient is returned).
+    block_size: at most this many rows per tile side; memory is O(block_size² + N·dim).
+
+  Returns:
+    A float32 scalar.
+
+  References:
+    Chen et al., "A Simple Framework for Contrastive Learning of Visual Representations", ICML 2020.
+  """
+  embeddings, labels = jnp.asarray(embeddings), jnp.asarray(labels)
+  temperature = jnp.asarray(temperature, jnp.float32)
+  layout = Layout(block_size, symmetric=True)
+  total, count = ntxent_sums(layout, (embeddings, labels, _batch_index(labels.shape[0])), None, temperature)
+  return mean_or_zero(total, count)
+
+
+def supcon_tiled(embeddings: ArrayLike, labels: ArrayLike, temperature: ArrayLike, block_size: int) -> jax.Array:
+  """Supervised contrastive loss (SupCon, L_out) over block × block tiles, in one sweep forward and one back.
+
+  For each anchor ``i`` with positives ``P(i)``: ``ALL_i - mean_{p ∈ P(i)} s_ip / τ``, ``ALL_i`` the log-sum-exp of
+  ``s_ik / τ`` over every other row; the mean over such anchors, 0 when there is none.
+
+  Args:
+    embeddings: ``[N, dim]`` float32, L2-normalised rows.
+    labels: ``[N]`` int32.
+    temperature: float32 scalar, may be traced.
+    block_size: at most this many rows per tile side.
+
+  Returns:
+    A float32 scalar.
+
+  References:
+    Khosla et al., "Supervised Contrastive Learning", NeurIPS 2020.
+  """
+  embeddings, labels = jnp.asarray(embeddings), jnp.asarray(labels)
+  temperature = jnp.asarray(temperature, jnp.float32)
+  layout = Layout(block_size, symmetric=True)
+  total, count = supcon_sums(layout, (embeddings, labels, _batch_index(labels.shape[0])), None, temperature)
+  return mean_or_zero(total, count)
+
+
+def clip_tiled(a: ArrayLike, b: ArrayLike, temperature: ArrayLike, block_size: int) -> jax.Array:
+  """Symmetric CLIP (InfoNCE over matched rows of two modalities) over block × block tiles.
+
+  ``½ [mean_i (LSE_j s(a_i, b_j)/τ - s(a_i, b_i)/τ) + mean_j (LSE_i s(a_i, b_j)/τ - s(a_j, b_j)/τ)]``; each tile
+  feeds the row and the column log-sum-exps at once.
+
+  Args:
+    a: ``[B, dim]`` float32, L2-normalised rows of one modality.
+    b: ``[B, dim]`` float32, L2-normalised rows of the other; row ``i`` of each is a matched pair.
+    temperature: float32 scalar, may be traced.
+    block_size: at most this many rows per tile side.
+
+  Returns:
+    A float32 scalar.
+
+  References:
+    Radford et al., "Learning Transferable Visual Models From Natural Language Supervision", ICML 2021.
+  """
+  a, b = jnp.asarray(a), jnp.asarray(b)
+  temperature = jnp.asarray(temperature, jnp.float32)
+  index = _batch_index(a.shape[0])
+  layout = Layout(block_size, mirror=True)
+  both_lse = lse_sums(layout, (a, index), (b, index), temperature)
+  matched = jnp.sum(a * b) / temperature
+  return (both_lse - 2.0 * matched) / (2.0 * a.shape[0])

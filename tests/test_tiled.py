@@ -1,0 +1,230 @@
+"""Tiled NT-Xent, SupCon and CLIP against float64 NumPy loops and against the plain losses."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mtcl_jax import losses
+from mtcl_jax.losses import _tiled
+
+LABEL_PATTERNS = {
+    "views": lambda n: np.arange(n) % max(n // 2, 1),  # SimCLR: two views per item (one extra when n is odd)
+    "classes": lambda n: np.random.default_rng(n).integers(0, 4, n),
+    "distinct": lambda n: np.arange(n),  # no positive pair at all
+    "equal": lambda n: np.zeros(n, int),  # no negative at all
+    "singletons": lambda n: np.concatenate([np.zeros(n // 2, int), np.arange(1, n - n // 2 + 1)]),
+    "huge_labels": lambda n: np.where(np.arange(n) % 2 == 0, np.iinfo(np.int32).max, np.iinfo(np.int32).min),
+}
+# (loss, label pattern, rows, block_size): blocks that divide the rows and blocks that do not, one block larger
+# than the batch, one-row blocks; each label pattern at least once per loss.
+CASES = [
+    ("ntxent", "views", 37, 8),
+    ("ntxent", "classes", 20, 64),
+    ("ntxent", "distinct", 24, 8),
+    ("ntxent", "equal", 7, 1),
+    ("ntxent", "singletons", 24, 8),
+    ("ntxent", "huge_labels", 37, 16),
+    ("supcon", "views", 24, 8),
+    ("supcon", "classes", 37, 8),
+    ("supcon", "distinct", 20, 64),
+    ("supcon", "equal", 37, 16),
+    ("supcon", "singletons", 7, 1),
+    ("supcon", "huge_labels", 24, 8),
+]
+CLIP_SHAPES = [(37, 8), (20, 64), (7, 1)]
+
+
+def _unit_rows(seed: int, rows: int, dim: int = 16) -> np.ndarray:
+  x = np.random.default_rng(seed).normal(size=(rows, dim))
+  return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _logits(a: np.ndarray, b: np.ndarray, temperature: float) -> np.ndarray:
+  return np.asarray(a, np.float64) @ np.asarray(b, np.float64).T / temperature
+
+
+def _logsumexp(values: list[float]) -> float:
+  top = max(values)
+  return top + float(np.log(sum(np.exp(v - top) for v in values)))
+
+
+def reference_ntxent(z: np.ndarray, labels: np.ndarray, temperature: float) -> float:
+  logits, n = _logits(z, z, temperature), len(labels)
+  terms = []
+  for i in range(n):
+    negatives = [logits[i, k] for k in range(n) if labels[k] != labels[i]]
+    for j in range(n):
+      if j != i and labels[j] == labels[i]:
+        terms.append(_logsumexp([logits[i, j], *negatives]) - logits[i, j])
+  return float(np.mean(terms)) if terms else 0.0
+
+
+def reference_supcon(z: np.ndarray, labels: np.ndarray, temperature: float) -> float:
+  logits, n = _logits(z, z, temperature), len(labels)
+  per_anchor = []
+  for i in range(n):
+    positives = [p for p in range(n) if p != i and labels[p] == labels[i]]
+    if positives:
+      others = _logsumexp([logits[i, k] for k in range(n) if k != i])
+      per_anchor.append(np.mean([others - logits[i, p] for p in positives]))
+  return float(np.mean(per_anchor)) if per_anchor else 0.0
+
+
+def reference_clip(a: np.ndarray, b: np.ndarray, temperature: float) -> float:
+  logits, n = _logits(a, b, temperature), a.shape[0]
+  a_to_b = np.mean([_logsumexp(list(logits[i])) - logits[i, i] for i in range(n)])
+  b_to_a = np.mean([_logsumexp(list(logits[:, j])) - logits[j, j] for j in range(n)])
+  return float(0.5 * (a_to_b + b_to_a))
+
+
+def _tiled_value_and_grads(fn, *arrays, temperature):
+  """Value and gradients w.r.t. the float arrays and the temperature, under jit."""
+  floats = tuple(i for i, x in enumerate(arrays) if np.issubdtype(np.asarray(x).dtype, np.floating))
+  wrt = (*floats, len(arrays))
+  return jax.jit(jax.value_and_grad(fn, argnums=wrt))(*arrays, jnp.float32(temperature))
+
+
+@pytest.mark.parametrize(("name", "pattern", "rows", "block_size"), CASES)
+def test_tiled_matches_loops_and_plain(name, pattern, rows, block_size):
+  z = _unit_rows(rows, rows)
+  labels = LABEL_PATTERNS[pattern](rows).astype(np.int32)
+  tiled_fn = {"ntxent": _tiled.ntxent_tiled, "supcon": _tiled.supcon_tiled}[name]
+  plain_fn = {"ntxent": losses.ntxent, "supcon": losses.supcon}[name]
+  reference = {"ntxent": reference_ntxent, "supcon": reference_supcon}[name]
+
+  value, (grad_z, grad_temperature) = _tiled_value_and_grads(
+      lambda z, t: tiled_fn(z, labels, t, block_size), z, temperature=0.2
+  )
+  plain_value, (plain_z, plain_temperature) = _tiled_value_and_grads(
+      lambda z, t: plain_fn(z, labels, temperature=t), z, temperature=0.2
+  )
+  np.testing.assert_allclose(value, reference(z, labels, 0.2), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(value, plain_value, rtol=1e-5, atol=1e-6)
+  # Unit rows in: the plain loss normalises again, whose Jacobian at a unit row removes the radial part.
+  radial = np.sum(np.asarray(grad_z) * z, axis=1, keepdims=True) * z
+  np.testing.assert_allclose(np.asarray(grad_z) - radial, plain_z, atol=1e-6)
+  np.testing.assert_allclose(grad_temperature, plain_temperature, rtol=1e-5, atol=1e-6)
+  assert np.all(np.isfinite(grad_z))
+
+
+@pytest.mark.parametrize(("rows", "block_size"), CLIP_SHAPES)
+def test_clip_tiled_matches_loops_and_plain(rows, block_size):
+  a, b = _unit_rows(1, rows), _unit_rows(2, rows)
+  value, (grad_a, grad_b, grad_temperature) = _tiled_value_and_grads(
+      lambda a, b, t: _tiled.clip_tiled(a, b, t, block_size), a, b, temperature=0.07
+  )
+  plain_value, (plain_a, plain_b, plain_temperature) = _tiled_value_and_grads(
+      lambda a, b, t: losses.clip(a, b, temperature=t), a, b, temperature=0.07
+  )
+  np.testing.assert_allclose(value, reference_clip(a, b, 0.07), rtol=1e-5)
+  np.testing.assert_allclose(value, plain_value, rtol=1e-5)
+  for grad, plain, rows_ in ((grad_a, plain_a, a), (grad_b, plain_b, b)):
+    radial = np.sum(np.asarray(grad) * rows_, axis=1, keepdims=True) * rows_
+    np.testing.assert_allclose(np.asarray(grad) - radial, plain, atol=1e-6)
+  np.testing.assert_allclose(grad_temperature, plain_temperature, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["ntxent", "supcon", "task_contrastive"])
+def test_public_block_size_dispatches_to_tiles(name):
+  fn = getattr(losses, name)
+  x = np.random.default_rng(0).normal(size=(30, 8)).astype(np.float32)
+  labels = np.arange(30) % 7
+
+  def value_and_grad(block_size):
+    return jax.jit(jax.value_and_grad(lambda x: fn(x, labels, temperature=0.3, block_size=block_size)))(x)
+
+  (plain, plain_grad), (tiled, tiled_grad) = value_and_grad(None), value_and_grad(8)
+  np.testing.assert_allclose(tiled, plain, rtol=1e-5)
+  np.testing.assert_allclose(tiled_grad, plain_grad, atol=1e-6)
+
+
+def test_public_clip_block_size_dispatches_to_tiles():
+  a, b = np.random.default_rng(0).normal(size=(2, 19, 8)).astype(np.float32)
+  plain = jax.jit(jax.value_and_grad(lambda a: losses.clip(a, b, temperature=0.1)))(a)
+  tiled = jax.jit(jax.value_and_grad(lambda a: losses.clip(a, b, temperature=0.1, block_size=4)))(a)
+  np.testing.assert_allclose(tiled[0], plain[0], rtol=1e-5)
+  np.testing.assert_allclose(tiled[1], plain[1], atol=1e-6)
+
+
+def test_no_positive_pair_is_zero_with_zero_gradient():
+  z = _unit_rows(0, 12)
+  labels = np.arange(12, dtype=np.int32)
+  for fn in (_tiled.ntxent_tiled, _tiled.supcon_tiled):
+    step = jax.jit(jax.value_and_grad(lambda z, t, fn=fn: fn(z, labels, t, 5), argnums=(0, 1)))
+    value, (grad_z, grad_temperature) = step(z, jnp.float32(0.1))
+    assert value == 0.0
+    assert np.all(np.asarray(grad_z) == 0.0) and grad_temperature == 0.0
+
+
+def test_small_temperature_is_finite_and_exact():
+  temperature = 0.005
+  # At τ = 0.005 logits span ±200: every exp must stay max-shifted and every mask multiplication finite.
+  z = _unit_rows(3, 40)
+  labels = np.arange(40, dtype=np.int32) % 20
+  for tiled_fn, reference in ((_tiled.ntxent_tiled, reference_ntxent), (_tiled.supcon_tiled, reference_supcon)):
+    value, grad_z = jax.jit(jax.value_and_grad(lambda z: tiled_fn(z, labels, temperature, 16)))(z)
+    np.testing.assert_allclose(value, reference(z, labels, temperature), rtol=1e-5)
+    assert np.all(np.isfinite(grad_z))
+
+
+def test_permuting_rows_permutes_gradients():
+  z = _unit_rows(4, 21)
+  labels = np.arange(21, dtype=np.int32) % 6
+  order = np.random.default_rng(0).permutation(21)
+  step = jax.jit(jax.value_and_grad(lambda z, labels: _tiled.ntxent_tiled(z, labels, 0.2, 8)))
+  value, grad_z = step(z, labels)
+  permuted_value, permuted_grad = step(z[order], labels[order])
+  np.testing.assert_allclose(permuted_value, value, rtol=1e-5)
+  np.testing.assert_allclose(permuted_grad, np.asarray(grad_z)[order], atol=1e-6)
+
+
+def test_vmap_over_independent_batches():
+  zs = np.stack([_unit_rows(seed, 10) for seed in range(3)])
+  labels = np.arange(10, dtype=np.int32) % 5
+  grad_fn = jax.grad(lambda z: _tiled.supcon_tiled(z, labels, 0.1, 4))
+  batched = jax.jit(jax.vmap(grad_fn))(zs)
+  np.testing.assert_allclose(batched[1], jax.jit(grad_fn)(zs[1]), atol=1e-6)
+
+
+_MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import json, resource, time
+    import jax, jax.numpy as jnp
+    from mtcl_jax import losses
+
+    rows, dim = 131072, 128
+    x = jax.random.normal(jax.random.key(0), (rows, dim))
+    labels = jnp.tile(jnp.arange(rows // 2, dtype=jnp.int32), 2)
+    step = jax.jit(jax.value_and_grad(lambda x: losses.ntxent(x, labels, temperature=0.1, block_size={block})))
+    start = time.perf_counter()
+    value, grad = jax.block_until_ready(step(x))
+    seconds = time.perf_counter() - start
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(json.dumps({{"value": float(value), "finite": bool(jnp.all(jnp.isfinite(grad))),
+                       "seconds": seconds, "peak_rss_gb": peak_gb}}))
+    """
+)
+
+
+@pytest.mark.slow
+def test_131072_rows_fit_in_3_gb():
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  script = _MEMORY_SCRIPT.format(block=512)
+  result = subprocess.run(
+      [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True,
+      cwd=pathlib.Path(__file__).parent.parent,
+  )
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  assert report["finite"] and np.isfinite(report["value"])
+  assert report["peak_rss_gb"] <= 3.0, report
