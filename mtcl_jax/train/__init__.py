@@ -10,6 +10,7 @@ from mtcl_jax.train.config import base_config
 from mtcl_jax.train.config import load_config
 from mtcl_jax.train.config import validate_config
 from mtcl_jax.train.evaluation import extract_features
+from mtcl_jax.train.evaluation import predict_input
 from mtcl_jax.train.evaluation import predict_split
 from mtcl_jax.train.loop import NonFiniteLossError
 from mtcl_jax.train.loop import build_model
@@ -27,6 +28,7 @@ __all__ = [
     "load_config",
     "validate_config",
     "extract_features",
+    "predict_input",
     "predict_split",
     "NonFiniteLossError",
     "build_model",

@@ -18,7 +18,7 @@ from mtcl_jax.train.steps import make_eval_step
 _cached_eval_step = functools.lru_cache(maxsize=8)(make_eval_step)
 
 
-def predict_split(
+def predict_input(
     state_or_params: TrainState | Any,
     model: MultiTaskModel,
     task_data: data.TaskData,
@@ -26,8 +26,10 @@ def predict_split(
     *,
     batch_size: int = 512,
     mesh: Mesh | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-  """Trunk features and head logits of every row of one task's split.
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+  """Trunk features of one task's split, and the logits of every task head that reads the same input.
+
+  One pass over the inputs serves all the tasks built on them (e.g. CelebA's 40 attributes).
 
   Args:
     state_or_params: a :class:`TrainState` or the model variables ``{"params": ...}``.
@@ -38,7 +40,7 @@ def predict_split(
     mesh: the mesh to run on; default every device.
 
   Returns:
-    ``(features [n, F], logits [n, C])`` float32 NumPy arrays, in the split's row order.
+    ``(features [n, F], {task: logits [n, C_task]})`` float32 NumPy arrays in the split's row order.
   """
   params = state_or_params.params if isinstance(state_or_params, TrainState) else state_or_params
   mesh = parallel.make_mesh() if mesh is None else mesh
@@ -51,10 +53,29 @@ def predict_split(
   for batch in data.iterate_split(task_data, split, batch_size):
     valid = batch.pop("valid")
     local = {key: value[rows] for key, value in batch.items()}
-    outputs = multihost_utils.process_allgather(eval_step(params, {name: parallel.shard_batch(local, mesh)}), tiled=True)
-    features.append(np.asarray(outputs[name]["features"])[valid])
-    logits.append(np.asarray(outputs[name]["logits"])[valid])
-  return np.concatenate(features), np.concatenate(logits)
+    outputs = multihost_utils.process_allgather(eval_step(params, {name: parallel.shard_batch(local, mesh)}),
+                                                tiled=True)
+    features.append(np.asarray(outputs[0][name])[valid])
+    logits.append({head: np.asarray(head_logits)[valid] for head, head_logits in outputs[1].items()})
+  return np.concatenate(features), {head: np.concatenate([chunk[head] for chunk in logits]) for head in logits[0]}
+
+
+def predict_split(
+    state_or_params: TrainState | Any,
+    model: MultiTaskModel,
+    task_data: data.TaskData,
+    split: str,
+    *,
+    batch_size: int = 512,
+    mesh: Mesh | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+  """Trunk features and the task's own head logits for every row of its split (see :func:`predict_input`).
+
+  Returns:
+    ``(features [n, F], logits [n, C])`` float32 NumPy arrays, in the split's row order.
+  """
+  features, logits = predict_input(state_or_params, model, task_data, split, batch_size=batch_size, mesh=mesh)
+  return features, logits[task_data.task.name]
 
 
 def extract_features(

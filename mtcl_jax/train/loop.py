@@ -33,7 +33,7 @@ from mtcl_jax.models import MultiTaskModel, TaskInfo
 from mtcl_jax.train import config as config_lib
 from mtcl_jax.train import optim
 from mtcl_jax.train.checkpoint import CHECKPOINT_DIR, Checkpointer
-from mtcl_jax.train.evaluation import predict_split
+from mtcl_jax.train.evaluation import predict_input
 from mtcl_jax.train.state import TrainState, create_train_state
 from mtcl_jax.train.steps import make_train_step
 
@@ -180,40 +180,55 @@ def build_optimizer(config: ml_collections.ConfigDict) -> tuple[Any, list[tuple[
 # --------------------------------------------------------------------------------------------- evaluation
 
 
+def _input_groups(tasks: Sequence[data.TaskData]) -> list[data.TaskData]:
+  """One task per distinct input (dataset): evaluating it yields every head on that input."""
+  first_of_input: dict[str, data.TaskData] = {}
+  for task_data in tasks:
+    first_of_input.setdefault(task_data.task.dataset, task_data)
+  return list(first_of_input.values())
+
+
 def _evaluate_heads(state: TrainState, model: MultiTaskModel, tasks: Sequence[data.TaskData], mesh: Any,
                     batch_size: int) -> dict[str, dict[str, Any]]:
-  results = {}
-  for task_data in tasks:
-    _, logits = predict_split(state, model, task_data, "test", batch_size=batch_size, mesh=mesh)
-    results[task_data.task.name] = evaluation.metrics.classification_report(
-        task_data.test["y"], np.argmax(logits, axis=-1), num_classes=task_data.task.num_classes)
-  return results
+  """Each task head's classification report on the test split."""
+  logits = {}
+  for task_data in _input_groups(tasks):
+    logits.update(predict_input(state, model, task_data, "test", batch_size=batch_size, mesh=mesh)[1])
+  return {t.task.name: evaluation.metrics.classification_report(
+      t.test["y"], np.argmax(logits[t.task.name], axis=-1), num_classes=t.task.num_classes) for t in tasks}
 
 
 def _final_evaluation(state: TrainState, model: MultiTaskModel, tasks: Sequence[data.TaskData], mesh: Any,
                       config: ml_collections.ConfigDict) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-  """Head scores and probe scores per task, and the test features (for the PCA figure)."""
-  results, test_features = {}, {}
+  """Head and probe scores per task, and each input's test features (for the PCA figure)."""
+  batch_size = config.eval.batch_size
+  train_features, test_features, logits = {}, {}, {}
+  for task_data in _input_groups(tasks):
+    dataset = task_data.task.dataset
+    train_features[dataset] = predict_input(state, model, task_data, "train", batch_size=batch_size, mesh=mesh)[0]
+    test_features[dataset], group_logits = predict_input(
+        state, model, task_data, "test", batch_size=batch_size, mesh=mesh)
+    logits.update(group_logits)
+  results = {}
   for task_data in tasks:
-    task = task_data.task
-    train_features, _ = predict_split(state, model, task_data, "train", batch_size=config.eval.batch_size, mesh=mesh)
-    features, logits = predict_split(state, model, task_data, "test", batch_size=config.eval.batch_size, mesh=mesh)
+    task, dataset = task_data.task, task_data.task.dataset
     scores = evaluation.metrics.classification_report(
-        task_data.test["y"], np.argmax(logits, axis=-1), num_classes=task.num_classes)
+        task_data.test["y"], np.argmax(logits[task.name], axis=-1), num_classes=task.num_classes)
     if config.eval.probes:
       scores["probes"] = evaluation.evaluate_task(
-          train_features, task_data.train["y"], features, task_data.test["y"],
+          train_features[dataset], task_data.train["y"], test_features[dataset], task_data.test["y"],
           num_classes=task.num_classes, probes=tuple(config.eval.probes), seed=config.seed)
     results[task.name] = scores
-    test_features[task.name] = features
   return results, test_features
 
 
 def _plot_feature_pca(test_features: Mapping[str, np.ndarray], tasks: Sequence[data.TaskData], max_points: int,
                       seed: int, out_path: pathlib.Path) -> pathlib.Path:
-  features = np.concatenate([test_features[t.task.name] for t in tasks])
-  names = np.concatenate([np.full(t.test["y"].shape[0], t.task.name) for t in tasks])
-  labels = np.concatenate([t.test["y"] for t in tasks])
+  """Test features of each input, coloured by input and by the class of its first task."""
+  groups = _input_groups(tasks)
+  features = np.concatenate([test_features[t.task.dataset] for t in groups])
+  names = np.concatenate([np.full(t.test["y"].shape[0], t.task.dataset) for t in groups])
+  labels = np.concatenate([t.test["y"] for t in groups])
   if features.shape[0] > max_points:
     keep = np.sort(np.random.default_rng(seed).choice(features.shape[0], max_points, replace=False))
     features, names, labels = features[keep], names[keep], labels[keep]

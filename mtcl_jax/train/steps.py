@@ -197,15 +197,22 @@ def make_train_step(
   )
 
 
-def make_eval_step(model: MultiTaskModel, mesh: Mesh) -> Callable[[Any, Batch], dict[str, dict[str, jax.Array]]]:
-  """A jitted ``eval_step(params, batch) -> {task: {"features": [B_t, F], "logits": [B_t, C_t]}}`` over ``mesh``.
+def make_eval_step(
+    model: MultiTaskModel, mesh: Mesh
+) -> Callable[[Any, Batch], tuple[dict[str, jax.Array], dict[str, jax.Array]]]:
+  """A jitted ``eval_step(params, batch) -> (features, logits)`` over ``mesh``.
 
-  ``params`` replicated, ``batch`` and the outputs sharded on ``"data"``.
+  ``batch`` holds any tasks (``{task: {"x", "mask"?}}``); ``features`` are their trunk features ``{task: [B, F]}``
+  and ``logits`` the head outputs ``{task: [B, C_task]}`` of every task that reads the same input as a task in
+  ``batch`` (so one batch of CelebA images gives all 40 attribute heads). ``params`` replicated, ``batch`` and
+  the outputs sharded on ``"data"``.
   """
 
-  def eval_step(params: Any, batch: Batch) -> dict[str, dict[str, jax.Array]]:
-    outputs = model.apply(params, batch)
-    return {name: {"features": outputs["features"][name], "logits": outputs["logits"][name]} for name in batch}
+  def eval_step(params: Any, batch: Batch) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+    features = model.apply(params, batch, method=MultiTaskModel.encode)
+    by_source = {task.source: features[task.name] for task in model.tasks if task.name in batch}
+    head_inputs = {task.name: by_source[task.source] for task in model.tasks if task.source in by_source}
+    return features, model.apply(params, head_inputs, method=MultiTaskModel.classify)
 
   return jax.jit(
       eval_step,

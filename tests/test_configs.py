@@ -1,0 +1,170 @@
+"""Config files and the config system: every config loads, unknown keys are named, TFDS configs run on mocks."""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from etils import epath
+
+from mtcl_jax import data
+from mtcl_jax.train import config as config_lib
+from mtcl_jax.train import train_and_evaluate
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "configs"
+CONFIGS = sorted(CONFIG_DIR.glob("*.py"))
+SHRINK = ["model.stem_width=8", "model.trunk_widths=(16,)", "model.projection_widths=(8,)",
+          "model.image_channels=(4,)", "model.dtype=float32", "data.batch_size=16", "train.num_steps=2",
+          "train.log_every=1", "train.eval_every=0", "train.checkpoint_every=2", "eval.probes=()",
+          "eval.plots=False", "eval.batch_size=16", "optimizer.warmup_steps=0", "train.async_checkpoints=False"]
+
+
+def test_the_expected_configs_exist():
+  assert {"default.py", "smoke.py", "cifar10_supcon.py", "celeb_a_multiattr.py"} <= {p.name for p in CONFIGS}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda path: path.stem)
+def test_every_config_loads_validates_and_documents_its_command(path):
+  config = config_lib.load_config(path)
+  config_lib.validate_config(config)
+  docstring = path.read_text().split('"""')[1]
+  assert f"--config experiments/configs/{path.name}" in docstring
+  assert "Expected" in docstring
+  assert config.is_locked
+
+
+def test_unknown_override_key_is_named_with_a_suggestion():
+  config = config_lib.base_config()
+  with pytest.raises(ValueError, match=r"unknown config key 'train.num_stepz'; did you mean 'train.num_steps'"):
+    config_lib.apply_overrides(config, ["train.num_stepz=3"])
+  with pytest.raises(ValueError, match="unknown config key 'lr'"):
+    config_lib.apply_overrides(config, ["lr=3"])
+
+
+def test_overrides_parse_literals_strings_and_tuples():
+  config = config_lib.apply_overrides(config_lib.base_config(), [
+      "train.num_steps=7", "contrastive.rule=ntxent", "model.trunk_widths=[8, 4]", "eval.probes=knn",
+      "contrastive.clip_tasks=('a', 'b')", "classification.task_weights.digits=2.5", "data.data_dir=/tmp/x"])
+  assert config.train.num_steps == 7
+  assert config.contrastive.rule == "ntxent"
+  assert config.model.trunk_widths == (8, 4)
+  assert config.eval.probes == ("knn",)
+  assert config.contrastive.clip_tasks == ("a", "b")
+  assert config.classification.task_weights.digits == 2.5
+  assert config.data.data_dir == "/tmp/x"
+
+
+def test_bad_override_values_are_named():
+  config = config_lib.base_config()
+  with pytest.raises(ValueError, match="config key 'train.num_steps': cannot set 'many'"):
+    config_lib.apply_overrides(config, ["train.num_steps=many"])
+  with pytest.raises(ValueError, match="not of the form key=value"):
+    config_lib.apply_overrides(config, ["train.num_steps"])
+
+
+def test_a_typo_in_a_config_file_is_named(tmp_path):
+  path = tmp_path / "typo.py"
+  path.write_text("from mtcl_jax.train.config import base_config\n\n"
+                  "def get_config():\n  config = base_config()\n  config.train.num_stepss = 3\n  return config\n")
+  with pytest.raises(ValueError, match="num_stepss"):
+    config_lib.load_config(path)
+  with pytest.raises(ValueError, match="does not exist"):
+    config_lib.load_config(tmp_path / "missing.py")
+
+
+def test_validation_names_the_bad_value():
+  def invalid(*overrides, task_names=None):
+    return config_lib.validate_config(config_lib.apply_overrides(config_lib.base_config(), list(overrides)),
+                                      task_names)
+
+  with pytest.raises(ValueError, match="'contrastive.rule' is 'simclr'"):
+    invalid("contrastive.rule=simclr")
+  with pytest.raises(ValueError, match="pretrain_steps"):
+    invalid("train.schedule=two_stage")
+  with pytest.raises(ValueError, match=r"unknown tasks \['digitz'\]"):
+    invalid("classification.task_weights.digitz=2.0", task_names=["digits"])
+  with pytest.raises(ValueError, match="train.num_steps"):
+    invalid("train.num_steps=0")
+
+
+# ------------------------------------------------------------------------------------------- TFDS mocks
+# TFDS's mock_data patches TFDS's own readers, which mtcl_jax.data does not use (it opens prepared files with
+# builder_from_files), and TFDS image features need TensorFlow to encode. So the mocks are real prepared TFDS
+# datasets with the standard names and the standard feature layout (images as uint8 tensors), written in
+# array_record to a temporary data directory and read through the same path as the real ones.
+
+
+class _MockCifar10(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  name = "cifar10"
+  VERSION = tfds.core.Version("3.0.2")
+  code_path = epath.Path(__file__)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(builder=self, supervised_keys=("image", "label"), features=tfds.features.FeaturesDict({
+        "id": tfds.features.Text(),
+        "image": tfds.features.Tensor(shape=(32, 32, 3), dtype=np.uint8),
+        "label": tfds.features.ClassLabel(names=("airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
+                                                 "horse", "ship", "truck")),
+    }))
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples(48, 0), "test": self._generate_examples(16, 1)}
+
+  def _generate_examples(self, count, seed):
+    rng = np.random.default_rng(seed)
+    for index in range(count):
+      yield index, {"id": f"{seed}_{index}", "image": rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
+                    "label": index % 10}
+
+
+class _MockCelebA(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  name = "celeb_a"
+  VERSION = tfds.core.Version("2.1.0")
+  code_path = epath.Path(__file__)
+  ATTRIBUTES = ("Eyeglasses", "Male", "Smiling")
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "image": tfds.features.Tensor(shape=(24, 20, 3), dtype=np.uint8),
+        "landmarks": tfds.features.FeaturesDict({"lefteye_x": tfds.features.Scalar(dtype=np.int64)}),
+        "attributes": tfds.features.FeaturesDict(
+            {name: tfds.features.Scalar(dtype=np.bool_) for name in self.ATTRIBUTES}),
+    }))
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples(48, 0), "validation": self._generate_examples(16, 1),
+            "test": self._generate_examples(16, 2)}
+
+  def _generate_examples(self, count, seed):
+    rng = np.random.default_rng(seed)
+    for index in range(count):
+      yield index, {"image": rng.integers(0, 256, (24, 20, 3), dtype=np.uint8), "landmarks": {"lefteye_x": 1},
+                    "attributes": {name: bool(rng.integers(2)) for name in self.ATTRIBUTES}}
+
+
+@pytest.mark.parametrize("config_name, builder, expected_tasks", [
+    ("cifar10_supcon", _MockCifar10, ["cifar10"]),
+    ("celeb_a_multiattr", _MockCelebA,
+     ["celeb_a/attributes/Eyeglasses", "celeb_a/attributes/Male", "celeb_a/attributes/Smiling"]),
+])
+def test_tfds_config_runs_on_mock_data(tmp_path, config_name, builder, expected_tasks):
+  data_dir = tmp_path / "tfds"
+  builder(data_dir=str(data_dir), file_format="array_record").download_and_prepare(file_format="array_record")
+  config = config_lib.load_config(CONFIG_DIR / f"{config_name}.py")
+  config_lib.apply_overrides(config, [*SHRINK, f"data.data_dir={data_dir}"])
+  result = train_and_evaluate(config, tmp_path / "run")
+  assert sorted(result["tasks"]) == expected_tasks
+  for scores in result["tasks"].values():
+    assert 0 <= scores["accuracy"] <= 100 and 0 <= scores["macro_f1"] <= 100
+  assert (tmp_path / "run" / "report.json").exists()
+  assert (tmp_path / "run" / "checkpoints" / "2").is_dir()
+
+
+def test_tfds_config_without_data_raises_the_data_layers_error(tmp_path):
+  config = config_lib.load_config(CONFIG_DIR / "cifar10_supcon.py")
+  config_lib.apply_overrides(config, [f"data.data_dir={tmp_path}"])
+  with pytest.raises(data.DatasetNotPreparedError, match="'cifar10' is not prepared"):
+    train_and_evaluate(config, tmp_path / "run")
+  assert not (tmp_path / "run" / "checkpoints").exists()
