@@ -4,7 +4,8 @@ The rows of the contrastive loss are the batch's *items*: one row per row of eac
 has its own input (digits images, vowel recordings, ...) and the items are simply every task's rows; tasks
 that share an input (several label heads on one dataset) contribute each item once, as a group. Every rule sees
 the global batch: the groups' projections are concatenated in task order into ``z [N, P]``, whatever the
-number of devices.
+number of devices. This module builds the rows, labels and pairs; ``mtcl_jax.train.steps`` computes the loss on
+them, replicated or with ``mtcl_jax.losses._sharded``.
 
 ==================  ==================================================================================
 rule                positives of a row
@@ -27,9 +28,6 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from mtcl_jax import losses, pairs
-
-GROUP_RULES: tuple[str, ...] = ("supcon", "task_contrastive", "binary_infonce")
-
 
 def concat_groups(per_group: Mapping[str, jax.Array], order: Sequence[str]) -> jax.Array:
   """Concatenates per-group arrays along the batch axis in ``order``."""
@@ -87,100 +85,66 @@ def class_paired_rows(
   return rows_a.astype(jnp.int32), rows_b.astype(jnp.int32), jnp.any(has_partner)
 
 
-def clip_by_class(
-    key: jax.Array,
-    projections_a: jax.Array,
-    labels_a: jax.Array,
-    projections_b: jax.Array,
-    labels_b: jax.Array,
-    *,
-    temperature: ArrayLike,
-    num_pairs: int,
-    block_size: int | None = None,
-) -> jax.Array:
-  """CLIP between two tasks' rows paired by class (:func:`class_paired_rows`); 0 if they share no class.
-
-  Args:
-    key: this step's key.
-    projections_a: ``[B_a, P]`` task A's embeddings.
-    labels_a: ``[B_a]`` task A's classes.
-    projections_b: ``[B_b, P]`` task B's embeddings.
-    labels_b: ``[B_b]`` task B's classes.
-    temperature: τ, possibly traced.
-    num_pairs: pairs per step.
-    block_size: tiled computation.
-
-  Returns:
-    float32 scalar.
-  """
-  rows_a, rows_b, matched = class_paired_rows(key, labels_a, labels_b, num_pairs=num_pairs)
-  loss = losses.clip(projections_a[rows_a], projections_b[rows_b], temperature=temperature, block_size=block_size)
-  # Batches with no class in common give no pairs to learn from: no loss, no gradient.
-  return jnp.where(matched, loss, 0.0)
-
-
-def contrastive_loss(
+def group_rows(
     rule: str,
     projections: Mapping[str, jax.Array],
     labels: Mapping[str, jax.Array],
     group_ids: Mapping[str, jax.Array],
     *,
     order: Sequence[str],
-    key: jax.Array,
-    temperature: ArrayLike,
     num_classes: int,
-    block_size: int | None = None,
-    num_triplets: int = 256,
-) -> jax.Array:
-  """The ``supcon``, ``task_contrastive`` or ``binary_infonce`` term over every group's items.
+) -> tuple[jax.Array, jax.Array]:
+  """The rows and labels of the SupCon-family rules over every group's items.
 
   Args:
-    rule: one of :data:`GROUP_RULES`.
-    projections: ``{group: [B_g, P]}`` float32 (replicated: the loss needs the global batch).
+    rule: ``"supcon"`` (positives share the group and the item label: task × class) or ``"task_contrastive"``
+      (positives share the group: the classic rule, which is SupCon with task ids as labels).
+    projections: ``{group: [B_g, P]}`` float32.
     labels: ``{group: [B_g]}`` item labels (:func:`item_labels`).
     group_ids: ``{group: [B_g]}`` the group's id on every row (the task id when a task has its own input).
     order: group names in task-id order.
-    key: this step's key (binary_infonce samples with it).
-    temperature: τ, possibly traced (learned).
-    num_classes: an upper bound on every group's labels (for task × class labels).
-    block_size: tiled computation for supcon and task_contrastive.
-    num_triplets: binary_infonce's triplets per step.
+    num_classes: an upper bound on every group's item labels.
 
   Returns:
-    float32 scalar.
+    ``(z [N, P], labels [N])`` for ``losses.supcon``.
   """
   z = concat_groups(projections, order)
   ids = concat_groups(group_ids, order)
   if rule == "supcon":
-    composite = pairs.task_class_labels(ids, concat_groups(labels, order), num_classes=num_classes)
-    return losses.supcon(z, composite, temperature=temperature, block_size=block_size)
+    return z, pairs.task_class_labels(ids, concat_groups(labels, order), num_classes=num_classes)
   if rule == "task_contrastive":
-    return losses.task_contrastive(z, ids, temperature=temperature, block_size=block_size)
-  if rule == "binary_infonce":
-    anchor, positive, negative = pairs.sample_triplets(key, ids, num_triplets=num_triplets)
-    return jnp.mean(losses.binary_infonce(z[anchor], z[positive], z[negative], temperature=temperature))
-  raise ValueError(f"contrastive_loss handles the rules {GROUP_RULES}; got {rule!r}")
+    return z, ids
+  raise ValueError(f"group_rows handles 'supcon' and 'task_contrastive'; got {rule!r}")
 
 
-def ntxent_over_views(
-    view_projections: Sequence[Mapping[str, jax.Array]],
-    *,
-    order: Sequence[str],
-    temperature: ArrayLike,
-    block_size: int | None = None,
-) -> jax.Array:
-  """NT-Xent over augmented views: row ``v * N + i`` is view ``v`` of item ``i`` (all groups' items together).
+def view_rows(view_projections: Sequence[Mapping[str, jax.Array]], *, order: Sequence[str]) -> tuple[jax.Array, jax.Array]:
+  """The rows and labels of NT-Xent over augmented views: row ``v * N + i`` is view ``v`` of item ``i``.
 
   Args:
     view_projections: one ``{group: [B_g, P]}`` per view, the same items in the same order in each.
     order: group names in task-id order.
-    temperature: τ, possibly traced.
-    block_size: tiled computation.
 
   Returns:
-    float32 scalar.
+    ``(z [V * N, P], labels [V * N])`` for ``losses.ntxent`` (``pairs.view_labels``).
   """
   z = jnp.concatenate([concat_groups(view, order) for view in view_projections], axis=0)
-  num_items = z.shape[0] // len(view_projections)
-  labels = pairs.view_labels(num_items, len(view_projections))
-  return losses.ntxent(z, labels, temperature=temperature, block_size=block_size)
+  return z, pairs.view_labels(z.shape[0] // len(view_projections), len(view_projections))
+
+
+def binary_infonce_loss(
+    key: jax.Array, z: jax.Array, group_ids: jax.Array, *, temperature: ArrayLike, num_triplets: int
+) -> jax.Array:
+  """The classic rule, literally: InfoNCE of sampled (anchor, same-task positive, other-task negative) triples.
+
+  Args:
+    key: this step's key.
+    z: ``[N, P]`` every group's rows.
+    group_ids: ``[N]`` task (group) id of each row.
+    temperature: τ, possibly traced.
+    num_triplets: triples per step (``pairs.sample_triplets``).
+
+  Returns:
+    float32 scalar, the mean over the triples.
+  """
+  anchor, positive, negative = pairs.sample_triplets(key, group_ids, num_triplets=num_triplets)
+  return jnp.mean(losses.binary_infonce(z[anchor], z[positive], z[negative], temperature=temperature))

@@ -2,8 +2,9 @@
 
 ``train_step(state, batch) -> (state, metrics)`` is pure: the state is donated and a new one returned. The
 contrastive loss sees the global batch: with ``contrastive.distributed = "replicate"`` the projections are
-resharded to replicated before the loss (XLA all-gathers them); ``"all_gather"`` and ``"ring"`` use
-``mtcl_jax.losses._sharded.sharded_loss`` inside ``shard_map``.
+resharded to replicated before the loss (XLA all-gathers them); ``"all_gather"`` and ``"ring"`` leave them sharded
+and call ``mtcl_jax.losses._sharded.sharded_loss``, which exchanges rows between devices inside ``shard_map``
+(NT-Xent, SupCon and CLIP; binary InfoNCE draws a few triples and always gathers them).
 
 Stages: ``"joint"`` trains everything on the weighted sum of the contrastive loss and the per-task
 cross-entropies; two-stage training runs ``"pretrain"`` (contrastive loss only) and then ``"heads"``
@@ -22,8 +23,9 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from mtcl_jax import parallel
+from mtcl_jax import losses, parallel
 from mtcl_jax.data import augment
+from mtcl_jax.losses import _sharded
 from mtcl_jax.models import MultiTaskModel
 from mtcl_jax.train import objectives
 from mtcl_jax.train.state import TrainState
@@ -98,40 +100,49 @@ def make_loss_fn(
         views[view][name] = {"x": stacked[view], **({"mask": task_batch["mask"]} if "mask" in task_batch else {})}
     return views
 
+  def pairwise_loss(loss: str, temperature: jax.Array, rows: jax.Array, labels: jax.Array | None = None,
+                    paired: jax.Array | None = None) -> jax.Array:
+    """NT-Xent / SupCon over ``rows`` and ``labels``, or CLIP between ``rows`` and ``paired``, on the global batch."""
+    if contrastive.distributed == "replicate":
+      rows, labels, paired = gather((rows, labels, paired))
+      if loss == "clip":
+        return losses.clip(rows, paired, temperature=temperature, block_size=contrastive.block_size)
+      loss_fn = {"ntxent": losses.ntxent, "supcon": losses.supcon}[loss]
+      return loss_fn(rows, labels, temperature=temperature, block_size=contrastive.block_size)
+    return _sharded.sharded_loss(rows, labels, mesh=mesh, loss=loss, strategy=contrastive.distributed,
+                                 temperature=temperature, block_size=contrastive.block_size, b=paired)
+
   def contrastive_term(params: Any, outputs: Mapping[str, Any], key: jax.Array, temperature: jax.Array,
                        batch: Batch) -> jax.Array:
     if contrastive.rule == "ntxent":
       view_projections = [
           model.apply(params, view_batch, method=_encode_and_project) for view_batch in augmented_views(key, batch)
       ]
-      return objectives.ntxent_over_views(
-          gather(view_projections), order=representatives, temperature=temperature,
-          block_size=contrastive.block_size)
+      return pairwise_loss("ntxent", temperature, *objectives.view_rows(view_projections, order=representatives))
     if contrastive.rule == "clip":
       task_a, task_b = clip_tasks
       num_pairs = contrastive.num_pairs or min(batch[task_a]["y"].shape[0], batch[task_b]["y"].shape[0])
       projections_a, labels_a, projections_b, labels_b = gather((
           outputs["projection"][task_a], batch[task_a]["y"], outputs["projection"][task_b], batch[task_b]["y"]))
-      return objectives.clip_by_class(
-          key, projections_a, labels_a, projections_b, labels_b, temperature=temperature, num_pairs=num_pairs,
-          block_size=contrastive.block_size)
+      rows_a, rows_b, matched = objectives.class_paired_rows(key, labels_a, labels_b, num_pairs=num_pairs)
+      loss = pairwise_loss("clip", temperature, projections_a[rows_a], paired=projections_b[rows_b])
+      # Batches with no class in common give no pairs to learn from: no loss, no gradient.
+      return jnp.where(matched, loss, 0.0)
+    projections = {rep: outputs["projection"][rep] for rep in representatives}
+    group_ids = gather({rep: batch[rep]["task_id"] for rep in representatives})
+    if contrastive.rule == "binary_infonce":
+      return objectives.binary_infonce_loss(
+          key, gather(objectives.concat_groups(projections, representatives)),
+          objectives.concat_groups(group_ids, representatives), temperature=temperature,
+          num_triplets=contrastive.num_triplets)
     labels = {rep: objectives.item_labels(gather([batch[name]["y"] for name in members]))
               for rep, members in zip(representatives, groups.values())}
     # Task x class labels need a bound on every group's labels: its class count, or its rows for a group.
     label_bound = max(num_classes[rep] if len(members) == 1 else batch[rep]["y"].shape[0]
                       for rep, members in zip(representatives, groups.values()))
-    return objectives.contrastive_loss(
-        contrastive.rule,
-        gather({rep: outputs["projection"][rep] for rep in representatives}),
-        gather(labels),
-        gather({rep: batch[rep]["task_id"] for rep in representatives}),
-        order=representatives,
-        key=key,
-        temperature=temperature,
-        num_classes=label_bound,
-        block_size=contrastive.block_size,
-        num_triplets=contrastive.num_triplets,
-    )
+    rows, row_labels = objectives.group_rows(contrastive.rule, projections, labels, group_ids,
+                                             order=representatives, num_classes=label_bound)
+    return pairwise_loss("supcon", temperature, rows, row_labels)
 
   def loss_fn(trainable: tuple[Any, jax.Array | None], step_key: jax.Array, batch: Batch) -> tuple[jax.Array, Metrics]:
     params, log_temperature = trainable
