@@ -140,6 +140,7 @@ class Tile(NamedTuple):
   column: Rows  # one block
   logits: jax.Array  # [anchor block, column block]: cosine similarity / temperature
   mirror: jax.Array | float  # 1.0 where the column rows take this tile as anchors too, else 0.0
+  diagonal: jax.Array | bool  # the column block is the anchor block itself (symmetric layout)
 
   def update_columns(self, old: Any, new: Any) -> Any:
     """The column rows' ``new`` state where this tile counts for them, else ``old``.
@@ -215,6 +216,10 @@ def _put(tree: Any, block: Any, i: jax.Array) -> Any:
   return jax.tree.map(lambda x, b: lax.dynamic_update_index_in_dim(x, b, i, 0), tree, block)
 
 
+def tile_logits(anchor: Rows, column: Rows, inv_temperature: jax.Array) -> jax.Array:
+  return (anchor.embeddings * inv_temperature) @ column.embeddings.T
+
+
 def _local_sweep(
     tile_fn: TileFn,
     anchors: Rows,
@@ -224,6 +229,7 @@ def _local_sweep(
     *,
     symmetric: bool,
     mirror: bool,
+    resident_logits: jax.Array | None = None,
 ) -> tuple[Any, Any]:
   num_anchor_blocks, num_column_blocks = anchors.index.shape[0], columns.index.shape[0]
   if symmetric:
@@ -236,11 +242,16 @@ def _local_sweep(
     anchor_state, column_state = carry
     i, k = anchor_ids[t], column_ids[t]
     anchor, column = anchors.block(i), columns.block(k)
-    logits = (anchor.embeddings * inv_temperature) @ column.embeddings.T
-    # A diagonal tile of the symmetric layout holds both directions of each of its pairs already.
-    tile_mirror = (i != k).astype(jnp.float32) if symmetric else float(mirror)
+    logits = tile_logits(anchor, column, inv_temperature) if resident_logits is None else resident_logits
+    if not symmetric:
+      mirror_here, diagonal = float(mirror), False
+    elif num_anchor_blocks == 1:
+      mirror_here, diagonal = 0.0, True
+    else:
+      # A diagonal tile of the symmetric layout holds both directions of each of its pairs already.
+      mirror_here, diagonal = (i != k).astype(jnp.float32), i == k
     anchor_block, column_block = tile_fn(
-        Tile(anchor, column, logits, tile_mirror), _take(anchor_state, i), _take(column_state, k)
+        Tile(anchor, column, logits, mirror_here, diagonal), _take(anchor_state, i), _take(column_state, k)
     )
     return _put(anchor_state, anchor_block, i), _put(column_state, column_block, k)
 
@@ -282,12 +293,17 @@ def sweep(
     columns: Rows,
     carry: tuple[Any, Any],
     inv_temperature: jax.Array,
+    resident_logits: jax.Array | None = None,
 ) -> tuple[Any, Any]:
-  """Runs ``tile_fn`` over every tile of ``anchors × columns`` as ``layout`` says; returns the final carry."""
+  """Runs ``tile_fn`` over every tile of ``anchors × columns`` as ``layout`` says; returns the final carry.
+
+  ``resident_logits`` are the logits of the only tile, when :func:`resident_logits` kept them.
+  """
   carry = vary_like(carry, anchors.embeddings)
   if layout.axis_name is None:
     return _local_sweep(
-        tile_fn, anchors, columns, carry, inv_temperature, symmetric=layout.symmetric, mirror=layout.mirror
+        tile_fn, anchors, columns, carry, inv_temperature, symmetric=layout.symmetric, mirror=layout.mirror,
+        resident_logits=resident_logits,
     )
   return _ring_sweep(
       tile_fn, anchors, columns, carry, inv_temperature, mirror=layout.mirror, axis_name=layout.axis_name
@@ -311,6 +327,17 @@ def _blocks(layout: Layout, anchor_arrays: tuple, column_arrays: tuple | None) -
   return anchors, anchors if column_arrays is None else rows(column_arrays)
 
 
+def resident_logits(layout: Layout, anchors: Rows, columns: Rows, inv_temperature: jax.Array) -> jax.Array | None:
+  """The logits of the whole matrix when it is a single tile, else None.
+
+  One tile is O(block²) memory, which the sweeps may hold anyway, so every pass and the backward share it rather
+  than each computing it again.
+  """
+  if layout.axis_name is not None or anchors.index.shape[0] > 1 or columns.index.shape[0] > 1:
+    return None
+  return tile_logits(anchors.block(0), columns.block(0), inv_temperature)
+
+
 def _mirrors(layout: Layout, anchors: Rows) -> bool:
   """Whether the column rows need state of their own: a mirroring layout with some off-diagonal tile."""
   if layout.symmetric:
@@ -330,10 +357,22 @@ def _gradient_tile(coupling_fn: Callable[[Tile, Any, Any], jax.Array]) -> TileFn
 
   def tile_fn(tile: Tile, anchor: _Gradients, column: _Gradients) -> tuple[_Gradients, _Gradients]:
     coupling = coupling_fn(tile, anchor.stats, column.stats)
-    return (
-        anchor._replace(grad=anchor.grad + coupling @ tile.column.embeddings),
-        column._replace(grad=column.grad + coupling.T @ tile.anchor.embeddings),
-    )
+
+    def both_sides(grads: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+      anchor_grad, column_grad = grads
+      return anchor_grad + coupling @ tile.column.embeddings, column_grad + coupling.T @ tile.anchor.embeddings
+
+    def same_rows(grads: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+      # Both sides are the same rows: one product with G + Gᵀ instead of two.
+      anchor_grad, column_grad = grads
+      return anchor_grad + (coupling + coupling.T) @ tile.anchor.embeddings, column_grad
+
+    grads = (anchor.grad, column.grad)
+    if isinstance(tile.diagonal, bool):
+      anchor_grad, column_grad = (same_rows if tile.diagonal else both_sides)(grads)
+    else:
+      anchor_grad, column_grad = lax.cond(tile.diagonal, same_rows, both_sides, grads)
+    return anchor._replace(grad=anchor_grad), column._replace(grad=column_grad)
 
   return tile_fn
 
@@ -347,18 +386,23 @@ def _backward_sweep(
     column_stats: Any,
     temperature: jax.Array,
     value_cotangent: jax.Array,
+    logits: jax.Array | None,
 ) -> tuple[tuple, tuple | None, jax.Array]:
-  """Recomputes every tile, accumulates ``Σ_k dLoss/dL_ik · c_k`` per row; returns the custom_vjp cotangents."""
+  """Recomputes every tile (or reuses the resident one), accumulates ``Σ_k dLoss/dL_ik · c_k`` per row; returns the custom_vjp cotangents."""
   anchors, columns = _blocks(layout, anchor_arrays, column_arrays)
   dim = anchors.embeddings.shape[2]
   carry = (_Gradients(anchor_stats, _zeros(anchors, dim)), _Gradients(column_stats, _zeros(columns, dim)))
   anchor_side, column_side = sweep(
-      layout, _gradient_tile(coupling_fn), anchors, columns, carry, 1.0 / temperature
+      layout, _gradient_tile(coupling_fn), anchors, columns, carry, 1.0 / temperature, logits
   )
-  # L_ik = a_i·c_k / τ: each gradient row picks up 1/τ, and Σ_ik dLoss/dL_ik · L_ik = Σ_i a_i · grad_i / τ
-  # gives dLoss/dτ = -that / τ without ever forming the similarities again.
+  # L_ik = a_i·c_k / τ: each gradient row picks up 1/τ, and Σ_ik dLoss/dL_ik · L_ik gives dLoss/dτ = -that / τ.
+  # It is Σ_i a_i · grad_i / τ over the anchor side, or half that over both sides when they are the same rows
+  # (a diagonal tile puts both of its directions on the anchor side).
   scale = value_cotangent / temperature
-  logit_total = jnp.sum(anchors.embeddings * anchor_side.grad) / temperature
+  if column_arrays is None:
+    logit_total = 0.5 * jnp.sum(anchors.embeddings * (anchor_side.grad + column_side.grad)) / temperature
+  else:
+    logit_total = jnp.sum(anchors.embeddings * anchor_side.grad) / temperature
   temperature_cotangent = -value_cotangent * logit_total / temperature
   no_labels = (None,) * (len(anchor_arrays) - 1)
   anchor_grad = anchor_side.grad
@@ -451,10 +495,11 @@ def _ntxent_forward(layout: Layout, anchor_arrays, column_arrays, temperature):
   anchors, columns = _blocks(layout, anchor_arrays, column_arrays)
   inv_temperature = 1.0 / temperature
   mirror = _mirrors(layout, anchors)
+  logits = resident_logits(layout, anchors, columns, inv_temperature)
 
   # Pass 1: each anchor's log-sum-exp over its negatives.
   carry = (lse_init(anchors), lse_init(columns) if mirror else None)
-  anchor_lse, column_lse = sweep(layout, _negatives_tile, anchors, columns, carry, inv_temperature)
+  anchor_lse, column_lse = sweep(layout, _negatives_tile, anchors, columns, carry, inv_temperature, logits)
   if mirror:
     anchor_lse = lse_merge(anchor_lse, column_lse)
   negatives_lse = lse_value(anchor_lse)
@@ -464,21 +509,22 @@ def _ntxent_forward(layout: Layout, anchor_arrays, column_arrays, temperature):
     return _NtxentTerms(negatives_lse, _zeros(anchors), _zeros(anchors), _zeros(anchors))
 
   carry = (fresh_terms(), fresh_terms() if mirror else None)
-  terms, column_terms = sweep(layout, _positives_tile, anchors, columns, carry, inv_temperature)
+  terms, column_terms = sweep(layout, _positives_tile, anchors, columns, carry, inv_temperature, logits)
   if mirror:
     terms = _NtxentTerms(negatives_lse, *(a + b for a, b in zip(terms[1:], column_terms[1:], strict=True)))
   sums = (jnp.sum(terms.value), jnp.sum(terms.count))
-  return sums, (anchor_arrays, column_arrays, temperature, negatives_lse, terms.weight)
+  return sums, (anchor_arrays, column_arrays, temperature, logits, negatives_lse, terms.weight)
 
 
 def _ntxent_backward(layout: Layout, residuals, cotangents):
-  anchor_arrays, column_arrays, temperature, negatives_lse, weight = residuals
+  anchor_arrays, column_arrays, temperature, logits, negatives_lse, weight = residuals
   value_cotangent, _ = cotangents
   anchors, _ = _blocks(layout, anchor_arrays, column_arrays)
   stats = (negatives_lse, weight)
   column_stats = stats if _mirrors(layout, anchors) else None
   return _backward_sweep(
-      layout, _ntxent_coupling, anchor_arrays, column_arrays, stats, column_stats, temperature, value_cotangent
+      layout, _ntxent_coupling, anchor_arrays, column_arrays, stats, column_stats, temperature, value_cotangent,
+      logits,
   )
 
 
@@ -556,14 +602,16 @@ def _supcon_coupling(tile: Tile, anchor_stats, column_stats) -> jax.Array:
 
 def _supcon_forward(layout: Layout, anchor_arrays, column_arrays, temperature):
   anchors, columns = _blocks(layout, anchor_arrays, column_arrays)
+  inv_temperature = 1.0 / temperature
   mirror = _mirrors(layout, anchors)
+  logits = resident_logits(layout, anchors, columns, inv_temperature)
 
   # One pass: log-sum-exp over all other rows, with the sum and count of the positive logits beside it.
   def fresh_terms(rows: Rows) -> _SupconTerms:
     return _SupconTerms(lse_init(rows), _zeros(rows), _zeros(rows))
 
   carry = (fresh_terms(anchors), fresh_terms(columns) if mirror else None)
-  terms, column_terms = sweep(layout, _supcon_tile, anchors, columns, carry, 1.0 / temperature)
+  terms, column_terms = sweep(layout, _supcon_tile, anchors, columns, carry, inv_temperature, logits)
   if mirror:
     terms = _SupconTerms(
         lse_merge(terms.lse, column_terms.lse),
@@ -575,16 +623,17 @@ def _supcon_forward(layout: Layout, anchor_arrays, column_arrays, temperature):
   positive_share = has_positive / jnp.maximum(terms.count, 1.0)
   per_anchor = jnp.where(terms.count > 0, all_lse - positive_share * terms.positive_logits, 0.0)
   sums = (jnp.sum(per_anchor), jnp.sum(has_positive))
-  return sums, (anchor_arrays, column_arrays, temperature, (all_lse, has_positive, positive_share))
+  return sums, (anchor_arrays, column_arrays, temperature, logits, (all_lse, has_positive, positive_share))
 
 
 def _supcon_backward(layout: Layout, residuals, cotangents):
-  anchor_arrays, column_arrays, temperature, stats = residuals
+  anchor_arrays, column_arrays, temperature, logits, stats = residuals
   value_cotangent, _ = cotangents
   anchors, _ = _blocks(layout, anchor_arrays, column_arrays)
   column_stats = stats if _mirrors(layout, anchors) else None
   return _backward_sweep(
-      layout, _supcon_coupling, anchor_arrays, column_arrays, stats, column_stats, temperature, value_cotangent
+      layout, _supcon_coupling, anchor_arrays, column_arrays, stats, column_stats, temperature, value_cotangent,
+      logits,
   )
 
 
@@ -631,20 +680,23 @@ def _lse_coupling(tile: Tile, anchor_lse, column_lse) -> jax.Array:
 
 def _lse_forward(layout: Layout, anchor_arrays, column_arrays, temperature):
   anchors, columns = _blocks(layout, anchor_arrays, column_arrays)
+  inv_temperature = 1.0 / temperature
+  logits = resident_logits(layout, anchors, columns, inv_temperature)
   carry = (lse_init(anchors), lse_init(columns) if layout.mirror else None)
-  anchor_lse, column_lse = sweep(layout, _lse_tile, anchors, columns, carry, 1.0 / temperature)
+  anchor_lse, column_lse = sweep(layout, _lse_tile, anchors, columns, carry, inv_temperature, logits)
   anchor_lse = lse_value(anchor_lse)
   total = jnp.sum(anchors.valid * anchor_lse)
   if layout.mirror:
     column_lse = lse_value(column_lse)
     total = total + jnp.sum(columns.valid * column_lse)
-  return total, (anchor_arrays, column_arrays, temperature, anchor_lse, column_lse)
+  return total, (anchor_arrays, column_arrays, temperature, logits, anchor_lse, column_lse)
 
 
 def _lse_backward(layout: Layout, residuals, value_cotangent):
-  anchor_arrays, column_arrays, temperature, anchor_lse, column_lse = residuals
+  anchor_arrays, column_arrays, temperature, logits, anchor_lse, column_lse = residuals
   return _backward_sweep(
-      layout, _lse_coupling, anchor_arrays, column_arrays, anchor_lse, column_lse, temperature, value_cotangent
+      layout, _lse_coupling, anchor_arrays, column_arrays, anchor_lse, column_lse, temperature, value_cotangent,
+      logits,
   )
 
 
