@@ -86,12 +86,14 @@ def _pair_masks(
   return positive, negative
 
 
-def _float_ids(labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Labels as dense float ids (exact in float32 up to 2²⁴ rows), and the number of positive pairs."""
+def _label_stats(labels: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """From one sort: labels as dense float ids (exact in float32 up to 2²⁴ rows), whether each row has a
+  negative, and the number of ordered positive pairs."""
   ordered = jnp.sort(labels)
   first = jnp.searchsorted(ordered, labels)
   same_label = jnp.searchsorted(ordered, labels, side="right") - first
-  return first.astype(jnp.float32), jnp.sum(same_label - 1).astype(jnp.float32)
+  has_negative = (same_label < labels.shape[0]).astype(jnp.float32)
+  return first.astype(jnp.float32), has_negative, jnp.sum(same_label - 1).astype(jnp.float32)
 
 
 def _forward_slab(scaled_slab, slab_ids, slab_rows, z, ids, rows):
@@ -130,7 +132,7 @@ def _backward_slab(logits, slab_ids, slab_rows, slab_lse, slab_weight, z, ids, r
 def _ntxent_fwd(z: jax.Array, labels: jax.Array, temperature: jax.Array):
   num_rows = z.shape[0]
   slab_rows = max(1, min(num_rows, _SLAB_ENTRIES // num_rows))
-  ids, num_pairs = _float_ids(labels)
+  ids, has_negative, num_pairs = _label_stats(labels)
   rows = jnp.arange(num_rows, dtype=jnp.float32)
   # 1/τ scales z, not the [N, N] logits.
   slabs = [_split_rows(x, slab_rows) for x in (z / temperature, ids, rows)]
@@ -140,7 +142,9 @@ def _ntxent_fwd(z: jax.Array, labels: jax.Array, temperature: jax.Array):
       _join_rows(full[i], None if remainder is None else remainder[i]) for i in (1, 2, 3)
   )
   num_pairs = jnp.maximum(num_pairs, 1.0)
-  return jnp.sum(loss_per_row) / num_pairs, (z, ids, temperature, logits, lse, weight, num_pairs)
+  # A row without negatives has p_ij = 1: its pairs cost exactly 0 (the capped exp leaves ~1e-26).
+  loss = jnp.sum(has_negative * loss_per_row) / num_pairs
+  return loss, (z, ids, temperature, logits, lse, weight, num_pairs)
 
 
 def _ntxent_bwd(residuals, cotangent):

@@ -1,0 +1,173 @@
+"""What every loss promises: the public names, input validation, float32 results, finite values and
+gradients at the extremes (identical or zero vectors, τ = 0.01, bfloat16), and the docstring examples."""
+
+from __future__ import annotations
+
+import doctest
+
+import hypothesis
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import strategies as st
+
+from mtcl_jax import losses
+from mtcl_jax.losses import _clip, _infonce, _margin, _ntxent
+
+PUBLIC = (
+    "binary_infonce",
+    "clip",
+    "margin_contrastive",
+    "ntxent",
+    "sigmoid_pairwise",
+    "supcon",
+    "task_contrastive",
+    "triplet_margin",
+)
+
+NUM_ROWS = 8
+LABELS = np.array([0, 0, 1, 1, 2, 2, 3, 4])
+
+
+def _scalar_losses(x: jax.Array, temperature: jax.Array) -> dict[str, jax.Array]:
+  """Every loss on inputs built from one [NUM_ROWS, D] array, reduced to a scalar."""
+  partner = jnp.roll(x, 1, axis=0)
+  negatives = jnp.stack([jnp.roll(x, 2, axis=0), jnp.roll(x, 3, axis=0)], axis=1)
+  same = jnp.arange(NUM_ROWS) % 2 == 0
+  return {
+      "binary_infonce": jnp.mean(losses.binary_infonce(x, partner, negatives, temperature=temperature)),
+      "ntxent": losses.ntxent(x, LABELS, temperature=temperature),
+      "supcon": losses.supcon(x, LABELS, temperature=temperature),
+      "task_contrastive": losses.task_contrastive(x, LABELS % 2, temperature=temperature),
+      "clip": losses.clip(x, partner, temperature=temperature),
+      "sigmoid_pairwise": losses.sigmoid_pairwise(x, partner, temperature=temperature),
+      "margin_contrastive": jnp.mean(losses.margin_contrastive(x, partner, same)),
+      "triplet_all": losses.triplet_margin(x, LABELS),
+      "triplet_batch_hard": losses.triplet_margin(x, LABELS, mining="batch_hard"),
+      "triplet_semi_hard": losses.triplet_margin(x, LABELS, mining="semi_hard"),
+      "triplet_cosine": losses.triplet_margin(x, LABELS, metric="cosine"),
+  }
+
+
+@jax.jit
+def _values_and_grads(x, temperature):
+  values = _scalar_losses(x, temperature)
+  grads = {
+      name: jax.grad(lambda x, name=name: _scalar_losses(x, temperature)[name])(x) for name in values
+  }
+  return values, grads
+
+
+def _assert_finite(x: np.ndarray, temperature: float):
+  values, grads = _values_and_grads(jnp.asarray(x), jnp.float32(temperature))
+  for name, value in values.items():
+    assert value.dtype == jnp.float32, name
+    assert np.isfinite(value), f"{name}: value {value}"
+    assert grads[name].dtype == x.dtype, name
+    assert np.all(np.isfinite(np.asarray(grads[name], np.float32))), f"{name}: gradient {grads[name]}"
+
+
+def test_public_names_are_exported():
+  assert tuple(sorted(losses.__all__)) == PUBLIC
+  for name in PUBLIC:
+    assert callable(getattr(losses, name))
+
+
+EXTREMES = {
+    "identical rows": lambda rng: np.tile(rng.normal(size=(1, 4)), (NUM_ROWS, 1)),
+    "zero rows": lambda rng: np.zeros((NUM_ROWS, 4)),
+    "some zero rows": lambda rng: rng.normal(size=(NUM_ROWS, 4)) * (np.arange(NUM_ROWS) % 3 > 0)[:, None],
+    "huge values": lambda rng: rng.normal(size=(NUM_ROWS, 4)) * 1e15,
+    "tiny values": lambda rng: rng.normal(size=(NUM_ROWS, 4)) * 1e-30,
+    "random": lambda rng: rng.normal(size=(NUM_ROWS, 4)),
+}
+
+
+@pytest.mark.parametrize("extreme", sorted(EXTREMES))
+@pytest.mark.parametrize("temperature", [0.01, 0.1])
+def test_finite_values_and_gradients_at_extremes(extreme, temperature):
+  x = EXTREMES[extreme](np.random.default_rng(0)).astype(np.float32)
+  _assert_finite(x, temperature)
+
+
+def test_bfloat16_inputs_give_float32_losses_and_finite_bfloat16_gradients():
+  x = np.random.default_rng(1).normal(size=(NUM_ROWS, 4)).astype(jnp.bfloat16)
+  _assert_finite(x, 0.1)
+  values, _ = _values_and_grads(jnp.asarray(x), jnp.float32(0.1))
+  # Same value as the float32 computation on the same (rounded) inputs.
+  reference, _ = _values_and_grads(jnp.asarray(x, jnp.float32), jnp.float32(0.1))
+  for name in values:
+    np.testing.assert_allclose(values[name], reference[name], rtol=1e-6, err_msg=name)
+
+
+@hypothesis.settings(max_examples=15, deadline=None, derandomize=True)
+@hypothesis.given(
+    x=hnp.arrays(np.float32, (NUM_ROWS, 4), elements=st.floats(-1e4, 1e4, width=32)),
+    temperature=st.sampled_from([0.01, 0.07, 1.0]),
+)
+def test_fuzz_finite(x, temperature):
+  _assert_finite(x, temperature)
+
+
+def test_temperature_may_be_traced_and_learned():
+  x = np.random.default_rng(2).normal(size=(NUM_ROWS, 4)).astype(np.float32)
+  for name in ("ntxent", "supcon", "clip", "binary_infonce", "sigmoid_pairwise"):
+    grad = jax.jit(jax.grad(lambda t, name=name: _scalar_losses(jnp.asarray(x), t)[name]))(jnp.float32(0.2))
+    assert np.isfinite(grad) and grad != 0.0, name
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+X = np.zeros((4, 3), np.float32)
+
+
+@pytest.mark.parametrize("name", ["ntxent", "supcon", "task_contrastive"])
+def test_contrastive_validation(name):
+  loss_fn = getattr(losses, name)
+  with pytest.raises(ValueError, match=r"\[4\].*\(5,\)"):
+    loss_fn(X, np.arange(5))
+  with pytest.raises(ValueError, match=r"rank 2.*\(3,\)"):
+    loss_fn(X[0], np.arange(3))
+  with pytest.raises(ValueError, match="floating point"):
+    loss_fn(X.astype(np.int32), np.arange(4))
+  with pytest.raises(ValueError, match="integer"):
+    loss_fn(X, np.arange(4, dtype=np.float32))
+  for temperature in (0.0, -0.1):
+    with pytest.raises(ValueError, match="temperature"):
+      loss_fn(X, np.arange(4), temperature=temperature)
+  for block_size in (0, -2, 2.5, True):
+    with pytest.raises(ValueError, match="block_size"):
+      loss_fn(X, np.arange(4), block_size=block_size)
+
+
+def test_pair_loss_validation():
+  with pytest.raises(ValueError, match=r"\(4, 3\).*\(3, 3\)"):
+    losses.binary_infonce(X, X[:3], X)
+  with pytest.raises(ValueError, match=r"negative \(4, 2, 2\)"):
+    losses.binary_infonce(X, X, np.zeros((4, 2, 2), np.float32))
+  with pytest.raises(ValueError, match="temperature"):
+    losses.binary_infonce(X, X, X, temperature=0.0)
+  with pytest.raises(ValueError, match="metric"):
+    losses.binary_infonce(X, X, X, metric="manhattan")
+  with pytest.raises(ValueError, match=r"same \(3,\)"):
+    losses.margin_contrastive(X, X, np.ones(3, bool))
+  with pytest.raises(ValueError, match="margin"):
+    losses.margin_contrastive(X, X, np.ones(4, bool), margin=0.0)
+  with pytest.raises(ValueError, match="same must be bool"):
+    losses.margin_contrastive(X, X, np.ones(4, np.float32))
+  with pytest.raises(ValueError, match="margin"):
+    losses.triplet_margin(X, np.arange(4), margin=-1.0)
+  with pytest.raises(ValueError, match="temperature"):
+    losses.clip(X, X, temperature=0.0)
+  with pytest.raises(ValueError, match="block_size"):
+    losses.clip(X, X, block_size=0)
+  with pytest.raises(ValueError, match="temperature"):
+    losses.sigmoid_pairwise(X, X, temperature=-1.0)
+
+
+@pytest.mark.parametrize("module", [_clip, _infonce, _margin, _ntxent], ids=lambda m: m.__name__)
+def test_docstring_examples(module):
+  result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+  assert result.attempted > 0 and result.failed == 0
