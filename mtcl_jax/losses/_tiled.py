@@ -15,7 +15,7 @@ Three layouts share the tile code:
 - ring: the columns start as this device's rows and travel around a mesh axis with ``ppermute``; statistics and
   gradients that belong to the travelling rows travel with them and are home again after a full turn.
 
-Tile math is free of selects and compares: XLA:CPU fuses a reduction with the elementwise math feeding it only
+_Tile math is free of selects and compares: XLA:CPU fuses a reduction with the elementwise math feeding it only
 then, and otherwise writes every block × block intermediate to memory. Masks are 0/1 floats built from integer
 arithmetic, masked logits are pushed down by a constant instead of selected away.
 
@@ -65,7 +65,7 @@ class Layout(NamedTuple):
   axis_name: str | None = None
 
 
-class Rows(NamedTuple):
+class _Rows(NamedTuple):
   """Rows padded to whole blocks, ``[num_blocks, block, ...]``."""
 
   embeddings: jax.Array  # [num_blocks, block, dim] float32
@@ -73,18 +73,18 @@ class Rows(NamedTuple):
   index: jax.Array  # [num_blocks, block] int32: the row's position in the whole batch, -1 on padding
   valid: jax.Array  # [num_blocks, block] float32: 1 for a real row, 0 for padding
 
-  def block(self, i: jax.Array) -> Rows:
-    return Rows(*(lax.dynamic_index_in_dim(x, i, keepdims=False) for x in self))
+  def block(self, i: jax.Array) -> _Rows:
+    return _Rows(*(lax.dynamic_index_in_dim(x, i, keepdims=False) for x in self))
 
 
-def to_rows(embeddings: jax.Array, labels: jax.Array, index: jax.Array, block_size: int) -> Rows:
+def _to_rows(embeddings: jax.Array, labels: jax.Array, index: jax.Array, block_size: int) -> _Rows:
   """Cuts ``[n, dim]`` rows into blocks of at most ``block_size`` rows, as even as possible."""
   num_rows = embeddings.shape[0]
   num_blocks = max(1, -(-num_rows // block_size))
   block = max(1, -(-num_rows // num_blocks))
   padding = num_blocks * block - num_rows
   index = jnp.pad(index, (0, padding), constant_values=-1).reshape(num_blocks, block)
-  return Rows(
+  return _Rows(
       jnp.pad(embeddings, ((0, padding), (0, 0))).reshape(num_blocks, block, embeddings.shape[1]),
       jnp.pad(labels, (0, padding)).reshape(num_blocks, block),
       index,
@@ -92,12 +92,12 @@ def to_rows(embeddings: jax.Array, labels: jax.Array, index: jax.Array, block_si
   )
 
 
-def unblock(blocked: jax.Array, num_rows: int) -> jax.Array:
+def _unblock(blocked: jax.Array, num_rows: int) -> jax.Array:
   """Per-row values ``[num_blocks, block, ...]`` back to ``[num_rows, ...]``, padding dropped."""
   return blocked.reshape(-1, *blocked.shape[2:])[:num_rows]
 
 
-def _zeros(rows: Rows, *feature_shape: int) -> jax.Array:
+def _zeros(rows: _Rows, *feature_shape: int) -> jax.Array:
   return jnp.zeros(rows.index.shape + feature_shape, jnp.float32)
 
 
@@ -128,16 +128,16 @@ def _differ(a: jax.Array, b: jax.Array) -> jax.Array:
   return jnp.abs(jnp.sign(a[:, None] - b[None, :])).astype(jnp.float32)
 
 
-def along(per_row: jax.Array, axis: int) -> jax.Array:
+def _along(per_row: jax.Array, axis: int) -> jax.Array:
   """Broadcasts a per-row vector over a tile whose rows lie on the other axis than ``axis`` (the reduced one)."""
   return per_row[:, None] if axis == 1 else per_row[None, :]
 
 
-class Tile(NamedTuple):
+class _Tile(NamedTuple):
   """One tile of the logit matrix: anchors on axis 0 (their rows reduce along axis 1), column rows on axis 1."""
 
-  anchor: Rows  # one block
-  column: Rows  # one block
+  anchor: _Rows  # one block
+  column: _Rows  # one block
   logits: jax.Array  # [anchor block, column block]: cosine similarity / temperature
   mirror: jax.Array | float  # 1.0 where the column rows take this tile as anchors too, else 0.0
   diagonal: jax.Array | bool  # the column block is the anchor block itself (symmetric layout)
@@ -161,51 +161,51 @@ class Tile(NamedTuple):
     return _differ(self.anchor.index, self.column.index)
 
 
-class Lse(NamedTuple):
+class _Lse(NamedTuple):
   """Running log-sum-exp of each row: ``log Σ exp(x) = max + log(sum)``."""
 
   max: jax.Array
   sum: jax.Array
 
 
-def lse_init(rows: Rows) -> Lse:
-  return Lse(jnp.full(rows.index.shape, MASK_VALUE, jnp.float32), _zeros(rows))
+def _lse_init(rows: _Rows) -> _Lse:
+  return _Lse(jnp.full(rows.index.shape, MASK_VALUE, jnp.float32), _zeros(rows))
 
 
-def sink_masked(logits: jax.Array, mask: jax.Array) -> jax.Array:
+def _sink_masked(logits: jax.Array, mask: jax.Array) -> jax.Array:
   """``logits`` where ``mask`` is 1, pushed down by -MASK_VALUE where it is 0 (arithmetic, not a select)."""
   return logits + MASK_VALUE * (1.0 - mask)
 
 
-def lse_add(state: Lse, masked: jax.Array, axis: int) -> Lse:
-  """Folds a tile of :func:`sink_masked` logits into the running state of the rows that reduce ``axis``."""
+def _lse_add(state: _Lse, masked: jax.Array, axis: int) -> _Lse:
+  """Folds a tile of :func:`_sink_masked` logits into the running state of the rows that reduce ``axis``."""
   # A row that has seen only sunk entries carries a garbage sum at a max near MASK_VALUE, which its first real
   # entry scales away by exp(-1e9) = 0; one that never sees a real entry ends near MASK_VALUE, which every user of
   # the value treats as "no entry".
   new_max = jnp.maximum(state.max, jnp.max(masked, axis=axis))
-  tile_sum = jnp.sum(jnp.exp(masked - along(new_max, axis)), axis=axis)
-  return Lse(new_max, state.sum * jnp.exp(state.max - new_max) + tile_sum)
+  tile_sum = jnp.sum(jnp.exp(masked - _along(new_max, axis)), axis=axis)
+  return _Lse(new_max, state.sum * jnp.exp(state.max - new_max) + tile_sum)
 
 
-def lse_merge(a: Lse, b: Lse) -> Lse:
+def _lse_merge(a: _Lse, b: _Lse) -> _Lse:
   new_max = jnp.maximum(a.max, b.max)
-  return Lse(new_max, a.sum * jnp.exp(a.max - new_max) + b.sum * jnp.exp(b.max - new_max))
+  return _Lse(new_max, a.sum * jnp.exp(a.max - new_max) + b.sum * jnp.exp(b.max - new_max))
 
 
-def lse_value(state: Lse) -> jax.Array:
+def _lse_value(state: _Lse) -> jax.Array:
   return state.max + jnp.log(jnp.maximum(state.sum, _TINY))
 
 
-def softmax_against(logits: jax.Array, lse: jax.Array, axis: int) -> jax.Array:
+def _softmax_against(logits: jax.Array, lse: jax.Array, axis: int) -> jax.Array:
   """``exp(logits - lse)`` for the rows reducing ``axis``; capped, so multiply by the mask to drop entries."""
-  return jnp.exp(jnp.minimum(logits - along(lse, axis), _EXP_CAP))
+  return jnp.exp(jnp.minimum(logits - _along(lse, axis), _EXP_CAP))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Sweeps: visit every tile once, carrying per-row state for the anchors and for the column rows.
 
 # tile_fn(tile, anchor_state, column_state) -> (anchor_state, column_state), each the state of one block.
-TileFn = Callable[[Tile, Any, Any], tuple[Any, Any]]
+_TileFn = Callable[[_Tile, Any, Any], tuple[Any, Any]]
 
 
 def _take(tree: Any, i: jax.Array) -> Any:
@@ -216,20 +216,20 @@ def _put(tree: Any, block: Any, i: jax.Array) -> Any:
   return jax.tree.map(lambda x, b: lax.dynamic_update_index_in_dim(x, b, i, 0), tree, block)
 
 
-def tile_logits(anchor: Rows, column: Rows, inv_temperature: jax.Array) -> jax.Array:
+def _tile_logits(anchor: _Rows, column: _Rows, inv_temperature: jax.Array) -> jax.Array:
   return (anchor.embeddings * inv_temperature) @ column.embeddings.T
 
 
 def _local_sweep(
-    tile_fn: TileFn,
-    anchors: Rows,
-    columns: Rows,
+    tile_fn: _TileFn,
+    anchors: _Rows,
+    columns: _Rows,
     carry: tuple[Any, Any],
     inv_temperature: jax.Array,
     *,
     symmetric: bool,
     mirror: bool,
-    resident_logits: jax.Array | None = None,
+    single_tile_logits: jax.Array | None = None,
 ) -> tuple[Any, Any]:
   num_anchor_blocks, num_column_blocks = anchors.index.shape[0], columns.index.shape[0]
   if symmetric:
@@ -242,7 +242,7 @@ def _local_sweep(
     anchor_state, column_state = carry
     i, k = anchor_ids[t], column_ids[t]
     anchor, column = anchors.block(i), columns.block(k)
-    logits = tile_logits(anchor, column, inv_temperature) if resident_logits is None else resident_logits
+    logits = _tile_logits(anchor, column, inv_temperature) if single_tile_logits is None else single_tile_logits
     if not symmetric:
       mirror_here, diagonal = float(mirror), False
     elif num_anchor_blocks == 1:
@@ -251,7 +251,7 @@ def _local_sweep(
       # A diagonal tile of the symmetric layout holds both directions of each of its pairs already.
       mirror_here, diagonal = (i != k).astype(jnp.float32), i == k
     anchor_block, column_block = tile_fn(
-        Tile(anchor, column, logits, mirror_here, diagonal), _take(anchor_state, i), _take(column_state, k)
+        _Tile(anchor, column, logits, mirror_here, diagonal), _take(anchor_state, i), _take(column_state, k)
     )
     return _put(anchor_state, anchor_block, i), _put(column_state, column_block, k)
 
@@ -259,9 +259,9 @@ def _local_sweep(
 
 
 def _ring_sweep(
-    tile_fn: TileFn,
-    anchors: Rows,
-    columns: Rows,
+    tile_fn: _TileFn,
+    anchors: _Rows,
+    columns: _Rows,
     carry: tuple[Any, Any],
     inv_temperature: jax.Array,
     *,
@@ -271,7 +271,7 @@ def _ring_sweep(
   num_devices = lax.axis_size(axis_name)
   shift = [(d, (d + 1) % num_devices) for d in range(num_devices)]
 
-  def turn(_: jax.Array, ring_carry: tuple[Rows, Any, Any]) -> tuple[Rows, Any, Any]:
+  def turn(_: jax.Array, ring_carry: tuple[_Rows, Any, Any]) -> tuple[_Rows, Any, Any]:
     visiting, anchor_state, column_state = ring_carry
     # Sent on before it is used, so the transfer can overlap this turn's tiles.
     arriving = lax.ppermute(visiting, axis_name, shift)
@@ -286,24 +286,24 @@ def _ring_sweep(
   return anchor_state, column_state
 
 
-def sweep(
+def _sweep(
     layout: Layout,
-    tile_fn: TileFn,
-    anchors: Rows,
-    columns: Rows,
+    tile_fn: _TileFn,
+    anchors: _Rows,
+    columns: _Rows,
     carry: tuple[Any, Any],
     inv_temperature: jax.Array,
-    resident_logits: jax.Array | None = None,
+    single_tile_logits: jax.Array | None = None,
 ) -> tuple[Any, Any]:
   """Runs ``tile_fn`` over every tile of ``anchors × columns`` as ``layout`` says; returns the final carry.
 
-  ``resident_logits`` are the logits of the only tile, when :func:`resident_logits` kept them.
+  ``single_tile_logits`` are the logits of the only tile, when :func:`_resident_logits` kept them.
   """
   carry = vary_like(carry, anchors.embeddings)
   if layout.axis_name is None:
     return _local_sweep(
         tile_fn, anchors, columns, carry, inv_temperature, symmetric=layout.symmetric, mirror=layout.mirror,
-        resident_logits=resident_logits,
+        single_tile_logits=single_tile_logits,
     )
   return _ring_sweep(
       tile_fn, anchors, columns, carry, inv_temperature, mirror=layout.mirror, axis_name=layout.axis_name
@@ -314,20 +314,20 @@ def sweep(
 # Shared by the three losses: blocking, gradient accumulation, cotangents.
 
 
-def _blocks(layout: Layout, anchor_arrays: tuple, column_arrays: tuple | None) -> tuple[Rows, Rows]:
+def _blocks(layout: Layout, anchor_arrays: tuple, column_arrays: tuple | None) -> tuple[_Rows, _Rows]:
   """Blocks both sides; ``column_arrays=None`` means the columns are the anchors (symmetric or ring)."""
 
-  def rows(arrays: tuple) -> Rows:
+  def rows(arrays: tuple) -> _Rows:
     if len(arrays) == 2:  # (embeddings, index): a loss without labels
       embeddings, index = arrays
-      return to_rows(embeddings, jnp.zeros_like(index), index, layout.block_size)
-    return to_rows(*arrays, layout.block_size)
+      return _to_rows(embeddings, jnp.zeros_like(index), index, layout.block_size)
+    return _to_rows(*arrays, layout.block_size)
 
   anchors = rows(anchor_arrays)
   return anchors, anchors if column_arrays is None else rows(column_arrays)
 
 
-def resident_logits(layout: Layout, anchors: Rows, columns: Rows, inv_temperature: jax.Array) -> jax.Array | None:
+def _resident_logits(layout: Layout, anchors: _Rows, columns: _Rows, inv_temperature: jax.Array) -> jax.Array | None:
   """The logits of the whole matrix when it is a single tile, else None.
 
   One tile is O(block²) memory, which the sweeps may hold anyway, so every pass and the backward share it rather
@@ -335,10 +335,10 @@ def resident_logits(layout: Layout, anchors: Rows, columns: Rows, inv_temperatur
   """
   if layout.axis_name is not None or anchors.index.shape[0] > 1 or columns.index.shape[0] > 1:
     return None
-  return tile_logits(anchors.block(0), columns.block(0), inv_temperature)
+  return _tile_logits(anchors.block(0), columns.block(0), inv_temperature)
 
 
-def _mirrors(layout: Layout, anchors: Rows) -> bool:
+def _mirrors(layout: Layout, anchors: _Rows) -> bool:
   """Whether the column rows need state of their own: a mirroring layout with some off-diagonal tile."""
   if layout.symmetric:
     return anchors.index.shape[0] > 1
@@ -352,10 +352,10 @@ class _Gradients(NamedTuple):
   grad: jax.Array  # [block, dim]: Σ_k dLoss/dL_ik · c_k over the tiles seen so far
 
 
-def _gradient_tile(coupling_fn: Callable[[Tile, Any, Any], jax.Array]) -> TileFn:
+def _gradient_tile(coupling_fn: Callable[[_Tile, Any, Any], jax.Array]) -> _TileFn:
   """A tile function that pushes ``coupling_fn``'s dLoss/dL of the tile onto both sides' rows."""
 
-  def tile_fn(tile: Tile, anchor: _Gradients, column: _Gradients) -> tuple[_Gradients, _Gradients]:
+  def tile_fn(tile: _Tile, anchor: _Gradients, column: _Gradients) -> tuple[_Gradients, _Gradients]:
     coupling = coupling_fn(tile, anchor.stats, column.stats)
 
     def both_sides(grads: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
@@ -379,7 +379,7 @@ def _gradient_tile(coupling_fn: Callable[[Tile, Any, Any], jax.Array]) -> TileFn
 
 def _backward_sweep(
     layout: Layout,
-    coupling_fn: Callable[[Tile, Any, Any], jax.Array],
+    coupling_fn: Callable[[_Tile, Any, Any], jax.Array],
     anchor_arrays: tuple,
     column_arrays: tuple | None,
     anchor_stats: Any,
@@ -388,11 +388,14 @@ def _backward_sweep(
     value_cotangent: jax.Array,
     logits: jax.Array | None,
 ) -> tuple[tuple, tuple | None, jax.Array]:
-  """Recomputes every tile (or reuses the resident one), accumulates ``Σ_k dLoss/dL_ik · c_k`` per row; returns the custom_vjp cotangents."""
+  """Accumulates ``Σ_k dLoss/dL_ik · c_k`` per row over every tile; returns the custom_vjp cotangents.
+
+  Tiles are recomputed, except a single resident tile whose ``logits`` the forward pass kept.
+  """
   anchors, columns = _blocks(layout, anchor_arrays, column_arrays)
   dim = anchors.embeddings.shape[2]
   carry = (_Gradients(anchor_stats, _zeros(anchors, dim)), _Gradients(column_stats, _zeros(columns, dim)))
-  anchor_side, column_side = sweep(
+  anchor_side, column_side = _sweep(
       layout, _gradient_tile(coupling_fn), anchors, columns, carry, 1.0 / temperature, logits
   )
   # L_ik = a_i·c_k / τ: each gradient row picks up 1/τ, and Σ_ik dLoss/dL_ik · L_ik gives dLoss/dτ = -that / τ.
@@ -410,8 +413,8 @@ def _backward_sweep(
     anchor_grad = anchor_grad + column_side.grad
     column_cotangent = None
   else:
-    column_cotangent = (scale * unblock(column_side.grad, column_arrays[0].shape[0]), *no_labels)
-  anchor_cotangent = (scale * unblock(anchor_grad, anchor_arrays[0].shape[0]), *no_labels)
+    column_cotangent = (scale * _unblock(column_side.grad, column_arrays[0].shape[0]), *no_labels)
+  anchor_cotangent = (scale * _unblock(anchor_grad, anchor_arrays[0].shape[0]), *no_labels)
   return anchor_cotangent, column_cotangent, temperature_cotangent
 
 
@@ -426,23 +429,23 @@ class _NtxentTerms(NamedTuple):
   count: jax.Array  # |P(i)|
 
 
-def _ntxent_masks(tile: Tile) -> tuple[jax.Array, jax.Array]:
+def _ntxent_masks(tile: _Tile) -> tuple[jax.Array, jax.Array]:
   """0/1 ``(negative, positive)`` masks of the tile."""
   valid, differ = tile.valid(), tile.differ_label()
   return valid * differ, valid * (1.0 - differ) * tile.distinct()
 
 
-def _negatives_tile(tile: Tile, anchor_lse: Lse, column_lse: Lse | None) -> tuple[Lse, Lse | None]:
+def _negatives_tile(tile: _Tile, anchor_lse: _Lse, column_lse: _Lse | None) -> tuple[_Lse, _Lse | None]:
   negative, _ = _ntxent_masks(tile)
-  masked = sink_masked(tile.logits, negative)
-  anchor_lse = lse_add(anchor_lse, masked, axis=1)
+  masked = _sink_masked(tile.logits, negative)
+  anchor_lse = _lse_add(anchor_lse, masked, axis=1)
   if column_lse is not None:
-    column_lse = tile.update_columns(column_lse, lse_add(column_lse, masked, axis=0))
+    column_lse = tile.update_columns(column_lse, _lse_add(column_lse, masked, axis=0))
   return anchor_lse, column_lse
 
 
 def _add_positive_terms(terms: _NtxentTerms, logits: jax.Array, positive: jax.Array, axis: int) -> _NtxentTerms:
-  margin = along(terms.negatives_lse, axis) - logits
+  margin = _along(terms.negatives_lse, axis) - logits
   softplus = jnp.maximum(margin, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(margin)))
   return _NtxentTerms(
       terms.negatives_lse,
@@ -452,7 +455,7 @@ def _add_positive_terms(terms: _NtxentTerms, logits: jax.Array, positive: jax.Ar
   )
 
 
-def _positives_tile(tile: Tile, anchor_terms: _NtxentTerms, column_terms: _NtxentTerms | None):
+def _positives_tile(tile: _Tile, anchor_terms: _NtxentTerms, column_terms: _NtxentTerms | None):
   _, positive = _ntxent_masks(tile)
 
   def accumulate(terms):
@@ -468,14 +471,14 @@ def _positives_tile(tile: Tile, anchor_terms: _NtxentTerms, column_terms: _Ntxen
   return lax.cond(jnp.sum(positive) > 0, accumulate, lambda terms: terms, (anchor_terms, column_terms))
 
 
-def _ntxent_coupling(tile: Tile, anchor_stats, column_stats) -> jax.Array:
+def _ntxent_coupling(tile: _Tile, anchor_stats, column_stats) -> jax.Array:
   """dLoss/dL of the tile (before the 1/#pairs scale), both directions of each pair that count here."""
   negative, positive = _ntxent_masks(tile)
 
   def direction(stats, mask: jax.Array, axis: int) -> jax.Array:
     negatives_lse, weight = stats
     # dNEG_i/dL_ik is the softmax over i's negatives, dValue/dNEG_i the weight; a positive pulls by -sigmoid.
-    pull = softmax_against(tile.logits, negatives_lse, axis) * along(weight, axis)
+    pull = _softmax_against(tile.logits, negatives_lse, axis) * _along(weight, axis)
     return mask * pull
 
   coupling = direction(anchor_stats, negative, axis=1)
@@ -483,9 +486,9 @@ def _ntxent_coupling(tile: Tile, anchor_stats, column_stats) -> jax.Array:
     coupling = coupling + direction(column_stats, negative * tile.mirror, axis=0)
 
   def subtract_positives(coupling: jax.Array) -> jax.Array:
-    coupling = coupling - positive * jax.nn.sigmoid(along(anchor_stats[0], 1) - tile.logits)
+    coupling = coupling - positive * jax.nn.sigmoid(_along(anchor_stats[0], 1) - tile.logits)
     if column_stats is not None:
-      coupling = coupling - positive * tile.mirror * jax.nn.sigmoid(along(column_stats[0], 0) - tile.logits)
+      coupling = coupling - positive * tile.mirror * jax.nn.sigmoid(_along(column_stats[0], 0) - tile.logits)
     return coupling
 
   return lax.cond(jnp.sum(positive) > 0, subtract_positives, lambda c: c, coupling)
@@ -495,21 +498,21 @@ def _ntxent_forward(layout: Layout, anchor_arrays, column_arrays, temperature):
   anchors, columns = _blocks(layout, anchor_arrays, column_arrays)
   inv_temperature = 1.0 / temperature
   mirror = _mirrors(layout, anchors)
-  logits = resident_logits(layout, anchors, columns, inv_temperature)
+  logits = _resident_logits(layout, anchors, columns, inv_temperature)
 
   # Pass 1: each anchor's log-sum-exp over its negatives.
-  carry = (lse_init(anchors), lse_init(columns) if mirror else None)
-  anchor_lse, column_lse = sweep(layout, _negatives_tile, anchors, columns, carry, inv_temperature, logits)
+  carry = (_lse_init(anchors), _lse_init(columns) if mirror else None)
+  anchor_lse, column_lse = _sweep(layout, _negatives_tile, anchors, columns, carry, inv_temperature, logits)
   if mirror:
-    anchor_lse = lse_merge(anchor_lse, column_lse)
-  negatives_lse = lse_value(anchor_lse)
+    anchor_lse = _lse_merge(anchor_lse, column_lse)
+  negatives_lse = _lse_value(anchor_lse)
 
   # Pass 2: softplus(NEG_i - L_ij) over the positives; it needs the finished NEG_i, hence a second sweep.
   def fresh_terms() -> _NtxentTerms:
     return _NtxentTerms(negatives_lse, _zeros(anchors), _zeros(anchors), _zeros(anchors))
 
   carry = (fresh_terms(), fresh_terms() if mirror else None)
-  terms, column_terms = sweep(layout, _positives_tile, anchors, columns, carry, inv_temperature, logits)
+  terms, column_terms = _sweep(layout, _positives_tile, anchors, columns, carry, inv_temperature, logits)
   if mirror:
     terms = _NtxentTerms(negatives_lse, *(a + b for a, b in zip(terms[1:], column_terms[1:], strict=True)))
   sums = (jnp.sum(terms.value), jnp.sum(terms.count))
@@ -556,12 +559,12 @@ ntxent_sums.defvjp(_ntxent_forward, _ntxent_backward)
 
 
 class _SupconTerms(NamedTuple):
-  lse: Lse
+  lse: _Lse
   positive_logits: jax.Array  # Σ_{p ∈ P(i)} L_ip
   count: jax.Array  # |P(i)|
 
 
-def _supcon_masks(tile: Tile) -> tuple[jax.Array, jax.Array]:
+def _supcon_masks(tile: _Tile) -> tuple[jax.Array, jax.Array]:
   """0/1 ``(other, positive)`` masks: every other real row, and those of them with the anchor's label."""
   other = tile.valid() * tile.distinct()
   return other, other * (1.0 - tile.differ_label())
@@ -569,15 +572,15 @@ def _supcon_masks(tile: Tile) -> tuple[jax.Array, jax.Array]:
 
 def _add_supcon_terms(terms: _SupconTerms, logits, masked, positive, axis: int) -> _SupconTerms:
   return _SupconTerms(
-      lse_add(terms.lse, masked, axis),
+      _lse_add(terms.lse, masked, axis),
       terms.positive_logits + jnp.sum(positive * logits, axis=axis),
       terms.count + jnp.sum(positive, axis=axis),
   )
 
 
-def _supcon_tile(tile: Tile, anchor_terms: _SupconTerms, column_terms: _SupconTerms | None):
+def _supcon_tile(tile: _Tile, anchor_terms: _SupconTerms, column_terms: _SupconTerms | None):
   other, positive = _supcon_masks(tile)
-  masked = sink_masked(tile.logits, other)
+  masked = _sink_masked(tile.logits, other)
   anchor_terms = _add_supcon_terms(anchor_terms, tile.logits, masked, positive, axis=1)
   if column_terms is not None:
     column_terms = tile.update_columns(
@@ -586,13 +589,13 @@ def _supcon_tile(tile: Tile, anchor_terms: _SupconTerms, column_terms: _SupconTe
   return anchor_terms, column_terms
 
 
-def _supcon_coupling(tile: Tile, anchor_stats, column_stats) -> jax.Array:
+def _supcon_coupling(tile: _Tile, anchor_stats, column_stats) -> jax.Array:
   other, positive = _supcon_masks(tile)
 
   def direction(stats, mirror: jax.Array | float, axis: int) -> jax.Array:
     all_lse, has_positive, positive_share = stats
-    softmax = softmax_against(tile.logits, all_lse, axis) * along(has_positive, axis)
-    return mirror * (other * softmax - positive * along(positive_share, axis))
+    softmax = _softmax_against(tile.logits, all_lse, axis) * _along(has_positive, axis)
+    return mirror * (other * softmax - positive * _along(positive_share, axis))
 
   coupling = direction(anchor_stats, 1.0, axis=1)
   if column_stats is not None:
@@ -604,21 +607,21 @@ def _supcon_forward(layout: Layout, anchor_arrays, column_arrays, temperature):
   anchors, columns = _blocks(layout, anchor_arrays, column_arrays)
   inv_temperature = 1.0 / temperature
   mirror = _mirrors(layout, anchors)
-  logits = resident_logits(layout, anchors, columns, inv_temperature)
+  logits = _resident_logits(layout, anchors, columns, inv_temperature)
 
   # One pass: log-sum-exp over all other rows, with the sum and count of the positive logits beside it.
-  def fresh_terms(rows: Rows) -> _SupconTerms:
-    return _SupconTerms(lse_init(rows), _zeros(rows), _zeros(rows))
+  def fresh_terms(rows: _Rows) -> _SupconTerms:
+    return _SupconTerms(_lse_init(rows), _zeros(rows), _zeros(rows))
 
   carry = (fresh_terms(anchors), fresh_terms(columns) if mirror else None)
-  terms, column_terms = sweep(layout, _supcon_tile, anchors, columns, carry, inv_temperature, logits)
+  terms, column_terms = _sweep(layout, _supcon_tile, anchors, columns, carry, inv_temperature, logits)
   if mirror:
     terms = _SupconTerms(
-        lse_merge(terms.lse, column_terms.lse),
+        _lse_merge(terms.lse, column_terms.lse),
         terms.positive_logits + column_terms.positive_logits,
         terms.count + column_terms.count,
     )
-  all_lse = lse_value(terms.lse)
+  all_lse = _lse_value(terms.lse)
   has_positive = (terms.count > 0).astype(jnp.float32)
   positive_share = has_positive / jnp.maximum(terms.count, 1.0)
   per_anchor = jnp.where(terms.count > 0, all_lse - positive_share * terms.positive_logits, 0.0)
@@ -662,32 +665,32 @@ supcon_sums.defvjp(_supcon_forward, _supcon_backward)
 # Log-sum-exp sums (CLIP): Σ_i LSE_k L_ik over the anchors, plus Σ_k LSE_i L_ik over the columns with mirror.
 
 
-def _lse_tile(tile: Tile, anchor_lse: Lse, column_lse: Lse | None) -> tuple[Lse, Lse | None]:
-  masked = sink_masked(tile.logits, tile.valid())
-  anchor_lse = lse_add(anchor_lse, masked, axis=1)
+def _lse_tile(tile: _Tile, anchor_lse: _Lse, column_lse: _Lse | None) -> tuple[_Lse, _Lse | None]:
+  masked = _sink_masked(tile.logits, tile.valid())
+  anchor_lse = _lse_add(anchor_lse, masked, axis=1)
   if column_lse is not None:
-    column_lse = tile.update_columns(column_lse, lse_add(column_lse, masked, axis=0))
+    column_lse = tile.update_columns(column_lse, _lse_add(column_lse, masked, axis=0))
   return anchor_lse, column_lse
 
 
-def _lse_coupling(tile: Tile, anchor_lse, column_lse) -> jax.Array:
+def _lse_coupling(tile: _Tile, anchor_lse, column_lse) -> jax.Array:
   valid = tile.valid()
-  coupling = valid * softmax_against(tile.logits, anchor_lse, axis=1)
+  coupling = valid * _softmax_against(tile.logits, anchor_lse, axis=1)
   if column_lse is not None:
-    coupling = coupling + valid * tile.mirror * softmax_against(tile.logits, column_lse, axis=0)
+    coupling = coupling + valid * tile.mirror * _softmax_against(tile.logits, column_lse, axis=0)
   return coupling
 
 
 def _lse_forward(layout: Layout, anchor_arrays, column_arrays, temperature):
   anchors, columns = _blocks(layout, anchor_arrays, column_arrays)
   inv_temperature = 1.0 / temperature
-  logits = resident_logits(layout, anchors, columns, inv_temperature)
-  carry = (lse_init(anchors), lse_init(columns) if layout.mirror else None)
-  anchor_lse, column_lse = sweep(layout, _lse_tile, anchors, columns, carry, inv_temperature, logits)
-  anchor_lse = lse_value(anchor_lse)
+  logits = _resident_logits(layout, anchors, columns, inv_temperature)
+  carry = (_lse_init(anchors), _lse_init(columns) if layout.mirror else None)
+  anchor_lse, column_lse = _sweep(layout, _lse_tile, anchors, columns, carry, inv_temperature, logits)
+  anchor_lse = _lse_value(anchor_lse)
   total = jnp.sum(anchors.valid * anchor_lse)
   if layout.mirror:
-    column_lse = lse_value(column_lse)
+    column_lse = _lse_value(column_lse)
     total = total + jnp.sum(columns.valid * column_lse)
   return total, (anchor_arrays, column_arrays, temperature, logits, anchor_lse, column_lse)
 
