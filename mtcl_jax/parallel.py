@@ -136,5 +136,20 @@ def shard_batch(tree: Any, mesh: Mesh) -> Any:
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-  """Puts a pytree (e.g. the train state) on every device of the mesh."""
-  return jax.device_put(tree, replicated(mesh))
+  """Puts a pytree (e.g. the train state) on every device of the mesh, across processes too.
+
+  Every process must hold the same values (e.g. initialised from the same seed): each one places its own copy
+  on its own devices. Typed PRNG keys are placed through their raw key data.
+  """
+  sharding = replicated(mesh)
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+
+  def place(leaf: Any) -> jax.Array:
+    if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(place(jax.random.key_data(leaf)), impl=jax.random.key_impl(leaf))
+    # device_put cannot target other processes' devices; each process fills its own shards.
+    host = np.asarray(leaf)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+  return jax.tree.map(place, tree)

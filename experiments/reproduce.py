@@ -1,0 +1,202 @@
+"""Reproduces the README's benchmark tables (shared/BENCHMARKS.md §2) from committed configs and seeds.
+
+Every run is the trainer's own ``train_and_evaluate`` on ``experiments/configs/default.py`` with the overrides
+below, so the numbers come from exactly the code users run. Each table is trained over several seeds; results go
+to ``experiments/results/<table>.json`` as rows ``{"dataset", "method", "metric", "mean", "std", "seeds"}``
+(accuracy and macro-F1 in percent, Δm in percent) and the README's table sections are regenerated from those
+files, each with its anchor beside it.
+
+Commands:
+  python experiments/reproduce.py                          # every table, seeds 0 1 2 (see BUILD.md for cost)
+  python experiments/reproduce.py --tables digits --seeds 0
+  python experiments/reproduce.py --mini                   # CI miniature: smoke-sized model, one seed, temp dir
+
+Single-task baselines for Δm are the runs of the ``digits``, ``mnist1d`` (SupCon) and ``japanese_vowels`` tables:
+same code, same steps and same per-task batch size as the joint model. Tables ``joint`` and ``ablation`` reuse
+those runs when they are in the same invocation or cached under ``--workdir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from mtcl_jax.eval import metrics, tables
+from mtcl_jax.train import config as config_lib
+from mtcl_jax.train import train_and_evaluate
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO / "experiments" / "configs" / "default.py"
+SMOKE_CONFIG = REPO / "experiments" / "configs" / "smoke.py"
+RESULTS_DIR = REPO / "experiments" / "results"
+README = REPO / "README.md"
+
+# Shared by every run of the reproduction, so single-task and joint models get the same budget.
+COMMON_OVERRIDES = ("eval.probes=('linear',)", "eval.plots=False", "train.eval_every=0")
+
+ANCHORS = {
+    "digits": "SVC-RBF 98.70 acc / 98.69 F1; logistic 97.04 (raw pixels); goal ≥ 99.0",
+    "mnist1d": "logistic 32.9, SVC 57.0; MLP 68, CNN 94 (paper); SimCLR + linear 82.1; goals SimCLR ≥ 85, SupCon ≥ 95",
+    "japanese_vowels": "logistic 97.8, SVC 95.1, 1-NN 92.4 (zero-padded frames); goal ≥ 99.0",
+}
+DELTA_DATASET = "all three (Δm of accuracy vs single-task)"
+ANCHORS[DELTA_DATASET] = "the single-task models, same code and budget; goal Δm ≥ +0.5%"
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One trained model: its tasks, overrides of the default config, and what the table calls it."""
+  key: str  # cache key under the workdir; runs shared between tables have one key
+  tasks: str
+  method: str
+  overrides: tuple[str, ...] = ()
+  heads: bool = True  # whether the task heads were trained (reported as "head")
+
+
+SINGLE = {
+    "digits": Run("digits_supcon", "digits", "SupCon + CE"),
+    "mnist1d": Run("mnist1d_supcon", "mnist1d", "SupCon + CE"),
+    "japanese_vowels": Run("japanese_vowels_supcon", "japanese_vowels", "SupCon + CE"),
+}
+JOINT_TASKS = "digits+japanese_vowels+mnist1d"
+JOINT = Run("joint_supcon", JOINT_TASKS, "joint: SupCon over task × class + CE")
+
+TABLES: dict[str, list[Run]] = {
+    "digits": [SINGLE["digits"]],
+    "mnist1d": [
+        Run("mnist1d_simclr", "mnist1d", "SimCLR (views only, no labels)",
+            ("contrastive.rule=ntxent", "classification.weight=0.0"), heads=False),
+        SINGLE["mnist1d"],
+    ],
+    "japanese_vowels": [SINGLE["japanese_vowels"]],
+    "joint": [JOINT, *SINGLE.values()],
+    "ablation": [
+        Run("joint_task_contrastive", JOINT_TASKS, "classic pairs: task_contrastive + CE",
+            ("contrastive.rule=task_contrastive",)),
+        JOINT,
+        Run("joint_ce_only", JOINT_TASKS, "cross-entropy only", ("contrastive.rule=none",)),
+        Run("joint_contrastive_only", JOINT_TASKS, "SupCon only + probes",
+            ("classification.weight=0.0",), heads=False),
+    ],
+}
+
+
+def run_once(run: Run, seed: int, *, base_config: pathlib.Path, workdir: pathlib.Path,
+             extra: Sequence[str]) -> dict[str, Any]:
+  """Trains (or loads the cached report of) one run at one seed."""
+  run_dir = workdir / f"{run.key}_seed{seed}"
+  report_path = run_dir / "report.json"
+  if report_path.exists():
+    return json.loads(report_path.read_text())
+  config = config_lib.load_config(base_config)
+  config_lib.apply_overrides(config, [f"data.tasks={run.tasks}", f"seed={seed}", *COMMON_OVERRIDES,
+                                      *run.overrides, *extra])
+  start = time.perf_counter()
+  report = train_and_evaluate(config, run_dir, fresh=True)
+  print(f"[reproduce] {run.key} seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
+  return report
+
+
+def _scores(report: dict[str, Any], run: Run) -> dict[str, dict[str, dict[str, float]]]:
+  """{task: {evaluator: {metric: value}}} with evaluator "head" and one per probe."""
+  scores = {}
+  for task, result in report["tasks"].items():
+    per_task = {f"{probe} probe": {m: probe_result[m] for m in ("accuracy", "macro_f1")}
+                for probe, probe_result in result.get("probes", {}).items()}
+    if run.heads:
+      per_task["head"] = {m: result[m] for m in ("accuracy", "macro_f1")}
+    scores[task] = per_task
+  return scores
+
+
+def _row(dataset: str, method: str, metric: str, values: Sequence[float], seeds: Sequence[int]) -> dict[str, Any]:
+  mean, std = metrics.mean_std(values)
+  return {"dataset": dataset, "method": method, "metric": metric, "mean": round(float(mean), 2),
+          "std": round(float(std), 2), "seeds": list(seeds)}
+
+
+def table_rows(name: str, scores: dict[tuple[str, int], dict], seeds: Sequence[int]) -> list[dict[str, Any]]:
+  """Results rows of one table from per-(run key, seed) scores."""
+  rows = []
+  runs = TABLES[name]
+  for run in runs:
+    if name == "joint" and run is not JOINT:
+      continue  # the single-task baselines appear only through Δm here; their own tables list them
+    first = scores[(run.key, seeds[0])]
+    for task in first:
+      for evaluator in first[task]:
+        for metric in ("accuracy", "macro_f1"):
+          values = [scores[(run.key, seed)][task][evaluator][metric] for seed in seeds]
+          dataset = task if run.tasks == task else f"{task} (joint)"
+          rows.append(_row(dataset, f"{run.method} — {evaluator}", metric, values, seeds))
+  if name in ("joint", "ablation"):
+    for run in runs:
+      if run.tasks != JOINT_TASKS:
+        continue
+      evaluators = set.intersection(*(set(v) for v in scores[(run.key, seeds[0])].values()))
+      for evaluator in sorted(evaluators):
+        delta = []
+        for seed in seeds:
+          joint = {task: s[evaluator]["accuracy"] for task, s in scores[(run.key, seed)].items()}
+          single = {task: scores[(SINGLE[task].key, seed)][task][evaluator]["accuracy"] for task in joint}
+          delta.append(metrics.delta_m(joint, single))
+        rows.append(_row(DELTA_DATASET, f"{run.method} — {evaluator}", "delta_m",
+                         delta, seeds))
+  return rows
+
+
+def _runs_needed(names: Sequence[str]) -> list[Run]:
+  needed: dict[str, Run] = {}
+  for name in names:
+    for run in TABLES[name]:
+      needed.setdefault(run.key, run)
+    if name == "ablation":
+      for run in SINGLE.values():
+        needed.setdefault(run.key, run)
+  return list(needed.values())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--tables", nargs="+", choices=sorted(TABLES), default=list(TABLES))
+  parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+  parser.add_argument("--workdir", type=pathlib.Path, default=REPO / "workdirs" / "reproduce",
+                      help="run directories; a run whose report.json exists there is not trained again")
+  parser.add_argument("--results-dir", type=pathlib.Path, default=RESULTS_DIR)
+  parser.add_argument("--readme", default=str(README), help="README whose table sections to update ('' for none)")
+  parser.add_argument("--mini", action="store_true",
+                      help="CI miniature: smoke config, seed 0 only, results and runs under --workdir, README untouched")
+  parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="extra config overrides for every run")
+  args = parser.parse_args(argv)
+  base = DEFAULT_CONFIG
+  if args.mini:
+    base, args.seeds = SMOKE_CONFIG, args.seeds[:1]
+    args.results_dir, args.readme = args.workdir / "results", None
+
+  start = time.perf_counter()
+  scores = {}
+  for run in _runs_needed(args.tables):
+    for seed in args.seeds:
+      report = run_once(run, seed, base_config=base, workdir=args.workdir, extra=args.overrides)
+      scores[(run.key, seed)] = _scores(report, run)
+
+  for name in args.tables:
+    rows = table_rows(name, scores, args.seeds)
+    path = tables.write_results(rows, args.results_dir / f"{name}.json")
+    markdown = tables.markdown_table(rows, anchors=ANCHORS)
+    print(f"\n## {name} ({path})\n{markdown}")
+    if args.readme:
+      tables.update_readme_section(pathlib.Path(args.readme), name, markdown)
+  print(f"\nreproduce: {len(scores)} runs in {time.perf_counter() - start:.0f} s", flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
