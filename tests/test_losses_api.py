@@ -31,33 +31,36 @@ NUM_ROWS = 8
 LABELS = np.array([0, 0, 1, 1, 2, 2, 3, 4])
 
 
-def _scalar_losses(x: jax.Array, temperature: jax.Array) -> dict[str, jax.Array]:
-  """Every loss on inputs built from one [NUM_ROWS, D] array, reduced to a scalar."""
-  partner = jnp.roll(x, 1, axis=0)
-  negatives = jnp.stack([jnp.roll(x, 2, axis=0), jnp.roll(x, 3, axis=0)], axis=1)
-  same = jnp.arange(NUM_ROWS) % 2 == 0
-  return {
-      "binary_infonce": jnp.mean(losses.binary_infonce(x, partner, negatives, temperature=temperature)),
-      "ntxent": losses.ntxent(x, LABELS, temperature=temperature),
-      "supcon": losses.supcon(x, LABELS, temperature=temperature),
-      "task_contrastive": losses.task_contrastive(x, LABELS % 2, temperature=temperature),
-      "clip": losses.clip(x, partner, temperature=temperature),
-      "sigmoid_pairwise": losses.sigmoid_pairwise(x, partner, temperature=temperature),
-      "margin_contrastive": jnp.mean(losses.margin_contrastive(x, partner, same)),
-      "triplet_all": losses.triplet_margin(x, LABELS),
-      "triplet_batch_hard": losses.triplet_margin(x, LABELS, mining="batch_hard"),
-      "triplet_semi_hard": losses.triplet_margin(x, LABELS, mining="semi_hard"),
-      "triplet_cosine": losses.triplet_margin(x, LABELS, metric="cosine"),
-  }
+def _partner(x):
+  return jnp.roll(x, 1, axis=0)
+
+
+# Every loss on inputs built from one [NUM_ROWS, D] array, reduced to a scalar.
+SCALAR_LOSSES = {
+    "binary_infonce": lambda x, t: jnp.mean(
+        losses.binary_infonce(
+            x, _partner(x), jnp.stack([jnp.roll(x, 2, axis=0), jnp.roll(x, 3, axis=0)], axis=1), temperature=t
+        )
+    ),
+    "ntxent": lambda x, t: losses.ntxent(x, LABELS, temperature=t),
+    "supcon": lambda x, t: losses.supcon(x, LABELS, temperature=t),
+    "task_contrastive": lambda x, t: losses.task_contrastive(x, LABELS % 2, temperature=t),
+    "clip": lambda x, t: losses.clip(x, _partner(x), temperature=t),
+    "sigmoid_pairwise": lambda x, t: losses.sigmoid_pairwise(x, _partner(x), temperature=t),
+    "margin_contrastive": lambda x, t: jnp.mean(
+        losses.margin_contrastive(x, _partner(x), jnp.arange(NUM_ROWS) % 2 == 0)
+    ),
+    "triplet_all": lambda x, t: losses.triplet_margin(x, LABELS),
+    "triplet_batch_hard": lambda x, t: losses.triplet_margin(x, LABELS, mining="batch_hard"),
+    "triplet_semi_hard": lambda x, t: losses.triplet_margin(x, LABELS, mining="semi_hard"),
+    "triplet_cosine": lambda x, t: losses.triplet_margin(x, LABELS, metric="cosine"),
+}
 
 
 @jax.jit
 def _values_and_grads(x, temperature):
-  values = _scalar_losses(x, temperature)
-  grads = {
-      name: jax.grad(lambda x, name=name: _scalar_losses(x, temperature)[name])(x) for name in values
-  }
-  return values, grads
+  values_and_grads = {name: jax.value_and_grad(fn)(x, temperature) for name, fn in SCALAR_LOSSES.items()}
+  return {name: v for name, (v, _) in values_and_grads.items()}, {name: g for name, (_, g) in values_and_grads.items()}
 
 
 def _assert_finite(x: np.ndarray, temperature: float):
@@ -113,8 +116,11 @@ def test_fuzz_finite(x, temperature):
 
 def test_temperature_may_be_traced_and_learned():
   x = np.random.default_rng(2).normal(size=(NUM_ROWS, 4)).astype(np.float32)
-  for name in ("ntxent", "supcon", "clip", "binary_infonce", "sigmoid_pairwise"):
-    grad = jax.jit(jax.grad(lambda t, name=name: _scalar_losses(jnp.asarray(x), t)[name]))(jnp.float32(0.2))
+  names = ("ntxent", "supcon", "clip", "binary_infonce", "sigmoid_pairwise")
+  grads = jax.jit(lambda t: {name: jax.grad(SCALAR_LOSSES[name], argnums=1)(x, t) for name in names})(
+      jnp.float32(0.2)
+  )
+  for name, grad in grads.items():
     assert np.isfinite(grad) and grad != 0.0, name
 
 

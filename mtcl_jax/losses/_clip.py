@@ -34,8 +34,8 @@ def clip(
     a: ``[batch, dim]`` embeddings of one modality; L2-normalised here, and cast to float32.
     b: ``[batch, dim]`` embeddings of the paired items in the other modality.
     temperature: τ > 0; may be a traced scalar (CLIP learns it, initialised at 0.07).
-    block_size: if given, compute in ``[block_size, batch]`` slabs (:mod:`mtcl_jax.losses._tiled`); same
-      value.
+    block_size: if given, visit the logits in ``[block_size, block_size]`` tiles
+      (:mod:`mtcl_jax.losses._tiled`), never holding the whole matrix; same value.
 
   Returns:
     float32 scalar.

@@ -2,7 +2,7 @@
 
 All three compare every row with every other row through cosine similarity. The plain versions here build
 the full ``[N, N]`` logit matrix once; ``block_size`` switches to :mod:`mtcl_jax.losses._tiled`, which
-never holds more than a ``[block_size, N]`` slab.
+never holds the whole matrix.
 """
 
 from __future__ import annotations
@@ -24,14 +24,6 @@ def _prepare(
   temperature = _common.check_positive("temperature", temperature)
   block_size = _common.check_block_size(block_size)
   return similarity.l2_normalize(embeddings), labels, temperature, block_size
-
-
-def _label_masks(labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """``(positive, negative)`` from label comparisons; XLA fuses these into the consumer, no [N, N] array."""
-  same = labels[:, None] == labels[None, :]
-  row = jax.lax.broadcasted_iota(jnp.int32, same.shape, 0)
-  column = jax.lax.broadcasted_iota(jnp.int32, same.shape, 1)
-  return same & (row != column), ~same
 
 
 # ---------------------------------------------------------------------------------------------- NT-Xent
@@ -86,14 +78,13 @@ def _pair_masks(
   return positive, negative
 
 
-def _label_stats(labels: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """From one sort: labels as dense float ids (exact in float32 up to 2²⁴ rows), whether each row has a
-  negative, and the number of ordered positive pairs."""
+def _label_stats(labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """From one sort instead of an [N, N] pass: labels as dense float ids (exact in float32 up to 2²⁴ rows),
+  and each row's number of positives (rows sharing its label, itself excluded)."""
   ordered = jnp.sort(labels)
   first = jnp.searchsorted(ordered, labels)
-  same_label = jnp.searchsorted(ordered, labels, side="right") - first
-  has_negative = (same_label < labels.shape[0]).astype(jnp.float32)
-  return first.astype(jnp.float32), has_negative, jnp.sum(same_label - 1).astype(jnp.float32)
+  num_positives = jnp.searchsorted(ordered, labels, side="right") - first - 1
+  return first.astype(jnp.float32), num_positives.astype(jnp.float32)
 
 
 def _forward_slab(scaled_slab, slab_ids, slab_rows, z, ids, rows):
@@ -132,7 +123,7 @@ def _backward_slab(logits, slab_ids, slab_rows, slab_lse, slab_weight, z, ids, r
 def _ntxent_fwd(z: jax.Array, labels: jax.Array, temperature: jax.Array):
   num_rows = z.shape[0]
   slab_rows = max(1, min(num_rows, _SLAB_ENTRIES // num_rows))
-  ids, has_negative, num_pairs = _label_stats(labels)
+  ids, num_positives = _label_stats(labels)
   rows = jnp.arange(num_rows, dtype=jnp.float32)
   # 1/τ scales z, not the [N, N] logits.
   slabs = [_split_rows(x, slab_rows) for x in (z / temperature, ids, rows)]
@@ -141,8 +132,9 @@ def _ntxent_fwd(z: jax.Array, labels: jax.Array, temperature: jax.Array):
   lse, loss_per_row, weight = (
       _join_rows(full[i], None if remainder is None else remainder[i]) for i in (1, 2, 3)
   )
-  num_pairs = jnp.maximum(num_pairs, 1.0)
+  num_pairs = jnp.maximum(jnp.sum(num_positives), 1.0)
   # A row without negatives has p_ij = 1: its pairs cost exactly 0 (the capped exp leaves ~1e-26).
+  has_negative = jnp.minimum(num_rows - 1 - num_positives, 1.0)
   loss = jnp.sum(has_negative * loss_per_row) / num_pairs
   return loss, (z, ids, temperature, logits, lse, weight, num_pairs)
 
@@ -191,8 +183,8 @@ def ntxent(
     labels: ``[N]`` integers; rows with equal labels are positives (e.g.
       :func:`mtcl_jax.pairs.view_labels` for SimCLR views).
     temperature: τ > 0; may be a traced scalar (learned).
-    block_size: if given, compute in ``[block_size, N]`` slabs (:mod:`mtcl_jax.losses._tiled`) so memory is
-      O(N · block_size) instead of O(N²); same value.
+    block_size: if given, visit the logits in ``[block_size, block_size]`` tiles
+      (:mod:`mtcl_jax.losses._tiled`), so memory is O(block_size² + N · dim) instead of O(N²); same value.
 
   Returns:
     float32 scalar.
@@ -219,16 +211,20 @@ def ntxent(
 
 
 def _supcon_dense(z: jax.Array, labels: jax.Array, temperature: jax.Array) -> jax.Array:
+  ids, num_positives = _label_stats(labels)
+  rows = jnp.arange(z.shape[0], dtype=jnp.float32)
   logits = (z / temperature) @ z.T
-  positive, _ = _label_masks(labels)
-  not_self = ~jnp.eye(z.shape[0], dtype=jnp.bool_)
-  # −(1/|P(i)|) Σ_p log softmax_p = lse_{a≠i} l_ia − mean_p l_ip: the positives enter linearly.
-  lse_others = _common.masked_logsumexp(logits, not_self, axis=1)
-  num_positives = jnp.sum(positive, axis=1, dtype=jnp.float32)
-  positive_mean = jnp.sum(jnp.where(positive, logits, 0.0), axis=1) / jnp.maximum(num_positives, 1.0)
-  has_positive = num_positives > 0
-  per_anchor = jnp.where(has_positive, lse_others - positive_mean, 0.0)
-  return jnp.sum(per_anchor) / jnp.maximum(jnp.sum(has_positive, dtype=jnp.float32), 1.0)
+  positive, _ = _pair_masks(ids, ids, rows, rows)
+  # −(1/|P(i)|) Σ_p log softmax_p = lse_{a≠i} l_ia − mean_p l_ip: the positives enter linearly. The
+  # diagonal leaves the log-sum-exp by being pushed down, as in NT-Xent.
+  self_mask = 1.0 - jnp.minimum(jnp.abs(rows[:, None] - rows[None, :]), 1.0)
+  others = logits - _MASK_SHIFT * self_mask
+  row_max = jax.lax.stop_gradient(jnp.max(others, axis=1))
+  lse_others = row_max + jnp.log(jnp.sum(jnp.exp(others - row_max[:, None]), axis=1))
+  positive_mean = jnp.sum(positive * logits, axis=1) / jnp.maximum(num_positives, 1.0)
+  has_positive = jnp.minimum(num_positives, 1.0)
+  per_anchor = has_positive * (lse_others - positive_mean)
+  return jnp.sum(per_anchor) / jnp.maximum(jnp.sum(has_positive), 1.0)
 
 
 def supcon(
@@ -249,7 +245,8 @@ def supcon(
     embeddings: ``[N, dim]`` floating point; L2-normalised here, and cast to float32.
     labels: ``[N]`` integers; rows with equal labels are positives.
     temperature: τ > 0; may be a traced scalar (learned).
-    block_size: if given, compute in ``[block_size, N]`` slabs (:mod:`mtcl_jax.losses._tiled`); same value.
+    block_size: if given, visit the logits in ``[block_size, block_size]`` tiles
+      (:mod:`mtcl_jax.losses._tiled`), never holding the whole matrix; same value.
 
   Returns:
     float32 scalar.
@@ -289,7 +286,8 @@ def task_contrastive(
     embeddings: ``[N, dim]`` floating point; L2-normalised here, and cast to float32.
     task_ids: ``[N]`` integer task index of each row.
     temperature: τ > 0; may be a traced scalar (learned).
-    block_size: if given, compute in ``[block_size, N]`` slabs (:mod:`mtcl_jax.losses._tiled`); same value.
+    block_size: if given, visit the logits in ``[block_size, block_size]`` tiles
+      (:mod:`mtcl_jax.losses._tiled`), never holding the whole matrix; same value.
 
   Returns:
     float32 scalar.
