@@ -205,7 +205,8 @@ def _final_evaluation(state: TrainState, model: MultiTaskModel, tasks: Sequence[
   train_features, test_features, logits = {}, {}, {}
   for task_data in _input_groups(tasks):
     dataset = task_data.task.dataset
-    train_features[dataset] = predict_input(state, model, task_data, "train", batch_size=batch_size, mesh=mesh)[0]
+    if config.eval.probes:
+      train_features[dataset] = predict_input(state, model, task_data, "train", batch_size=batch_size, mesh=mesh)[0]
     test_features[dataset], group_logits = predict_input(
         state, model, task_data, "test", batch_size=batch_size, mesh=mesh)
     logits.update(group_logits)
@@ -320,12 +321,15 @@ def train_and_evaluate(
     """Fetches the pending metrics; raises on the first non-finite loss; logs the window's mean."""
     nonlocal window_start, train_seconds
     for pending_step, metrics in jax.device_get(pending):
-      if not math.isfinite(float(metrics["loss"])):
-        checkpointer.wait()
+      # A finite loss with a non-finite gradient would still ruin the parameters: both are checked.
+      bad = [name for name in ("loss", "grad_norm") if not math.isfinite(float(metrics[name]))]
+      if bad:
+        progress.close()
+        checkpointer.close()
         raise NonFiniteLossError(
-            f"the training loss is {float(metrics['loss'])} at step {pending_step}; training stopped. The last good "
-            f"checkpoint is {'step ' + str(last_saved) if last_saved is not None else 'none'} in "
-            f"{checkpointer.directory}")
+            f"the training {bad[0].replace('_', ' ')} is {float(metrics[bad[0]])} at step {pending_step}; training "
+            f"stopped without saving. The last good checkpoint is "
+            f"{'step ' + str(last_saved) if last_saved is not None else 'none'} in {checkpointer.directory}")
       window.append({key: float(value) for key, value in metrics.items()})
     pending.clear()
     elapsed = time.perf_counter() - window_start
