@@ -16,7 +16,7 @@ from mtcl_jax.train import train_and_evaluate
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "configs"
 CONFIGS = sorted(CONFIG_DIR.glob("*.py"))
 SHRINK = ["model.stem_width=8", "model.trunk_widths=(16,)", "model.projection_widths=(8,)",
-          "model.image_channels=(4,)", "model.dtype=float32", "data.batch_size=16", "train.num_steps=2",
+          "model.image_channels=(4,)", "data.batch_size=16", "train.num_steps=2",
           "train.log_every=1", "train.eval_every=0", "train.checkpoint_every=2", "eval.probes=()",
           "eval.plots=False", "eval.batch_size=16", "optimizer.warmup_steps=0", "train.async_checkpoints=False"]
 
@@ -154,6 +154,7 @@ def test_tfds_config_runs_on_mock_data(tmp_path, config_name, builder, expected_
   builder(data_dir=str(data_dir), file_format="array_record").download_and_prepare(file_format="array_record")
   config = config_lib.load_config(CONFIG_DIR / f"{config_name}.py")
   config_lib.apply_overrides(config, [*SHRINK, f"data.data_dir={data_dir}"])
+  assert config.model.dtype == "bfloat16"  # the accelerator configs' mixed precision runs here too
   result = train_and_evaluate(config, tmp_path / "run")
   assert sorted(result["tasks"]) == expected_tasks
   for scores in result["tasks"].values():
