@@ -108,7 +108,7 @@ def test_matches_numpy_loop(name, pattern, n):
   loss_fn, reference = SUPCON_LIKE[name]
   x = _embeddings(n, D, seed=n)
   labels = LABEL_PATTERNS[pattern](n)
-  for temperature in (0.1, 0.5):
+  for temperature in (0.01, 0.1, 0.5):
     got = loss_fn(x, labels, jnp.float32(temperature))
     assert got.dtype == jnp.float32 and got.shape == ()
     np.testing.assert_allclose(got, reference(x, labels, temperature), rtol=2e-5, atol=2e-5)
