@@ -178,6 +178,9 @@ def ntxent(
   Unlike optax, a batch with no positive pair gives 0 with a zero (finite) gradient, not NaN; a row with
   no negative contributes 0 for each of its pairs.
 
+  The gradient is a custom VJP (one [N, N] @ [N, D] product), so reverse mode (``jax.grad``, ``jax.vjp``)
+  is supported and forward mode (``jax.jvp``, ``jax.jacfwd``) is not.
+
   Args:
     embeddings: ``[N, dim]`` floating point; L2-normalised here, and cast to float32.
     labels: ``[N]`` integers; rows with equal labels are positives (e.g.
