@@ -4,8 +4,16 @@ shared encoder trained with supervised contrastive loss over task x class labels
 Command:
   python -m mtcl_jax.run --config experiments/configs/default.py --workdir /tmp/mtcl_default
 
-Expected run time: MEASURED_TIME on 2 CPU cores, probes and plots included.
-Expected result (test split, task heads / linear probe on frozen trunk features): MEASURED_RESULT
+Expected run time: 4 min 01 s wall for the command above on this project's 2-core CPU machine while other jobs
+kept it at a load average of ~8 (500 steps of 192 examples, compilation, head evaluation every 100 steps, the
+linear probe and the plots all included); expect well under that on an idle machine or a GPU.
+
+Expected result, seed 0 (test split, accuracy / macro-F1 in percent; ``report.json`` has both):
+
+  task              task head        linear probe on frozen trunk features
+  digits            99.26 / 99.26    99.07 / 99.08
+  japanese_vowels   98.92 / 98.85    98.92 / 98.85
+  mnist1d           98.90 / 98.87    99.00 / 98.96
 """
 
 from mtcl_jax.train.config import base_config
@@ -19,9 +27,9 @@ def get_config():
   config.contrastive.temperature = 0.1
   config.optimizer.learning_rate = 2e-3
   config.optimizer.warmup_steps = 50
-  config.train.num_steps = 1000
+  config.train.num_steps = 500
   config.train.log_every = 25
-  config.train.eval_every = 200
-  config.train.checkpoint_every = 500
+  config.train.eval_every = 100
+  config.train.checkpoint_every = 250
   config.eval.probes = ("linear",)
   return config

@@ -14,7 +14,8 @@ import difflib
 import importlib.util
 import os
 import pathlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
@@ -128,16 +129,21 @@ def _lookup(config: ml_collections.ConfigDict, dotted: str) -> object:
   return node
 
 
-def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
-  """Dotted paths of every leaf key (open task-keyed sections count as leaves)."""
-  keys = []
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """``{dotted key: value}`` for every leaf of a config's ``to_dict()`` (task-keyed sections count as leaves)."""
+  flat = {}
   for key, value in config.items():
     path = f"{prefix}{key}"
-    if isinstance(value, ml_collections.ConfigDict) and path not in OPEN_SECTIONS:
-      keys += flat_keys(value, f"{path}.")
+    if isinstance(value, Mapping) and path not in OPEN_SECTIONS:
+      flat.update(flatten(value, f"{path}."))
     else:
-      keys.append(path)
-  return keys
+      flat[path] = value
+  return flat
+
+
+def flat_keys(config: ml_collections.ConfigDict) -> list[str]:
+  """Dotted paths of every leaf key (see :func:`flatten`)."""
+  return list(flatten(config.to_dict()))
 
 
 def _unknown_key_error(key: str, known: Iterable[str]) -> ValueError:

@@ -58,14 +58,9 @@ class NonFiniteLossError(RuntimeError):
 # ------------------------------------------------------------------------------------------------ workdir
 
 
-def _flat_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  flat = {}
-  for key, value in config.items():
-    if isinstance(value, Mapping) and f"{prefix}{key}" not in config_lib.OPEN_SECTIONS:
-      flat.update(_flat_config(value, f"{prefix}{key}."))
-    else:
-      flat[f"{prefix}{key}"] = json.loads(json.dumps(value, default=list))
-  return flat
+def _config_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config as saved in ``config.json``: flat dotted keys, JSON values (tuples become lists)."""
+  return json.loads(json.dumps(config_lib.flatten(config.to_dict())))
 
 
 def _archive_outputs(workdir: pathlib.Path) -> pathlib.Path | None:
@@ -86,7 +81,7 @@ def _check_resumable(workdir: pathlib.Path, config: ml_collections.ConfigDict) -
   if not saved_path.exists():
     return
   saved = json.loads(saved_path.read_text())
-  current = _flat_config(config.to_dict())
+  current = _config_record(config)
   differing = sorted(key for key in set(saved) | set(current)
                      if saved.get(key) != current.get(key) and key not in _RESUMABLE_CHANGES)
   if differing:
@@ -303,7 +298,7 @@ def train_and_evaluate(
   else:
     print(f"Starting a new run in {workdir}", flush=True)
   if writer:
-    (workdir / CONFIG_FILE).write_text(json.dumps(_flat_config(config.to_dict()), indent=1))
+    (workdir / CONFIG_FILE).write_text(json.dumps(_config_record(config), indent=1))
   history = _read_history(workdir / METRICS_FILE, start_step) if writer else []
 
   # --- Training loop.
