@@ -80,7 +80,7 @@ def create_train_state(
   params = init(jax.random.key(seed, impl="rbg"), example_batch)
   run_key = jax.random.key(seed)
   log_temperature = None if temperature is None else jnp.asarray(math.log(temperature), jnp.float32)
-  opt_state = optimizer.init((params, log_temperature))
+  opt_state = jax.jit(optimizer.init)((params, log_temperature))
   return TrainState(
       step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, key=run_key, log_temperature=log_temperature
   )
