@@ -15,7 +15,7 @@ of it is the single-device gradient, sharded as the rows are.
   rows home.
 
 Both run on :mod:`mtcl_jax.losses._tiled`'s sweeps and custom VJPs: ``block_size`` tiles the per-device work
-(default: the device's whole row count as one block).
+(default: the device's row count, capped at 512 rows on CPU).
 """
 
 from __future__ import annotations
@@ -98,7 +98,8 @@ def all_gather_loss(
     temperature: τ > 0; may be a traced scalar (its gradient is the sum over devices).
     axis_name: the mesh axis the batch is sharded over.
     local_b: ``[n, dim]`` CLIP only: this device's rows of the paired modality.
-    block_size: tile the per-device work in blocks of at most this many rows (default: one block of ``n``).
+    block_size: tile the per-device work in blocks of at most this many rows (default: ``n``; on CPU at most
+      512 rows, as in :mod:`mtcl_jax.losses._tiled`).
 
   Returns:
     The loss over the whole batch, a float32 scalar equal on every device.
