@@ -210,7 +210,7 @@ _MEMORY_SCRIPT = textwrap.dedent(
 def test_131072_rows_fit_in_3_gb():
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
-  script = _MEMORY_SCRIPT.format(block=512)
+  script = _MEMORY_SCRIPT.format(block=4096)
   result = subprocess.run(
       [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True,
       cwd=pathlib.Path(__file__).parent.parent,
