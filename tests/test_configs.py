@@ -92,8 +92,10 @@ def test_validation_names_the_bad_value():
 # ------------------------------------------------------------------------------------------- TFDS mocks
 # TFDS's mock_data patches TFDS's own readers, which mtcl_jax.data does not use (it opens prepared files with
 # builder_from_files), and TFDS image features need TensorFlow to encode. So the mocks are real prepared TFDS
-# datasets with the standard names and the standard feature layout (images as uint8 tensors), written in
-# array_record to a temporary data directory and read through the same path as the real ones.
+# datasets with the standard names and the standard labels, images stored as uint8 tensors, written in
+# array_record to a temporary data directory and read through the same path as the real ones. CelebA's mock
+# leaves out the landmarks: the data layer takes a TFDS Image feature as the input first, and with the image a
+# plain tensor it could pick a landmark instead.
 
 
 class _MockCifar10(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -128,7 +130,6 @@ class _MockCelebA(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
         "image": tfds.features.Tensor(shape=(24, 20, 3), dtype=np.uint8),
-        "landmarks": tfds.features.FeaturesDict({"lefteye_x": tfds.features.Scalar(dtype=np.int64)}),
         "attributes": tfds.features.FeaturesDict(
             {name: tfds.features.Scalar(dtype=np.bool_) for name in self.ATTRIBUTES}),
     }))
@@ -140,7 +141,7 @@ class _MockCelebA(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _generate_examples(self, count, seed):
     rng = np.random.default_rng(seed)
     for index in range(count):
-      yield index, {"image": rng.integers(0, 256, (24, 20, 3), dtype=np.uint8), "landmarks": {"lefteye_x": 1},
+      yield index, {"image": rng.integers(0, 256, (24, 20, 3), dtype=np.uint8),
                     "attributes": {name: bool(rng.integers(2)) for name in self.ATTRIBUTES}}
 
 
