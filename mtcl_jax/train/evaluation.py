@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import jax
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
