@@ -79,7 +79,7 @@ def test_margin_contrastive_matches_numpy_loop():
 
 def test_margin_contrastive_gradient_finite_at_equal_points():
   a = np.ones((2, 3), np.float32)
-  grad = jax.grad(lambda a: jnp.sum(losses.margin_contrastive(a, a, jnp.array([True, False]))))(a)
+  grad = jax.jit(jax.grad(lambda a: jnp.sum(losses.margin_contrastive(a, a, jnp.array([True, False])))))(a)
   np.testing.assert_array_equal(grad, np.zeros_like(a))
 
 
@@ -138,7 +138,7 @@ def test_semi_hard_prefers_the_negative_inside_the_margin():
   labels = np.array([0, 0, 1, 2, 3])
   # Anchor 0: the semi-hard negative is 1.1, cost 1 − 1.1 + 0.3 = 0.2 (the hard one, 0.5, would cost 0.8).
   # Anchor 1 (its positive at distance 1): the nearest farther negative is 3, at distance 2: inactive.
-  got = losses.triplet_margin(x, labels, margin=0.3, mining="semi_hard")
+  got = _jitted_triplet("semi_hard")(x, labels, jnp.float32(0.3))
   np.testing.assert_allclose(got, 0.2, rtol=1e-5)
 
 

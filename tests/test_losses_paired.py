@@ -71,7 +71,7 @@ def test_sigmoid_pairwise_matches_numpy_loop(n):
 
 def test_sigmoid_pairwise_defaults_are_siglip_init():
   a, b = _pair(4, 3, 0)
-  np.testing.assert_allclose(losses.sigmoid_pairwise(a, b), reference_sigmoid(a, b, 0.1, -10.0), rtol=2e-5)
+  np.testing.assert_allclose(jax.jit(losses.sigmoid_pairwise)(a, b), reference_sigmoid(a, b, 0.1, -10.0), rtol=2e-5)
 
 
 def test_clip_is_symmetric_in_its_arguments_and_permutation_invariant():

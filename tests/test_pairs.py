@@ -22,9 +22,10 @@ def _reference_masks(labels) -> tuple[np.ndarray, np.ndarray]:
 @pytest.mark.parametrize("labels", [[0], [3, 3, 3], [0, 1, 2], [5, 1, 5, 1, 7], [-2, 2**31 - 1, -2]])
 def test_masks_match_loops(labels):
   positive, negative = _reference_masks(labels)
-  np.testing.assert_array_equal(pairs.positive_mask(np.array(labels)), positive)
-  np.testing.assert_array_equal(pairs.negative_mask(np.array(labels)), negative)
-  task_positive, task_negative = jax.jit(pairs.task_masks)(np.array(labels))
+  masks = jax.jit(lambda labels: (pairs.positive_mask(labels), pairs.negative_mask(labels), pairs.task_masks(labels)))
+  label_mask, label_negative, (task_positive, task_negative) = masks(np.array(labels))
+  np.testing.assert_array_equal(label_mask, positive)
+  np.testing.assert_array_equal(label_negative, negative)
   np.testing.assert_array_equal(task_positive, positive)
   np.testing.assert_array_equal(task_negative, negative)
   assert task_positive.dtype == jnp.bool_
@@ -58,10 +59,10 @@ def test_task_class_labels_validation():
 
 
 def test_view_labels_are_view_major():
-  labels = pairs.view_labels(4, 3)
+  labels, positive = jax.jit(lambda: (pairs.view_labels(4, 3), pairs.positive_mask(pairs.view_labels(4, 3))))()
   np.testing.assert_array_equal(labels, np.tile(np.arange(4), 3))
   assert labels.dtype == jnp.int32
-  positive = np.asarray(pairs.positive_mask(labels))
+  positive = np.asarray(positive)
   # Row v * 4 + i is a positive of exactly the other views of item i.
   assert positive.sum(axis=1).tolist() == [2] * 12
   assert positive[1, 5] and positive[1, 9] and not positive[1, 2]
