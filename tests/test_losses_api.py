@@ -177,3 +177,22 @@ def test_pair_loss_validation():
 def test_docstring_examples(module):
   result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
   assert result.attempted > 0 and result.failed == 0
+
+
+def test_empty_batch_is_rejected():
+  empty = np.zeros((0, 3), np.float32)
+  no_labels = np.zeros(0, np.int32)
+  calls = {
+      "binary_infonce": lambda: losses.binary_infonce(empty, empty, empty),
+      "ntxent": lambda: losses.ntxent(empty, no_labels),
+      "supcon": lambda: losses.supcon(empty, no_labels),
+      "task_contrastive": lambda: losses.task_contrastive(empty, no_labels),
+      "clip": lambda: losses.clip(empty, empty),
+      "sigmoid_pairwise": lambda: losses.sigmoid_pairwise(empty, empty),
+      "margin_contrastive": lambda: losses.margin_contrastive(empty, empty, np.zeros(0, bool)),
+      "triplet_margin": lambda: losses.triplet_margin(empty, no_labels),
+  }
+  assert sorted(calls) == sorted(PUBLIC)
+  for name, call in calls.items():
+    with pytest.raises(ValueError, match=r"at least 1 row.*\(0, 3\)"):
+      call()

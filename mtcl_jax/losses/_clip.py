@@ -11,8 +11,8 @@ from mtcl_jax.losses import _common
 
 
 def _prepare_pair(a: ArrayLike, b: ArrayLike) -> tuple[jax.Array, jax.Array]:
-  a = _common.as_float_embeddings("a", a)
-  b = _common.as_float_embeddings("b", b)
+  a = _common.as_float_embeddings("a", a, min_rows=1)
+  b = _common.as_float_embeddings("b", b, min_rows=1)
   if a.shape != b.shape:
     raise ValueError(f"a and b must both be [B, D] with the same B and D; got a {a.shape}, b {b.shape}")
   return similarity.l2_normalize(a), similarity.l2_normalize(b)

@@ -16,11 +16,14 @@ from jax.typing import ArrayLike
 MASK_VALUE = -1e9
 
 
-def as_float_embeddings(name: str, x: ArrayLike, *, ndim: int = 2) -> jax.Array:
-  """Returns ``x`` as a float32 array after checking its rank and that it is floating point."""
+def as_float_embeddings(name: str, x: ArrayLike, *, ndim: int = 2, min_rows: int = 0) -> jax.Array:
+  """Returns ``x`` as a float32 array after checking its rank, its number of rows and that it is floating
+  point."""
   x = jnp.asarray(x)
   if x.ndim != ndim:
     raise ValueError(f"{name} must have rank {ndim}; got shape {x.shape}")
+  if x.shape[0] < min_rows:
+    raise ValueError(f"{name} must have at least {min_rows} row(s); got shape {x.shape}")
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(f"{name} must be floating point; got dtype {x.dtype} (shape {x.shape})")
   return x.astype(jnp.float32)

@@ -40,8 +40,8 @@ def binary_infonce(
     van den Oord, Li and Vinyals, `Representation Learning with Contrastive Predictive Coding
     <https://arxiv.org/abs/1807.03748>`_, 2018.
   """
-  anchor = _common.as_float_embeddings("anchor", anchor)
-  positive = _common.as_float_embeddings("positive", positive)
+  anchor = _common.as_float_embeddings("anchor", anchor, min_rows=1)
+  positive = _common.as_float_embeddings("positive", positive, min_rows=1)
   negative = jnp.asarray(negative)
   if negative.ndim == 2:
     negative = negative[:, None, :]

@@ -43,8 +43,8 @@ def margin_contrastive(
     Hadsell, Chopra and LeCun, `Dimensionality Reduction by Learning an Invariant Mapping
     <https://doi.org/10.1109/CVPR.2006.100>`_, CVPR 2006.
   """
-  a = _common.as_float_embeddings("a", a)
-  b = _common.as_float_embeddings("b", b)
+  a = _common.as_float_embeddings("a", a, min_rows=1)
+  b = _common.as_float_embeddings("b", b, min_rows=1)
   same = jnp.asarray(same)
   if a.shape != b.shape or same.shape != a.shape[:1]:
     raise ValueError(f"expected a [B, D], b [B, D], same [B]; got a {a.shape}, b {b.shape}, same {same.shape}")
@@ -131,7 +131,7 @@ def triplet_margin(
     Hermans, Beyer and Leibe, `In Defense of the Triplet Loss for Person Re-Identification
     <https://arxiv.org/abs/1703.07737>`_, 2017.
   """
-  embeddings = _common.as_float_embeddings("embeddings", embeddings)
+  embeddings = _common.as_float_embeddings("embeddings", embeddings, min_rows=1)
   labels = _common.as_labels("labels", labels, embeddings.shape[0])
   margin = _common.check_positive("margin", margin)
   if mining not in MININGS:

@@ -19,7 +19,7 @@ def _prepare(
     embeddings: ArrayLike, labels: ArrayLike, temperature: ArrayLike, block_size: int | None
 ) -> tuple[jax.Array, jax.Array, jax.Array, int | None]:
   """Validates, casts to float32 and L2-normalises: what every loss here (and the tiled ones) expects."""
-  embeddings = _common.as_float_embeddings("embeddings", embeddings)
+  embeddings = _common.as_float_embeddings("embeddings", embeddings, min_rows=1)
   labels = _common.as_labels("labels", labels, embeddings.shape[0])
   temperature = _common.check_positive("temperature", temperature)
   block_size = _common.check_block_size(block_size)
