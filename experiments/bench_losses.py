@@ -43,7 +43,8 @@ def _estimated_peak_bytes(impl: str, rows: int, block_size: int) -> float:
     # The [2N, 2N] logits kept for the backward pass plus the gradient matrix (and XLA slack).
     return 3 * rows**2 * 4
   if impl == "ours_tiled":
-    return 6 * block_size * rows * 4 + 64 * rows * DIM * 4
+    # A few [block, block] tiles live at once; the rest is O(rows * DIM): inputs, gradient, per-row stats.
+    return 6 * block_size**2 * 4 + 64 * rows * DIM * 4
   # optax broadcasts [2N, 1, D] against [1, 2N, D] for its cosine similarity.
   return rows**2 * (DIM + 8) * 4
 
