@@ -5,6 +5,13 @@ every process: the batch is sharded on it, the train state is replicated. There 
 since JAX 0.8): ``jax.jit`` over this mesh partitions the step, and ``jax.shard_map`` is used where a loss needs
 explicit collectives.
 
+The mesh axis is ``AxisType.Auto`` — the flax-examples / big_vision style: shardings are given on the jitted step's
+inputs and outputs, ``jax.lax.with_sharding_constraint`` pins an intermediate where it matters, and the compiler
+propagates the rest. Explicit axes ("sharding in types") would make every op's output sharding part of its type,
+and the rules that infer it change between JAX releases: a step that traced on jax 0.10 fails on 0.11 and 0.12
+(the transpose of a gather on a batch-sharded array has no inferable sharding). Auto axes behave the same on every
+release we support.
+
 Multi-host runs use JAX's own runtime: call :func:`initialize_distributed` first thing in each process (it reads
 flags or the usual ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` variables, and
 auto-detects SLURM and Cloud TPU), then every process feeds its own rows of the global batch through
@@ -75,7 +82,7 @@ def make_mesh(num_devices: int | None = None, *, devices: Sequence[jax.Device] |
     devices: explicit devices (overrides ``num_devices``).
 
   Returns:
-    A ``Mesh`` whose single axis has the Explicit axis type.
+    A ``Mesh`` whose single axis has the Auto axis type (see the module docstring).
   """
   if devices is None:
     all_devices = jax.devices()
@@ -84,7 +91,7 @@ def make_mesh(num_devices: int | None = None, *, devices: Sequence[jax.Device] |
     if not 1 <= num_devices <= len(all_devices):
       raise ValueError(f"num_devices must be in [1, {len(all_devices)}]; got {num_devices}")
     devices = all_devices[:num_devices]
-  return jax.make_mesh((len(devices),), (DATA_AXIS,), (AxisType.Explicit,), devices=devices)
+  return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=devices)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

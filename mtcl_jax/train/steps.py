@@ -2,7 +2,7 @@
 
 ``train_step(state, batch) -> (state, metrics)`` is pure: the state is donated and a new one returned. The
 contrastive loss sees the global batch: with ``contrastive.distributed = "replicate"`` the projections are
-resharded to replicated before the loss (XLA all-gathers them); ``"all_gather"`` and ``"ring"`` leave them sharded
+constrained to replicated before the loss (XLA all-gathers them); ``"all_gather"`` and ``"ring"`` leave them sharded
 and call ``mtcl_jax.losses._sharded.sharded_loss``, which exchanges rows between devices inside ``shard_map``
 (NT-Xent, SupCon and CLIP; binary InfoNCE draws a few triples and always gathers them).
 
@@ -76,13 +76,12 @@ def make_loss_fn(
   use_contrastive = stage != "heads" and contrastive.rule != "none" and contrastive.weight != 0
   use_classification = stage != "pretrain" and config.classification.weight != 0
   replicated = parallel.replicated(mesh)
-  # Augmentations gather pixels/frames at random offsets, a gather whose output sharding an Explicit mesh
-  # cannot infer: auto_axes lets the compiler shard it and returns the views batch-sharded.
+  # [num_views, batch, ...]: each view keeps the batch's row sharding, so the stems run data-parallel on the views.
   views_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, parallel.DATA_AXIS))
 
   def gather(tree: Any) -> Any:
     # The contrastive loss compares every row with every other: each device needs the global batch.
-    return jax.tree.map(lambda leaf: jax.sharding.reshard(leaf, replicated), tree)
+    return jax.lax.with_sharding_constraint(tree, replicated)
 
   def augmented_views(key: jax.Array, batch: Batch) -> list[dict[str, dict[str, jax.Array]]]:
     """``num_views`` batches of augmented inputs of each group, ``{representative: {"x", "mask"?}}``."""
@@ -91,13 +90,10 @@ def make_loss_fn(
       task_batch = batch[name]
       make_views = functools.partial(augment.make_views, modality=modality[name], num_views=contrastive.num_views)
       task_key = jax.random.fold_in(key, index)
-      if "mask" in task_batch:
-        stacked = jax.sharding.auto_axes(lambda k, x, m: make_views(k, x, mask=m), out_sharding=views_sharding)(
-            task_key, task_batch["x"], task_batch["mask"])
-      else:
-        stacked = jax.sharding.auto_axes(make_views, out_sharding=views_sharding)(task_key, task_batch["x"])
+      mask = {"mask": task_batch["mask"]} if "mask" in task_batch else {}
+      stacked = jax.lax.with_sharding_constraint(make_views(task_key, task_batch["x"], **mask), views_sharding)
       for view in range(contrastive.num_views):
-        views[view][name] = {"x": stacked[view], **({"mask": task_batch["mask"]} if "mask" in task_batch else {})}
+        views[view][name] = {"x": stacked[view], **mask}
     return views
 
   def pairwise_loss(loss: str, temperature: jax.Array, rows: jax.Array, labels: jax.Array | None = None,
