@@ -111,15 +111,24 @@ def vary_like(tree: Any, reference: jax.Array) -> Any:
   Inside ``shard_map`` a loop carry must keep its type, and a constant starts out invariant while the values folded
   into it vary per device. Outside ``shard_map`` this is the identity.
   """
-  axes = jax.typeof(reference).manual_axis_type.varying
+  axes = _varying_axes(reference)
   if not axes:
     return tree
 
   def cast(x: jax.Array) -> jax.Array:
-    missing = tuple(sorted(axes - jax.typeof(x).manual_axis_type.varying))
-    return lax.pcast(x, missing, to="varying") if missing else x
+    missing = tuple(sorted(axes - _varying_axes(x)))
+    if not missing:
+      return x
+    return lax.pcast(x, missing, to="varying") if hasattr(lax, "pcast") else lax.pvary(x, missing)
 
   return jax.tree.map(cast, tree)
+
+
+def _varying_axes(x: jax.Array) -> frozenset[str]:
+  """The manual mesh axes ``x`` varies over: ``aval.manual_axis_type.varying`` on jax >= 0.10, ``aval.vma`` before."""
+  aval = jax.typeof(x)
+  manual = getattr(aval, "manual_axis_type", None)
+  return manual.varying if manual is not None else aval.vma
 
 
 # ---------------------------------------------------------------------------------------------------------------
