@@ -114,7 +114,7 @@ def test_frozen_heads_input_stops_gradient_into_the_encoder(model_batch_params):
   assert float(jnp.abs(joint["trunk"]["dense0"]["kernel"]).sum()) > 0
   assert all(float(jnp.abs(leaf).sum()) == 0 for leaf in jax.tree.leaves(frozen["trunk"]))
   assert all(float(jnp.abs(leaf).sum()) == 0 for leaf in jax.tree.leaves(frozen["stems_digits"]))
-  np.testing.assert_allclose(frozen["heads_digits"]["kernel"], joint["heads_digits"]["kernel"], rtol=1e-6)
+  np.testing.assert_allclose(frozen["heads_digits"]["kernel"], joint["heads_digits"]["kernel"], rtol=1e-5, atol=1e-5)
 
 
 def test_unknown_modality_is_rejected():

@@ -58,6 +58,7 @@ def test_smoke_run_writes_report_metrics_plots_and_checkpoints(smoke_run):
     assert 0 <= scores["probes"]["linear"]["macro_f1"] <= 100
     assert f"{name}: accuracy {scores['accuracy']:.2f}%" in stdout
   assert report["run"]["steps"] == 8 and report["run"]["num_devices"] == 8
+  assert 0 < report["run"]["final_evaluation_seconds"] < report["run"]["seconds_to_final_evaluation_end"]
   assert report["config"]["data"]["tasks"] == "digits+japanese_vowels+mnist1d"
   assert "japanese_vowels" in (workdir / "report.md").read_text()
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]

@@ -263,6 +263,7 @@ def train_and_evaluate(
     NonFiniteLossError: the loss became NaN or infinite; the last good checkpoint is kept.
     mtcl_jax.data.DatasetNotPreparedError: a dataset is not prepared in the data directory.
   """
+  run_start = time.perf_counter()
   workdir = pathlib.Path(workdir)
   writer = jax.process_index() == 0
   config_lib.validate_config(config)
@@ -378,7 +379,10 @@ def train_and_evaluate(
     return {"tasks": {}, "run": run_summary}
 
   # --- Final evaluation, plots, reports.
+  evaluation_start = time.perf_counter()
   task_results, test_features = _final_evaluation(state, model, tasks, mesh, config)
+  run_summary["final_evaluation_seconds"] = round(time.perf_counter() - evaluation_start, 2)
+  run_summary["seconds_to_final_evaluation_end"] = round(time.perf_counter() - run_start, 2)
   checkpointer.close()
   result = {"tasks": task_results, "run": run_summary, "config": config.to_dict()}
   if writer:
