@@ -1,0 +1,46 @@
+"""The trainer benchmark and the device check, run small on the CPU (their real runs are on accelerators)."""
+
+import importlib.util
+import json
+import math
+import pathlib
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _module(name):
+  spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_bench_train_reports_flops_throughput_and_matmul_fraction(tmp_path):
+  bench_train = _module("bench_train")
+  out = tmp_path / "bench_train.json"
+  assert bench_train.main(["--workloads", "default", "--batch-size", "8", "--steps", "1", "--windows", "1",
+                           "--matmul-size", "256", "--out", str(out)]) == 0
+  result = json.loads(out.read_text())
+  assert result["backend"] == "cpu" and result["num_devices"] == 8
+  (row,) = result["rows"]
+  assert row["examples_per_step"] == 3 * 8 and row["compute_dtype"] == "float32"
+  assert row["flops_per_step"] > 1e6 and row["compile_seconds"] > 0
+  assert math.isclose(row["examples_per_second"], row["examples_per_step"] / row["step_seconds"])
+  assert 0 < row["fraction_of_matmul"] and math.isfinite(row["final_loss"])
+
+
+def test_device_check_parses_pytest_and_writes_a_summary_of_what_ran(tmp_path):
+  device_check = _module("device_check")
+  log = tmp_path / "tests.log"
+  log.write_text("....\n===== 3 failed, 420 passed, 7 deselected in 185.63s (0:03:05) =====\n")
+  assert device_check._pytest_counts(log) == {"failed": 3, "passed": 420, "deselected": 7, "seconds": 185.63,
+                                              "line": "3 failed, 420 passed, 7 deselected in 185.63s (0:03:05)"}
+  out = tmp_path / "check"
+  status = device_check.main(["--out", str(out), "--skip", "install", "tests", "bench_losses", "bench_train",
+                              "default"])
+  summary = json.loads((out / "summary.json").read_text())
+  assert status == 0 and summary["stages"]["prepare"]["status"] == "ok"
+  assert summary["facts"]["backend"] == "cpu"
+  assert "| prepare | ok |" in (out / "summary.md").read_text()
