@@ -45,9 +45,11 @@ SCALAR_LOSSES = {
         )
     ),
     "ntxent": lambda x, t: losses.ntxent(x, LABELS, temperature=t),
+    "ntxent_bf16_products": lambda x, t: losses.ntxent(x, LABELS % 4, temperature=t, matmul_dtype=jnp.bfloat16),
     "supcon": lambda x, t: losses.supcon(x, LABELS, temperature=t),
     "task_contrastive": lambda x, t: losses.task_contrastive(x, LABELS % 2, temperature=t),
     "clip": lambda x, t: losses.clip(x, _partner(x), temperature=t),
+    "clip_bf16_products": lambda x, t: losses.clip(x, _partner(x), temperature=t, matmul_dtype=jnp.bfloat16),
     "sigmoid_pairwise": lambda x, t: losses.sigmoid_pairwise(x, _partner(x), temperature=t),
     "margin_contrastive": lambda x, t: jnp.mean(
         losses.margin_contrastive(x, _partner(x), jnp.arange(NUM_ROWS) % 2 == 0)
@@ -148,6 +150,9 @@ def test_contrastive_validation(name):
   for block_size in (0, -2, 2.5, True):
     with pytest.raises(ValueError, match="block_size"):
       loss_fn(X, np.arange(4), block_size=block_size)
+  for matmul_dtype in (jnp.float16, jnp.int8, "float64", "not a dtype"):
+    with pytest.raises(ValueError, match="matmul_dtype"):
+      loss_fn(X, np.arange(4), matmul_dtype=matmul_dtype)
 
 
 def test_pair_loss_validation():
@@ -171,6 +176,8 @@ def test_pair_loss_validation():
     losses.clip(X, X, temperature=0.0)
   with pytest.raises(ValueError, match="block_size"):
     losses.clip(X, X, block_size=0)
+  with pytest.raises(ValueError, match="matmul_dtype"):
+    losses.clip(X, X, matmul_dtype=jnp.float16)
   with pytest.raises(ValueError, match="temperature"):
     losses.sigmoid_pairwise(X, X, temperature=-1.0)
 

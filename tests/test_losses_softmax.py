@@ -278,8 +278,9 @@ def test_block_size_hands_validated_inputs_to_tiled(monkeypatch, name):
   tiled = pytest.importorskip("mtcl_jax.losses._tiled")
   calls = []
 
-  def spy(embeddings, labels, temperature, block_size):
+  def spy(embeddings, labels, temperature, block_size, *, matmul_dtype):
     calls.append((embeddings, labels, temperature, block_size))
+    assert matmul_dtype is None
     return jnp.float32(0.0)
 
   monkeypatch.setattr(tiled, "supcon_tiled" if name == "task_contrastive" else f"{name}_tiled", spy)
@@ -297,3 +298,193 @@ def test_ntxent_block_size_gives_the_same_value():
   labels = LABEL_PATTERNS["many"](N)
   tiled = jax.jit(lambda x: losses.ntxent(x, labels, temperature=0.2, block_size=3))(x)
   np.testing.assert_allclose(tiled, SUPCON_LIKE["ntxent"][0](x, labels, jnp.float32(0.2)), rtol=1e-5)
+
+
+# ------------------------------------------------------------------ each implementation, each form, forced
+
+# The plain path runs "slabs" (a custom VJP) on CPU and "xla" (XLA autodiff) on accelerators; both run here.
+IMPLEMENTATIONS = sorted(_ntxent._IMPLEMENTATIONS)
+
+
+def _forced(loss: str, implementation: str, matmul_dtype=None):
+  """The plain ``loss`` by ``implementation``, with the public function's validation and normalisation."""
+
+  def loss_fn(x, labels, temperature):
+    z, labels, temperature, _ = _ntxent._prepare(x, labels, temperature, None)
+    return _ntxent._plain(loss, z, labels, temperature, matmul_dtype, implementation=implementation)
+
+  return jax.jit(loss_fn)
+
+
+FORCED = {(loss, impl): _forced(loss, impl) for loss in ("ntxent", "supcon") for impl in IMPLEMENTATIONS}
+REFERENCES = {"ntxent": reference_ntxent, "supcon": reference_supcon}
+
+
+def test_backend_chooses_the_implementation(monkeypatch):
+  x = _embeddings(N, D)
+  labels = LABEL_PATTERNS["views"](N)
+  assert _ntxent._implementation() == "slabs"
+  assert "custom_vjp_call" in str(jax.make_jaxpr(lambda x: losses.ntxent(x, labels))(x))
+  for accelerator in ("gpu", "tpu"):
+    monkeypatch.setattr(jax, "default_backend", lambda accelerator=accelerator: accelerator)
+    assert _ntxent._implementation() == "xla"
+    jaxpr = str(jax.make_jaxpr(lambda x: losses.ntxent(x, labels))(x))
+    assert "custom_vjp_call" not in jaxpr and "cond" in jaxpr
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("loss", ["ntxent", "supcon"])
+@pytest.mark.parametrize("pattern", sorted(LABEL_PATTERNS))
+def test_each_implementation_matches_numpy_loop(implementation, loss, pattern):
+  loss_fn = FORCED[loss, implementation]
+  for n in (2, 7, N):
+    x = _embeddings(n, D, seed=n)
+    labels = LABEL_PATTERNS[pattern](n)
+    for temperature in (0.01, 0.5):
+      np.testing.assert_allclose(
+          loss_fn(x, labels, jnp.float32(temperature)), REFERENCES[loss](x, labels, temperature), rtol=2e-5,
+          atol=2e-5,
+      )
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("loss", ["ntxent", "supcon"])
+@pytest.mark.parametrize("pattern", ["views", "many", "singletons"])
+def test_each_implementation_gradient_matches_float64_differences(implementation, loss, pattern):
+  loss_fn = FORCED[loss, implementation]
+  x = _embeddings(N, D, seed=1)
+  labels = LABEL_PATTERNS[pattern](N)
+  grad_x, grad_t = jax.grad(loss_fn, argnums=(0, 2))(x, labels, jnp.float32(0.3))
+  reference = REFERENCES[loss]
+  np.testing.assert_allclose(
+      grad_x, numeric_gradient(lambda v: reference(v, labels, 0.3), x), rtol=1e-3, atol=1e-4
+  )
+  expected_t = numeric_gradient(lambda t: reference(x, labels, float(t[0])), np.array([0.3]))[0]
+  np.testing.assert_allclose(grad_t, expected_t, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("loss", ["ntxent", "supcon"])
+@pytest.mark.parametrize("pattern", ["views", "many", "equal", "distinct"])
+def test_implementations_agree_over_several_slabs(monkeypatch, loss, pattern):
+  # 3-row slabs of 37 rows: twelve full slabs and a remainder of one.
+  monkeypatch.setattr(_ntxent, "_SLAB_ENTRIES", 3 * 37)
+  x = _embeddings(37, 16, seed=5)
+  labels = LABEL_PATTERNS[pattern](37)
+  results = {}
+  for implementation in IMPLEMENTATIONS:
+    step = jax.jit(jax.value_and_grad(_forced(loss, implementation), argnums=(0, 2)))
+    results[implementation] = step(x, labels, jnp.float32(0.2))
+  (value, (grad_x, grad_t)), (other_value, (other_x, other_t)) = results.values()
+  np.testing.assert_allclose(value, REFERENCES[loss](x, labels, 0.2), rtol=2e-5)
+  np.testing.assert_allclose(value, other_value, rtol=1e-5)
+  np.testing.assert_allclose(grad_x, other_x, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(grad_t, other_t, rtol=1e-4, atol=1e-6)
+
+
+AT_MOST_ONE_POSITIVE = {
+    "views": LABEL_PATTERNS["views"](10),
+    "distinct": LABEL_PATTERNS["distinct"](10),
+    "pairs_and_singletons": np.array([0, 0, 1, 2, 2, 3, 4, 5, 5, 6]),
+}
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("pattern", sorted(AT_MOST_ONE_POSITIVE))
+def test_ntxent_forms_agree_with_at_most_one_positive_each(monkeypatch, implementation, pattern):
+  # With at most one positive per anchor NT-Xent runs in the SupCon form; force its own form on the same rows.
+  x = _embeddings(10, D, seed=9)
+  labels = AT_MOST_ONE_POSITIVE[pattern]
+
+  def value_and_grads():
+    return jax.jit(jax.value_and_grad(_forced("ntxent", implementation), argnums=(0, 2)))(
+        x, labels, jnp.float32(0.2)
+    )
+
+  supcon_form = value_and_grads()
+  monkeypatch.setattr(_ntxent, "_one_positive_each", lambda num_positives: jnp.bool_(False))
+  ntxent_form = value_and_grads()
+  np.testing.assert_allclose(supcon_form[0], reference_ntxent(x, labels, 0.2), rtol=2e-5, atol=1e-7)
+  np.testing.assert_allclose(ntxent_form[0], supcon_form[0], rtol=2e-5, atol=1e-7)
+  for got, expected in zip(ntxent_form[1], supcon_form[1], strict=True):
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("loss", ["ntxent", "supcon"])
+def test_each_implementation_no_positive_gives_zero_and_zero_gradient(implementation, loss):
+  value, grad = jax.value_and_grad(FORCED[loss, implementation])(_embeddings(N, D), jnp.arange(N), jnp.float32(0.1))
+  assert value == 0.0
+  np.testing.assert_array_equal(grad, np.zeros((N, D)))
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_vmap_over_labels_takes_each_batch_elements_form(implementation):
+  # Batched labels make the form a per-element choice: one element has two views, the other three views.
+  loss_fn = FORCED["ntxent", implementation]
+  x = np.stack([_embeddings(12, D, seed=s) for s in range(2)])
+  labels = np.stack([np.arange(12) % 6, np.arange(12) % 4])
+  value_and_grad = jax.value_and_grad(loss_fn)
+  batched, batched_grad = jax.jit(jax.vmap(value_and_grad, in_axes=(0, 0, None)))(x, labels, jnp.float32(0.2))
+  for b in range(2):
+    np.testing.assert_allclose(batched[b], reference_ntxent(x[b], labels[b], 0.2), rtol=2e-5)
+    np.testing.assert_allclose(batched_grad[b], value_and_grad(x[b], labels[b], jnp.float32(0.2))[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["ntxent", "supcon"])
+def test_block_size_covering_the_batch_runs_the_plain_loss(monkeypatch, name):
+  tiled = pytest.importorskip("mtcl_jax.losses._tiled")
+  monkeypatch.setattr(tiled, f"{name}_tiled", lambda *args, **kwargs: pytest.fail("the tiles ran"))
+  x = _embeddings(N, D)
+  labels = LABEL_PATTERNS["many"](N)
+  plain = getattr(losses, name)(x, labels, temperature=0.2)
+  np.testing.assert_array_equal(getattr(losses, name)(x, labels, temperature=0.2, block_size=N), plain)
+
+
+# ------------------------------------------------------------------------------------------ bf16 products
+
+
+def _bf16_products_in(jaxpr) -> bool:
+  return "bf16" in str(jaxpr) and "preferred_element_type=float32" in str(jaxpr)
+
+
+@pytest.mark.parametrize("path", [*IMPLEMENTATIONS, "tiled"])
+@pytest.mark.parametrize("loss", ["ntxent", "supcon"])
+@pytest.mark.parametrize("pattern", ["views", "many"])
+def test_bf16_products_stay_close_to_float32(path, loss, pattern):
+  rng = np.random.default_rng(11)
+  x = rng.normal(size=(64, 32)).astype(np.float32)
+  labels = LABEL_PATTERNS[pattern](64)
+
+  def loss_fn(matmul_dtype):
+    if path == "tiled":
+      return lambda x: getattr(losses, loss)(x, labels, temperature=0.1, block_size=24, matmul_dtype=matmul_dtype)
+    forced = _forced(loss, path, _ntxent._common.check_matmul_dtype(matmul_dtype))
+    return lambda x: forced(x, labels, jnp.float32(0.1))
+
+  value, grad = jax.jit(jax.value_and_grad(loss_fn(jnp.bfloat16)))(x)
+  reference, reference_grad = jax.jit(jax.value_and_grad(loss_fn(None)))(x)
+  assert value.dtype == jnp.float32 and grad.dtype == jnp.float32
+  assert _bf16_products_in(jax.make_jaxpr(jax.value_and_grad(loss_fn(jnp.bfloat16)))(x))
+  assert not _bf16_products_in(jax.make_jaxpr(jax.value_and_grad(loss_fn(None)))(x))
+  # bf16 keeps 8 bits: logits err by ~2⁻⁹ relative; the loss averages that away, the gradient less so.
+  np.testing.assert_allclose(value, reference, rtol=1e-3)
+  assert np.max(np.abs(grad - reference_grad)) <= 2e-2 * np.max(np.abs(reference_grad))
+
+
+def test_float32_matmul_dtype_is_the_default():
+  x = _embeddings(N, D)
+  labels = LABEL_PATTERNS["many"](N)
+  for name in ("ntxent", "supcon", "task_contrastive"):
+    fn = getattr(losses, name)
+    np.testing.assert_array_equal(fn(x, labels, matmul_dtype=jnp.float32), fn(x, labels))
+
+
+def test_label_stats_agree_on_every_backend(monkeypatch):
+  labels = jnp.asarray(np.random.default_rng(3).choice([np.iinfo(np.int32).min, -7, 0, 5, np.iinfo(np.int32).max], 40))
+  ids, num_positives = _ntxent._common.label_stats(labels)
+  same = np.asarray(labels)[:, None] == np.asarray(labels)[None, :]
+  np.testing.assert_array_equal(num_positives, same.sum(axis=1) - 1)
+  np.testing.assert_array_equal(np.asarray(ids)[:, None] == np.asarray(ids)[None, :], same)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  for got, expected in zip(jax.jit(_ntxent._common.label_stats)(labels), (ids, num_positives), strict=True):
+    np.testing.assert_array_equal(got, expected)

@@ -218,3 +218,49 @@ def test_131072_rows_fit_in_3_gb():
   report = json.loads(result.stdout.strip().splitlines()[-1])
   assert report["finite"] and np.isfinite(report["value"])
   assert report["peak_rss_gb"] <= 3.0, report
+
+
+@pytest.mark.parametrize(("pattern", "rows", "block_size"), [("views", 36, 8), ("distinct", 24, 8), ("views", 20, 64)])
+def test_ntxent_with_one_positive_each_runs_as_supcon(pattern, rows, block_size):
+  # NT-Xent over two views is SupCon (the positive and the negatives are every other row): same value and gradient
+  # as the NT-Xent sweeps, which the tiled loss runs only when some anchor has two positives.
+  z = _unit_rows(rows, rows)
+  labels = LABEL_PATTERNS[pattern](rows).astype(np.int32)
+  layout = _tiled.Layout(block_size, symmetric=True)
+
+  def by(sums):
+    return lambda z, t: _tiled.mean_or_zero(*sums(layout, (z, labels, np.arange(rows, dtype=np.int32)), None, t))
+
+  value, grads = _tiled_value_and_grads(lambda z, t: _tiled.ntxent_tiled(z, labels, t, block_size), z, temperature=0.2)
+  for sums in (_tiled.ntxent_sums, _tiled.supcon_sums):
+    other_value, other_grads = _tiled_value_and_grads(by(sums), z, temperature=0.2)
+    np.testing.assert_allclose(value, other_value, rtol=1e-5, atol=1e-7)
+    for got, expected in zip(grads, other_grads, strict=True):
+      np.testing.assert_allclose(got, expected, atol=1e-6)
+  np.testing.assert_allclose(value, reference_ntxent(z, labels, 0.2), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("block_size", [None, 8])
+def test_clip_bf16_products_stay_close_to_float32(block_size):
+  a, b = _unit_rows(1, 37), _unit_rows(2, 37)
+
+  def value_and_grads(matmul_dtype):
+    return _tiled_value_and_grads(
+        lambda a, b, t: losses.clip(a, b, temperature=t, block_size=block_size, matmul_dtype=matmul_dtype),
+        a, b, temperature=0.07,
+    )
+
+  value, grads = value_and_grads(jnp.bfloat16)
+  reference, reference_grads = value_and_grads(None)
+  assert value.dtype == jnp.float32
+  np.testing.assert_allclose(value, reference, rtol=1e-3)
+  for grad, expected in zip(grads, reference_grads, strict=True):
+    assert np.max(np.abs(grad - expected)) <= 2e-2 * np.max(np.abs(expected))
+
+
+def test_clip_block_size_covering_the_batch_runs_the_plain_loss(monkeypatch):
+  monkeypatch.setattr(_tiled, "clip_tiled", lambda *args, **kwargs: pytest.fail("the tiles ran"))
+  a, b = _unit_rows(1, 12), _unit_rows(2, 12)
+  np.testing.assert_array_equal(
+      losses.clip(a, b, temperature=0.1, block_size=12), losses.clip(a, b, temperature=0.1)
+  )

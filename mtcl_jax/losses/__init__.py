@@ -3,7 +3,8 @@
 ``from mtcl_jax import losses; losses.supcon(z, labels)`` is the whole API. Every hyper-parameter is
 keyword-only; the math runs in float32 whatever the input dtype; a temperature may be a traced scalar.
 ``ntxent``, ``supcon``, ``task_contrastive`` and ``clip`` take ``block_size`` for the tiled version that never
-holds the whole similarity matrix; ``sharded_loss`` (or ``all_gather_loss`` / ``ring_loss`` inside
+holds the whole similarity matrix, and ``matmul_dtype=jnp.bfloat16`` for bf16 similarity products accumulated
+in float32; ``sharded_loss`` (or ``all_gather_loss`` / ``ring_loss`` inside
 ``jax.shard_map``) computes them over a batch sharded across devices, negatives from every device.
 """
 

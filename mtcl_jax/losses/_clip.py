@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.typing import ArrayLike
+from jax.typing import ArrayLike, DTypeLike
 
 from mtcl_jax import similarity
 from mtcl_jax.losses import _common
@@ -24,6 +24,7 @@ def clip(
     *,
     temperature: ArrayLike = 0.07,
     block_size: int | None = None,
+    matmul_dtype: DTypeLike | None = None,
 ) -> jax.Array:
   """CLIP's symmetric cross-entropy: row ``i`` of ``a`` must pick row ``i`` of ``b`` and vice versa.
 
@@ -34,8 +35,13 @@ def clip(
     a: ``[batch, dim]`` embeddings of one modality; L2-normalised here, and cast to float32.
     b: ``[batch, dim]`` embeddings of the paired items in the other modality.
     temperature: τ > 0; may be a traced scalar (CLIP learns it, initialised at 0.07).
-    block_size: if given, visit the logits in ``[block_size, block_size]`` tiles
+    block_size: if given and smaller than the batch, visit the logits in ``[block_size, block_size]`` tiles
       (:mod:`mtcl_jax.losses._tiled`), never holding the whole matrix; same value.
+    matmul_dtype: None (float32, the default) or ``jnp.bfloat16``: the [batch, batch]-sized products (the
+      logits and the two of the gradient) round their operands to bf16 and accumulate in float32, at the bf16
+      rate of accelerators; everything else stays float32. Error against float32, measured at batch 2048,
+      dim 128, τ = 0.1 on random unit rows (3 seeds): loss within 1e-5 relative; gradient within 4e-3 of its
+      largest entry, 2e-3 relative in the Frobenius norm.
 
   Returns:
     float32 scalar.
@@ -53,11 +59,12 @@ def clip(
   a, b = _prepare_pair(a, b)
   temperature = _common.check_positive("temperature", temperature)
   block_size = _common.check_block_size(block_size)
-  if block_size is not None:
+  matmul_dtype = _common.check_matmul_dtype(matmul_dtype)
+  if block_size is not None and block_size < a.shape[0]:
     from mtcl_jax.losses import _tiled
 
-    return _tiled.clip_tiled(a, b, temperature, block_size)
-  logits = (a / temperature) @ b.T
+    return _tiled.clip_tiled(a, b, temperature, block_size, matmul_dtype=matmul_dtype)
+  logits = _common.gram(a / temperature, b, matmul_dtype)
   matched = jnp.diagonal(logits)
   # jax.nn.logsumexp subtracts its max under stop_gradient.
   a_to_b = jax.nn.logsumexp(logits, axis=1) - matched

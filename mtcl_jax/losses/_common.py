@@ -6,6 +6,8 @@ traced temperature cannot be checked for sign; a concrete one is.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,3 +76,75 @@ def check_block_size(block_size: int | None) -> int | None:
   if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size <= 0:
     raise ValueError(f"block_size must be a positive int or None; got {block_size!r}")
   return int(block_size)
+
+
+def check_matmul_dtype(matmul_dtype) -> np.dtype | None:
+  """Returns None for float32 products (the default), ``bfloat16`` for bf16 ones; raises otherwise."""
+  if matmul_dtype is None:
+    return None
+  try:
+    dtype = np.dtype(matmul_dtype)
+  except TypeError as error:
+    raise ValueError(f"matmul_dtype must be None, float32 or bfloat16; got {matmul_dtype!r}") from error
+  if dtype == np.float32:
+    return None
+  if dtype != jnp.bfloat16:
+    raise ValueError(f"matmul_dtype must be None, float32 or bfloat16; got {dtype}")
+  return dtype
+
+
+def dot(
+    a: jax.Array,
+    b: jax.Array,
+    matmul_dtype: np.dtype | None,
+    *,
+    transpose_a: bool = False,
+    transpose_b: bool = False,
+) -> jax.Array:
+  """``a @ b`` in float32, either operand transposed; with ``matmul_dtype`` the operands are rounded to it and the
+  products accumulate in float32 (the bf16 rate of accelerators). No gradient rule of its own: for hand-written
+  VJPs."""
+  if matmul_dtype is None:
+    return (a.T if transpose_a else a) @ (b.T if transpose_b else b)
+  dims = (((0 if transpose_a else 1,), (1 if transpose_b else 0,)), ((), ()))
+  return jax.lax.dot_general(
+      a.astype(matmul_dtype), b.astype(matmul_dtype), dims, preferred_element_type=jnp.float32
+  )
+
+
+def gram(a: jax.Array, b: jax.Array, matmul_dtype: np.dtype | None) -> jax.Array:
+  """``a @ b.T`` in float32 for XLA autodiff; with ``matmul_dtype`` its two backward products run at that rate
+  too (the float32 cotangent is rounded to it), which autodiff of a mixed-precision dot would not do."""
+  if matmul_dtype is None:
+    return a @ b.T
+  return _low_precision_gram(a, b, matmul_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _low_precision_gram(a: jax.Array, b: jax.Array, matmul_dtype: np.dtype) -> jax.Array:
+  return dot(a, b, matmul_dtype, transpose_b=True)
+
+
+def _low_precision_gram_fwd(a, b, matmul_dtype):
+  return dot(a, b, matmul_dtype, transpose_b=True), (a, b)
+
+
+def _low_precision_gram_bwd(matmul_dtype, residuals, cotangent):
+  a, b = residuals
+  return dot(cotangent, b, matmul_dtype), dot(cotangent, a, matmul_dtype, transpose_a=True)
+
+
+_low_precision_gram.defvjp(_low_precision_gram_fwd, _low_precision_gram_bwd)
+
+
+def label_stats(labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """From one sort instead of an [N, N] pass: labels as dense float ids (each label's first position in sorted
+  order, exact in float32 up to 2²⁴ rows), and each row's number of positives (rows sharing its label, itself
+  excluded), as float32."""
+  ordered = jnp.sort(labels)
+  # jnp.searchsorted's default binary search is a loop of log2(N) steps, each a kernel launch and a
+  # host round trip on GPUs; its sort-based method is loop-free (JAX recommends it on accelerators).
+  method = "scan" if jax.default_backend() == "cpu" else "sort"
+  first = jnp.searchsorted(ordered, labels, method=method)
+  num_positives = jnp.searchsorted(ordered, labels, side="right", method=method) - first - 1
+  return first.astype(jnp.float32), num_positives.astype(jnp.float32)

@@ -37,6 +37,7 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
+from mtcl_jax.losses import _common
 from mtcl_jax.losses._common import MASK_VALUE
 
 _TINY = float(np.finfo(np.float32).tiny)
@@ -61,12 +62,15 @@ class Layout(NamedTuple):
     mirror: in a cross or ring layout, each tile also updates the statistics of its column rows, which are anchors
       in their own right (CLIP's second direction). A symmetric layout always mirrors, except on diagonal tiles.
     axis_name: mesh axis of a ring: the columns are this device's rows and travel one device per turn.
+    matmul_dtype: None for float32 products, or ``bfloat16``: each tile's products round their operands to it
+      and accumulate in float32 (:func:`mtcl_jax.losses._common.dot`).
   """
 
   block_size: int
   symmetric: bool = False
   mirror: bool = False
   axis_name: str | None = None
+  matmul_dtype: Any = None
 
 
 class _Rows(NamedTuple):
@@ -231,8 +235,8 @@ def _put(tree: Any, block: Any, i: jax.Array) -> Any:
   return jax.tree.map(lambda x, b: lax.dynamic_update_index_in_dim(x, b, i, 0), tree, block)
 
 
-def _tile_logits(anchor: _Rows, column: _Rows, inv_temperature: jax.Array) -> jax.Array:
-  return (anchor.embeddings * inv_temperature) @ column.embeddings.T
+def _tile_logits(anchor: _Rows, column: _Rows, inv_temperature: jax.Array, matmul_dtype: Any) -> jax.Array:
+  return _common.dot(anchor.embeddings * inv_temperature, column.embeddings, matmul_dtype, transpose_b=True)
 
 
 def _local_sweep(
@@ -244,6 +248,7 @@ def _local_sweep(
     *,
     symmetric: bool,
     mirror: bool,
+    matmul_dtype: Any,
     single_tile_logits: jax.Array | None = None,
 ) -> tuple[Any, Any]:
   num_anchor_blocks, num_column_blocks = anchors.index.shape[0], columns.index.shape[0]
@@ -257,7 +262,10 @@ def _local_sweep(
     anchor_state, column_state = carry
     i, k = anchor_ids[t], column_ids[t]
     anchor, column = anchors.block(i), columns.block(k)
-    logits = _tile_logits(anchor, column, inv_temperature) if single_tile_logits is None else single_tile_logits
+    if single_tile_logits is None:
+      logits = _tile_logits(anchor, column, inv_temperature, matmul_dtype)
+    else:
+      logits = single_tile_logits
     if not symmetric:
       mirror_here, diagonal = float(mirror), False
     elif num_anchor_blocks == 1:
@@ -282,6 +290,7 @@ def _ring_sweep(
     *,
     mirror: bool,
     axis_name: str,
+    matmul_dtype: Any,
 ) -> tuple[Any, Any]:
   num_devices = lax.axis_size(axis_name)
   shift = [(d, (d + 1) % num_devices) for d in range(num_devices)]
@@ -291,7 +300,8 @@ def _ring_sweep(
     # Sent on before it is used, so the transfer can overlap this turn's tiles.
     arriving = lax.ppermute(visiting, axis_name, shift)
     anchor_state, column_state = _local_sweep(
-        tile_fn, anchors, visiting, (anchor_state, column_state), inv_temperature, symmetric=False, mirror=mirror
+        tile_fn, anchors, visiting, (anchor_state, column_state), inv_temperature, symmetric=False, mirror=mirror,
+        matmul_dtype=matmul_dtype,
     )
     # The visiting rows' own state travels with them: after num_devices turns it is back with its owner.
     column_state = lax.ppermute(column_state, axis_name, shift)
@@ -318,10 +328,11 @@ def _sweep(
   if layout.axis_name is None:
     return _local_sweep(
         tile_fn, anchors, columns, carry, inv_temperature, symmetric=layout.symmetric, mirror=layout.mirror,
-        single_tile_logits=single_tile_logits,
+        matmul_dtype=layout.matmul_dtype, single_tile_logits=single_tile_logits,
     )
   return _ring_sweep(
-      tile_fn, anchors, columns, carry, inv_temperature, mirror=layout.mirror, axis_name=layout.axis_name
+      tile_fn, anchors, columns, carry, inv_temperature, mirror=layout.mirror, axis_name=layout.axis_name,
+      matmul_dtype=layout.matmul_dtype,
   )
 
 
@@ -358,7 +369,7 @@ def _resident_logits(layout: Layout, anchors: _Rows, columns: _Rows, inv_tempera
   """
   if layout.axis_name is not None or anchors.index.shape[0] > 1 or columns.index.shape[0] > 1:
     return None
-  return _tile_logits(anchors.block(0), columns.block(0), inv_temperature)
+  return _tile_logits(anchors.block(0), columns.block(0), inv_temperature, layout.matmul_dtype)
 
 
 def _mirrors(layout: Layout, anchors: _Rows) -> bool:
@@ -375,7 +386,7 @@ class _Gradients(NamedTuple):
   grad: jax.Array  # [block, dim]: Σ_k dLoss/dL_ik · c_k over the tiles seen so far
 
 
-def _gradient_tile(coupling_fn: Callable[[_Tile, Any, Any], jax.Array]) -> _TileFn:
+def _gradient_tile(coupling_fn: Callable[[_Tile, Any, Any], jax.Array], matmul_dtype: Any) -> _TileFn:
   """A tile function that pushes ``coupling_fn``'s dLoss/dL of the tile onto both sides' rows."""
 
   def tile_fn(tile: _Tile, anchor: _Gradients, column: _Gradients) -> tuple[_Gradients, _Gradients]:
@@ -383,12 +394,15 @@ def _gradient_tile(coupling_fn: Callable[[_Tile, Any, Any], jax.Array]) -> _Tile
 
     def both_sides(grads: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
       anchor_grad, column_grad = grads
-      return anchor_grad + coupling @ tile.column.embeddings, column_grad + coupling.T @ tile.anchor.embeddings
+      return (
+          anchor_grad + _common.dot(coupling, tile.column.embeddings, matmul_dtype),
+          column_grad + _common.dot(coupling, tile.anchor.embeddings, matmul_dtype, transpose_a=True),
+      )
 
     def same_rows(grads: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
       # Both sides are the same rows: one product with G + Gᵀ instead of two.
       anchor_grad, column_grad = grads
-      return anchor_grad + (coupling + coupling.T) @ tile.anchor.embeddings, column_grad
+      return anchor_grad + _common.dot(coupling + coupling.T, tile.anchor.embeddings, matmul_dtype), column_grad
 
     grads = (anchor.grad, column.grad)
     if isinstance(tile.diagonal, bool):
@@ -419,7 +433,7 @@ def _backward_sweep(
   dim = anchors.embeddings.shape[2]
   carry = (_Gradients(anchor_stats, _zeros(anchors, dim)), _Gradients(column_stats, _zeros(columns, dim)))
   anchor_side, column_side = _sweep(
-      layout, _gradient_tile(coupling_fn), anchors, columns, carry, 1.0 / temperature, logits
+      layout, _gradient_tile(coupling_fn, layout.matmul_dtype), anchors, columns, carry, 1.0 / temperature, logits
   )
   # L_ik = a_i·c_k / τ: each gradient row picks up 1/τ, and dLoss/dτ = -Σ_ik dLoss/dL_ik · L_ik / τ, where the sum
   # is Σ_i a_i · grad_i / τ over the anchor side; when both sides are the anchors' rows, half of it over both (a
@@ -756,13 +770,16 @@ def mean_or_zero(total: jax.Array, count: jax.Array) -> jax.Array:
   return jnp.where(count > 0, total / jnp.maximum(count, 1.0), 0.0)
 
 
-def ntxent_tiled(embeddings: ArrayLike, labels: ArrayLike, temperature: ArrayLike, block_size: int) -> jax.Array:
+def ntxent_tiled(
+    embeddings: ArrayLike, labels: ArrayLike, temperature: ArrayLike, block_size: int, *, matmul_dtype: Any = None
+) -> jax.Array:
   """NT-Xent over block × block tiles, never holding the ``[N, N]`` similarity matrix.
 
   The mean over ordered positive pairs ``(i, j)`` of ``softplus(NEG_i - s_ij / τ)``, ``NEG_i`` the log-sum-exp of
   ``s_ik / τ`` over the rows ``k`` whose label differs from ``i``'s (a pair whose anchor has no negative adds 0);
   0 when there is no positive pair. Two sweeps forward (``NEG``, then the pairs), one backward; tiles without a
-  positive pair skip the pair math.
+  positive pair skip the pair math. When no anchor has more than one positive (two views), NT-Xent is SupCon
+  (the positive and the negatives are all the other rows) and runs as :func:`supcon_sums`: one sweep forward.
 
   Args:
     embeddings: ``[N, dim]`` float32, L2-normalised rows.
@@ -770,6 +787,7 @@ def ntxent_tiled(embeddings: ArrayLike, labels: ArrayLike, temperature: ArrayLik
     temperature: float32 scalar, may be traced (its gradient is returned).
     block_size: at most this many rows per tile side; memory is O(block_size² + N·dim). On CPU tiles are capped
       at 512 rows, which stay in cache (bigger ones run 1.4-4x slower there).
+    matmul_dtype: None (float32 products) or ``bfloat16`` (see :class:`Layout`).
 
   Returns:
     A float32 scalar.
@@ -779,12 +797,24 @@ def ntxent_tiled(embeddings: ArrayLike, labels: ArrayLike, temperature: ArrayLik
   """
   embeddings, labels = jnp.asarray(embeddings), jnp.asarray(labels)
   temperature = jnp.asarray(temperature, jnp.float32)
-  layout = Layout(block_size, symmetric=True)
-  total, count = ntxent_sums(layout, (embeddings, labels, _batch_index(labels.shape[0])), None, temperature)
-  return mean_or_zero(total, count)
+  layout = Layout(block_size, symmetric=True, matmul_dtype=matmul_dtype)
+  _, num_positives = _common.label_stats(labels)
+
+  def mean(sums: Callable, embeddings: jax.Array, temperature: jax.Array) -> jax.Array:
+    return mean_or_zero(*sums(layout, (embeddings, labels, _batch_index(labels.shape[0])), None, temperature))
+
+  return lax.cond(
+      jnp.max(num_positives) <= 1.0,
+      functools.partial(mean, supcon_sums),
+      functools.partial(mean, ntxent_sums),
+      embeddings,
+      temperature,
+  )
 
 
-def supcon_tiled(embeddings: ArrayLike, labels: ArrayLike, temperature: ArrayLike, block_size: int) -> jax.Array:
+def supcon_tiled(
+    embeddings: ArrayLike, labels: ArrayLike, temperature: ArrayLike, block_size: int, *, matmul_dtype: Any = None
+) -> jax.Array:
   """Supervised contrastive loss (SupCon, L_out) over block × block tiles, in one sweep forward and one back.
 
   For each anchor ``i`` with positives ``P(i)``: ``ALL_i - mean_{p ∈ P(i)} s_ip / τ``, ``ALL_i`` the log-sum-exp of
@@ -795,6 +825,7 @@ def supcon_tiled(embeddings: ArrayLike, labels: ArrayLike, temperature: ArrayLik
     labels: ``[N]`` int32.
     temperature: float32 scalar, may be traced.
     block_size: at most this many rows per tile side (at most 512 on CPU).
+    matmul_dtype: None (float32 products) or ``bfloat16`` (see :class:`Layout`).
 
   Returns:
     A float32 scalar.
@@ -804,12 +835,14 @@ def supcon_tiled(embeddings: ArrayLike, labels: ArrayLike, temperature: ArrayLik
   """
   embeddings, labels = jnp.asarray(embeddings), jnp.asarray(labels)
   temperature = jnp.asarray(temperature, jnp.float32)
-  layout = Layout(block_size, symmetric=True)
+  layout = Layout(block_size, symmetric=True, matmul_dtype=matmul_dtype)
   total, count = supcon_sums(layout, (embeddings, labels, _batch_index(labels.shape[0])), None, temperature)
   return mean_or_zero(total, count)
 
 
-def clip_tiled(a: ArrayLike, b: ArrayLike, temperature: ArrayLike, block_size: int) -> jax.Array:
+def clip_tiled(
+    a: ArrayLike, b: ArrayLike, temperature: ArrayLike, block_size: int, *, matmul_dtype: Any = None
+) -> jax.Array:
   """Symmetric CLIP (InfoNCE over matched rows of two modalities) over block × block tiles.
 
   ``½ [mean_i (LSE_j s(a_i, b_j)/τ - s(a_i, b_i)/τ) + mean_j (LSE_i s(a_i, b_j)/τ - s(a_j, b_j)/τ)]``; each tile
@@ -820,6 +853,7 @@ def clip_tiled(a: ArrayLike, b: ArrayLike, temperature: ArrayLike, block_size: i
     b: ``[B, dim]`` float32, L2-normalised rows of the other; row ``i`` of each is a matched pair.
     temperature: float32 scalar, may be traced.
     block_size: at most this many rows per tile side (at most 512 on CPU).
+    matmul_dtype: None (float32 products) or ``bfloat16`` (see :class:`Layout`).
 
   Returns:
     A float32 scalar.
@@ -830,7 +864,7 @@ def clip_tiled(a: ArrayLike, b: ArrayLike, temperature: ArrayLike, block_size: i
   a, b = jnp.asarray(a), jnp.asarray(b)
   temperature = jnp.asarray(temperature, jnp.float32)
   index = _batch_index(a.shape[0])
-  layout = Layout(block_size, mirror=True)
+  layout = Layout(block_size, mirror=True, matmul_dtype=matmul_dtype)
   both_lse = lse_sums(layout, (a, index), (b, index), temperature)
   matched = jnp.sum(a * b) / temperature
   return (both_lse - 2.0 * matched) / (2.0 * a.shape[0])
