@@ -7,10 +7,16 @@ scikit-learn so these tests do not depend on ``mtcl_jax.data``.
 from __future__ import annotations
 
 import doctest
+import importlib.util
+import json
+import pathlib
+import sys
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.optimize
+import scipy.special
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
@@ -80,6 +86,136 @@ def test_hyperparameters_never_see_test_labels(digits, digits_results):
     assert results[kind]["hparams"] == digits_results[kind]["hparams"]
     assert results[kind]["validation_accuracy"] == digits_results[kind]["validation_accuracy"]
     assert results[kind]["accuracy"] < 30.0  # the same predictions scored against scrambled labels
+
+
+def _standardised(features):
+  mean, std = features.mean(axis=0), features.std(axis=0)
+  return (features - mean) / np.where(std > 1e-6 * (1.0 + np.abs(mean)), std, 1.0)
+
+
+def _objective(flat_params, features, labels, num_classes, inverse_strength, kind):
+  """The probe objective in float64 and its gradient: ½‖W‖² / (C N) + mean loss, bias unpenalised."""
+  params = flat_params.reshape(features.shape[1] + 1, num_classes)
+  weights, bias = params[:-1], params[-1]
+  scores = features @ weights + bias
+  onehot = np.eye(num_classes)[labels]
+  if kind == "linear":
+    log_norm = scipy.special.logsumexp(scores, axis=1)
+    row_loss = log_norm - np.sum(onehot * scores, axis=1)
+    score_grad = np.exp(scores - log_norm[:, None]) - onehot
+  else:
+    targets = 2.0 * onehot - 1.0
+    violations = np.maximum(0.0, 1.0 - targets * scores)
+    row_loss, score_grad = np.sum(violations**2, axis=1), -2.0 * targets * violations
+  num_rows = features.shape[0]
+  value = row_loss.mean() + np.sum(weights**2) / (2.0 * inverse_strength * num_rows)
+  grad = np.concatenate([features.T @ score_grad / num_rows + weights / (inverse_strength * num_rows),
+                         score_grad.mean(axis=0)[None]])
+  return value, grad.ravel()
+
+
+def _float64_minimum(start, *args):
+  result = scipy.optimize.minimize(_objective, start, args=args, jac=True, method="L-BFGS-B",
+                                   options={"maxiter": 50_000, "gtol": 1e-12, "ftol": 1e-15, "maxcor": 30})
+  return result.fun
+
+
+@pytest.mark.parametrize("kind", ["linear", "svm"])
+def test_linear_probes_reach_the_float64_optimum(kind):
+  # Overlapping classes, so every C has a different optimum; large C is the hard case for the solver.
+  rng = np.random.default_rng(3)
+  labels = rng.integers(0, 4, size=300)
+  features = (rng.normal(size=(300, 12)) + 0.8 * np.eye(4, 12)[labels] * rng.uniform(1, 3, size=(300, 1)))
+  features = features.astype(np.float32)
+  standardised = _standardised(features.astype(np.float64))
+  for inverse_strength in probes.DEFAULT_GRIDS[kind]:
+    probe = probes.fit_probe(kind, features, labels, num_classes=4, grid=(inverse_strength,))
+    ours = np.concatenate([np.asarray(probe.params["weights"]), np.asarray(probe.params["bias"])[None]])
+    ours = ours.ravel().astype(np.float64)
+    args = (standardised, labels, 4, inverse_strength, kind)
+    value = _objective(ours, *args)[0]
+    # scipy from zero can stop short of our float32 solution: polishing ours gives the better reference.
+    optimum = min(_float64_minimum(np.zeros_like(ours), *args), _float64_minimum(ours, *args))
+    assert value - optimum <= 1e-5 * abs(optimum) + 1e-9, (inverse_strength, value, optimum)
+
+
+@pytest.mark.parametrize("kind", ["linear", "svm", "mlp"])
+def test_grid_search_matches_one_fit_per_value(kind):
+  # The batched fits of a grid choose what separate fits on the fit rows, scored on the validation rows,
+  # would choose, and the refit is the single-value fit on all rows.
+  rng = np.random.default_rng(4)
+  labels = rng.integers(0, 3, size=240)
+  features = (rng.normal(size=(240, 8)) + 1.5 * np.eye(3, 8)[labels]).astype(np.float32)
+  grid = {"linear": (1e-3, 1e-1, 10.0), "svm": (1e-3, 1e-1, 10.0), "mlp": (1.0, 1e-2)}[kind]
+  probe = probes.fit_probe(kind, features, labels, num_classes=3, grid=grid, seed=2)
+  is_validation = probes.validation_split(labels, val_fraction=0.2, seed=2)
+  if kind == "mlp":
+    # A one-value grid still trains on the fit rows only and stops early on the validation rows.
+    separate = [probes.fit_probe(kind, features, labels, num_classes=3, grid=(value,), seed=2) for value in grid]
+    accuracies = [fit.validation_accuracy for fit in separate]
+  else:
+    separate = [probes.fit_probe(kind, features[~is_validation], labels[~is_validation], num_classes=3,
+                                 grid=(value,)) for value in grid]
+    accuracies = [100.0 * np.mean(np.asarray(fit.predict(features[is_validation])) == labels[is_validation])
+                  for fit in separate]
+  best = int(np.argmax(accuracies))
+  name = probes.HPARAM_NAMES[kind]
+  assert probe.hparams[name] == grid[best]
+  assert probe.validation_accuracy == pytest.approx(accuracies[best])
+  if kind == "mlp":
+    assert probe.hparams["steps"] == separate[best].hparams["steps"]
+    refit = separate[best]
+  else:
+    refit = probes.fit_probe(kind, features, labels, num_classes=3, grid=(grid[best],))
+  np.testing.assert_allclose(np.asarray(probe.scores(features)), np.asarray(refit.scores(features)),
+                             rtol=1e-3, atol=1e-3)
+
+
+def test_padding_rows_and_classes_does_not_change_the_fit(monkeypatch):
+  rng = np.random.default_rng(5)
+  labels = rng.integers(0, 5, size=150)
+  features = (rng.normal(size=(150, 6)) + np.eye(5, 6)[labels]).astype(np.float32)
+  padded = probes.fit_probe("linear", features, labels, num_classes=5, grid=(0.1,))
+  monkeypatch.setattr(probes, "LINEAR_ROW_BUCKET", 1)
+  monkeypatch.setattr(probes, "CLASS_BUCKET", 1)
+  unpadded = probes.fit_probe("linear", features, labels, num_classes=5, grid=(0.1,))
+  for name in ("weights", "bias"):
+    assert padded.params[name].shape == unpadded.params[name].shape
+    np.testing.assert_allclose(np.asarray(padded.params[name]), np.asarray(unpadded.params[name]), atol=1e-4)
+
+
+def test_nothing_compiles_per_hyperparameter_or_per_task_of_a_bucket():
+  rng = np.random.default_rng(6)
+
+  def task(rows, classes):
+    labels = np.arange(rows) % classes
+    return (rng.normal(size=(rows, 16)) + np.eye(classes, 16)[labels]).astype(np.float32), labels
+
+  programs = (probes._fit_linear_program, probes._linear_scores)
+  probes.evaluate_task(*task(300, 10), *task(120, 10), num_classes=10)
+  sizes = [program._cache_size() for program in programs]
+  # Other grid values, and tasks with other row counts (within one row bucket) and 9 classes (one class
+  # bucket): the same programs.
+  probes.fit_probe("linear", *task(200, 9), num_classes=9, grid=(0.5, 5.0, 50.0, 1e-2, 1e-3, 3.0, 30.0))
+  probes.evaluate_task(*task(1000, 9), *task(70, 9), num_classes=9)
+  assert [program._cache_size() for program in programs] == sizes
+
+
+def test_bench_probes_reports_compile_and_steady_seconds(tmp_path):
+  spec = importlib.util.spec_from_file_location(
+      "bench_probes", pathlib.Path(__file__).resolve().parents[1] / "experiments" / "bench_probes.py")
+  bench = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = bench
+  spec.loader.exec_module(bench)
+  out = tmp_path / "bench_probes.json"
+  assert bench.main(["--kinds", "linear", "knn", "--row-scale", "0.05", "--repeats", "1", "--out", str(out)]) == 0
+  result = json.loads(out.read_text())
+  assert result["backend"] == "cpu" and result["jax"]
+  assert [(row["kind"], row["task"]) for row in result["rows"]] == [
+      (kind, task) for kind in ("linear", "knn") for task in ("digits", "japanese_vowels", "mnist1d")]
+  for row in result["rows"]:
+    assert row["first_call_seconds"] > 0 and row["steady_seconds"] > 0
+    assert 0 <= row["accuracy"] <= 100 and probes.HPARAM_NAMES[row["kind"]] in row["hparams"]
 
 
 def test_probe_standardises_its_features(digits):

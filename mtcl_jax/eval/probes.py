@@ -12,18 +12,22 @@ Every probe follows one protocol:
    regularisation first. Test labels are never an input of fitting.
 3. **Refit** on all training rows with the chosen value.
 
-The linear, SVM and MLP fits see the whole training array with a weight per row (1 = fit on it, 0 = held
-out), so the validation fits and the refit share one compiled program per dataset shape (the softmax and SVM
-losses share one solver), and the hyper-parameter is a traced argument: sweeping a grid compiles nothing
-new. The kNN probe scores every k of its grid from one neighbour search.
+Each family fits its whole grid in one compiled program per task shape, with the grid as a traced array, so
+nothing compiles per hyper-parameter. The linear and SVM probes minimise every grid value's objective at once
+(a batched L-BFGS in a bounded loop, whose iterations are a few large products over the shared design matrix)
+and count correct validation rows on the device; the refit on all rows is a second call of the same program.
+The MLP probe trains one network per weight decay side by side, each with its own early stopping, and
+retrains the chosen one, in one program. The kNN probe scores every k of its grid from one neighbour search.
+Rows are padded (with weight 0) to a multiple of ``LINEAR_ROW_BUCKET`` or ``MLP_ROW_BUCKET`` and classes
+(masked) to a multiple of ``CLASS_BUCKET``, so tasks of similar shape share one compiled program.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,10 +50,25 @@ DEFAULT_GRIDS: Mapping[str, tuple[float, ...] | tuple[int, ...]] = {
     "knn": (20, 10, 5, 1),
 }
 
-# L-BFGS stops when the gradient norm of the per-row-averaged objective falls below this, or after the
-# iteration cap (float32 rarely gets much below 1e-7).
-LBFGS_TOLERANCE = 1e-6
+# Training rows are padded with weight-0 rows, and classes with masked classes to a multiple of CLASS_BUCKET,
+# so that tasks of different sizes share one compiled program. On 2 CPU cores compiling the linear program
+# (~2 s) costs more than fitting 4096 rows (~0.3 s), so its bucket is large; an MLP step costs ~100x a linear
+# iteration, so its bucket stays small. On an accelerator the padding is free.
+LINEAR_ROW_BUCKET = 4096
+MLP_ROW_BUCKET = 512
+CLASS_BUCKET = 4
+# Test rows are scored in blocks of a multiple of this many rows.
+SCORE_ROW_BUCKET = 1024
+
+# L-BFGS in compact form (Byrd, Nocedal & Schnabel 1994) with a backtracking line search that measures the
+# objective's change exactly (see _minimise_linear). A fit stops when an iteration lowers its objective by
+# less than LBFGS_RELATIVE_DECREASE of it, when not even a steepest-descent step lowers it, or after
+# LBFGS_MAX_ITERATIONS; a batch of fits runs until its last one stops: 30–150 iterations for the softmax
+# probe, up to the cap for squared hinge near hard margin (C = 10 on separable features).
+LBFGS_MEMORY = 10
 LBFGS_MAX_ITERATIONS = 1000
+LBFGS_MAX_BACKTRACKS = 20
+LBFGS_RELATIVE_DECREASE = 1e-7
 
 MLP_HIDDEN_WIDTH = 256
 MLP_LEARNING_RATE = 1e-3
@@ -65,6 +84,12 @@ KNN_TEMPERATURE = 0.07
 # Queries are scored in fixed-size blocks so the similarity matrix stays [block, train rows] and every
 # block reuses one compiled program.
 KNN_QUERY_BLOCK = 1024
+
+# Solver products run in full float32: the default on GPUs rounds operands to TF32 (10-bit mantissa), which
+# would stop the line search long before the float32 optimum.
+_HIGHEST = jax.lax.Precision.HIGHEST
+# The score of a padded class: exp() of it is exactly 0, and unlike -inf it keeps 0 × score finite.
+_MASKED_SCORE = -1e9
 
 
 # eq=False: fields hold arrays, whose == is elementwise; a probe is compared by identity.
@@ -109,9 +134,7 @@ class Probe:
       raise ValueError(
           f"features have {features.shape[1]} columns; the probe was fit on {self.feature_mean.shape[0]}"
       )
-    if self.kind == "knn":
-      return _knn_scores(self, features)
-    return _SCORE_FUNCTIONS[self.kind](self.params, self.feature_mean, self.feature_scale, features)
+    return _FAMILIES[self.kind].scores(self, features)
 
   def predict(self, features: ArrayLike) -> jax.Array:
     """Predicted class of each row.
@@ -203,12 +226,39 @@ def validation_split(labels: ArrayLike, *, val_fraction: float, seed: int) -> np
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Standardisation
+# Padding and standardisation
 # ----------------------------------------------------------------------------------------------------------
 
 
-@jax.jit
-def _feature_statistics(features: jax.Array, row_weight: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _round_up(size: int, multiple: int) -> int:
+  return -(-size // multiple) * multiple
+
+
+@dataclasses.dataclass(frozen=True)
+class _PaddedTask:
+  """Training rows padded to a multiple of a row bucket and classes to ``CLASS_BUCKET``; padded rows have label 0."""
+
+  features: np.ndarray  # [R, F] float32
+  labels: np.ndarray  # [R] int32
+  class_valid: np.ndarray  # [K] bool, False for padded classes
+  num_rows: int  # real rows, the first of the R
+
+  @classmethod
+  def of(cls, features: np.ndarray, labels: np.ndarray, num_classes: int, row_bucket: int) -> _PaddedTask:
+    num_rows = labels.shape[0]
+    padded_rows = _round_up(num_rows, row_bucket)
+    return cls(features=np.pad(features, ((0, padded_rows - num_rows), (0, 0))),
+               labels=np.pad(labels, (0, padded_rows - num_rows)),
+               class_valid=np.arange(_round_up(num_classes, CLASS_BUCKET)) < num_classes, num_rows=num_rows)
+
+  def row_weight(self, rows: np.ndarray | None = None) -> np.ndarray:
+    """``[R]`` float32: 1 on the given real rows (default all), 0 elsewhere."""
+    weight = np.zeros(self.labels.shape[0], np.float32)
+    weight[:self.num_rows] = 1.0 if rows is None else rows.astype(np.float32)
+    return weight
+
+
+def _weighted_statistics(features: jax.Array, row_weight: jax.Array) -> tuple[jax.Array, jax.Array]:
   num_rows = jnp.sum(row_weight)
   mean = jnp.sum(row_weight[:, None] * features, axis=0) / num_rows
   variance = jnp.sum(row_weight[:, None] * jnp.square(features - mean[None, :]), axis=0) / num_rows
@@ -217,106 +267,347 @@ def _feature_statistics(features: jax.Array, row_weight: jax.Array) -> tuple[jax
   return mean, jnp.where(std > 1e-6 * (1.0 + jnp.abs(mean)), std, 1.0)
 
 
-def _statistics(kind: str, features: np.ndarray, row_weight: np.ndarray) -> tuple[jax.Array, jax.Array]:
-  if kind == "knn":
-    return jnp.zeros((features.shape[1],), jnp.float32), jnp.ones((features.shape[1],), jnp.float32)
-  return _feature_statistics(features, row_weight)
-
-
 def _standardise(features: jax.Array, mean: jax.Array, scale: jax.Array) -> jax.Array:
   return (features - mean[None, :]) / scale[None, :]
 
 
-def _one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
-  return np.eye(num_classes, dtype=np.float32)[labels]
+def _masked_scores(scores: jax.Array, class_valid: jax.Array) -> jax.Array:
+  return jnp.where(class_valid, scores, _MASKED_SCORE)
+
+
+def _correct_counts(scores: jax.Array, labels: jax.Array, class_valid: jax.Array,
+                    row_weight: jax.Array) -> jax.Array:
+  """``[N, K]`` scores -> float32 count of the rows of weight 1 whose best-scoring class is their label."""
+  predicted = jnp.argmax(_masked_scores(scores, class_valid), axis=-1)
+  return jnp.sum(row_weight * (predicted == labels).astype(jnp.float32))
+
+
+def _without_padded_classes(params: Mapping[str, jax.Array], names: Sequence[str],
+                            num_classes: int) -> dict[str, jax.Array]:
+  """Drops the padded classes (the last axis of the arrays ``names``), on the host: slicing device arrays
+  eagerly would compile a small program per shape. ``_scores_by_bucket`` pads them again."""
+  return {name: jnp.asarray(np.asarray(value)[..., :num_classes]) if name in names else value
+          for name, value in params.items()}
+
+
+def _scores_by_bucket(score_fn: Callable[..., jax.Array], probe: Probe, class_arrays: Sequence[str],
+                      features: np.ndarray) -> jax.Array:
+  """Scores rows padded to a multiple of ``SCORE_ROW_BUCKET`` with classes padded to ``CLASS_BUCKET`` (the
+  zero-padded last axis of the ``class_arrays`` params), so that the probes of similar tasks share one program;
+  padding and slicing happen on the host."""
+  num_rows, num_classes = features.shape[0], probe.num_classes
+  padded = np.pad(features, ((0, _round_up(num_rows, SCORE_ROW_BUCKET) - num_rows), (0, 0)))
+  class_padding = [(0, 0), (0, _round_up(num_classes, CLASS_BUCKET) - num_classes)]
+  params = {name: np.pad(np.asarray(value), class_padding[2 - np.ndim(value):]) if name in class_arrays else value
+            for name, value in probe.params.items()}
+  scores = score_fn(params, probe.feature_mean, probe.feature_scale, padded)
+  return jnp.asarray(np.asarray(scores)[:num_rows, :num_classes])
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Linear probes: softmax regression and one-vs-rest squared-hinge SVM, full-batch L-BFGS
+# Linear probes: softmax regression and one-vs-rest squared-hinge SVM, batched L-BFGS over the grid
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _softmax_cross_entropy(scores: jax.Array, onehot: jax.Array) -> jax.Array:
-  return -jnp.sum(onehot * jax.nn.log_softmax(scores, axis=1), axis=1)
+def _softmax_cross_entropy(scores: jax.Array, onehot: jax.Array, class_valid: jax.Array) -> jax.Array:
+  return -jnp.sum(onehot * jax.nn.log_softmax(_masked_scores(scores, class_valid), axis=-1), axis=-1)
 
 
-def _squared_hinge(scores: jax.Array, onehot: jax.Array) -> jax.Array:
+def _softmax_cross_entropy_slope(scores: jax.Array, onehot: jax.Array,
+                                 class_valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+  probs = jax.nn.softmax(_masked_scores(scores, class_valid), axis=-1)
+  return probs - onehot, probs
+
+
+def _softmax_cross_entropy_change(scores: jax.Array, probs: jax.Array, shift: jax.Array, onehot: jax.Array,
+                                  class_valid: jax.Array) -> jax.Array:
+  """Per-row ``loss(scores + shift) - loss(scores)`` from the probabilities at ``scores``.
+
+  The log-sum-exp changes by ``m + log Σ_k p_k e^{shift_k - m}`` (``m`` the row's largest shift), computed
+  as ``log1p(Σ_k p_k expm1(shift_k - m))`` where that sum is small, so that a change far below the loss
+  itself is not lost to cancellation.
+  """
+  del scores
+  # Padded classes have probability 0 (and shift 0: their parameters never move).
+  largest = jnp.max(jnp.where(class_valid, shift, -jnp.inf), axis=-1)
+  growth = jnp.expm1(shift - largest[:, None])
+  total = jnp.sum(probs * growth, axis=-1)
+  # Where the distribution changes a lot, sum the (positive) terms directly instead; a sum that underflows
+  # counts as the smallest normal float32, which overstates the change (trial steps that large fail anyway).
+  direct = jnp.maximum(jnp.sum(probs * (growth + 1.0), axis=-1), jnp.finfo(jnp.float32).tiny)
+  log_total = jnp.where(total > -0.5, jnp.log1p(jnp.maximum(total, -0.5)), jnp.log(direct))
+  return largest + log_total - jnp.sum(onehot * shift, axis=-1)
+
+
+def _squared_hinge(scores: jax.Array, onehot: jax.Array, class_valid: jax.Array) -> jax.Array:
   # One-vs-rest: each class is a binary problem with target +1 for its rows and -1 for the others,
   # and the classes share nothing, so summing over classes fits C independent SVMs at once.
   targets = 2.0 * onehot - 1.0
-  return jnp.sum(jnp.square(jnp.maximum(0.0, 1.0 - targets * scores)), axis=1)
+  violations = jnp.where(class_valid, jnp.maximum(0.0, 1.0 - targets * scores), 0.0)
+  return jnp.sum(jnp.square(violations), axis=-1)
 
 
-# Indexed by a traced integer, so the softmax and SVM probes share one compiled solver.
-_LINEAR_LOSSES = {"linear": 0, "svm": 1}
+def _squared_hinge_slope(scores: jax.Array, onehot: jax.Array,
+                         class_valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+  targets = 2.0 * onehot - 1.0
+  violations = jnp.where(class_valid, jnp.maximum(0.0, 1.0 - targets * scores), 0.0)
+  return -2.0 * targets * violations, violations
+
+
+def _squared_hinge_change(scores: jax.Array, violations: jax.Array, shift: jax.Array, onehot: jax.Array,
+                          class_valid: jax.Array) -> jax.Array:
+  """Per-row ``loss(scores + shift) - loss(scores)``, without the cancellation of subtracting the losses."""
+  targets = 2.0 * onehot - 1.0
+  margin_after = 1.0 - targets * (scores + shift)
+  violations_after = jnp.where(class_valid, jnp.maximum(0.0, margin_after), 0.0)
+  # Where the margin is violated before and after, the violation changes by exactly -target × shift.
+  violation_change = jnp.where((violations > 0.0) & (violations_after > 0.0), -targets * shift,
+                               violations_after - violations)
+  return jnp.sum(violation_change * (violations_after + violations), axis=-1)
+
+
+class _LinearLoss(NamedTuple):
+  """A linear probe's per-row loss of scores ``[N, K]``, given one-hot labels and the valid classes."""
+
+  row_loss: Callable[..., jax.Array]  # (scores, onehot, class_valid) -> [N]
+  # (scores, onehot, class_valid) -> (d row_loss / d scores [N, K], what row_change needs besides [N, K])
+  slope: Callable[..., tuple[jax.Array, jax.Array]]
+  # (scores, slope's second output, shift [N, K], onehot, class_valid) -> row_loss(scores + shift) - row_loss(scores)
+  row_change: Callable[..., jax.Array]
+
+
+_LINEAR_LOSSES = {
+    "linear": _LinearLoss(_softmax_cross_entropy, _softmax_cross_entropy_slope, _softmax_cross_entropy_change),
+    "svm": _LinearLoss(_squared_hinge, _squared_hinge_slope, _squared_hinge_change),
+}
+
+
+class _LbfgsState(NamedTuple):
+  params: jax.Array  # [F + 1, K]: the weights, then the bias row
+  scores: jax.Array  # [N, K] design @ params
+  loss_state: jax.Array  # [N, K] the loss's second slope output at scores
+  value: jax.Array  # the objective, accumulated from the line searches' changes
+  grad: jax.Array  # [F + 1, K]
+  steps: jax.Array  # [M, F + 1, K] the last M parameter steps, oldest first
+  grad_changes: jax.Array  # [M, F + 1, K] the gradient changes over those steps
+  filled: jax.Array  # [M] bool, False for slots that hold no pair
+  gamma: jax.Array  # scale of the initial inverse Hessian
+  done: jax.Array  # bool
+
+
+def _inner(left: jax.Array, right: jax.Array) -> jax.Array:
+  return jnp.sum(left * right)
+
+
+def _lbfgs_direction(state: _LbfgsState) -> jax.Array:
+  """``-H g`` for the compact L-BFGS inverse Hessian ``H`` (Byrd, Nocedal & Schnabel 1994, eq. 3.2).
+
+  A handful of [M, M] and [M, params] products instead of the two-loop recursion's 2M dependent steps.
+  """
+  steps, changes = (jnp.where(state.filled[:, None, None], memory, 0.0)
+                    for memory in (state.steps, state.grad_changes))
+  grad, gamma = state.grad, state.gamma
+  step_grad = jnp.einsum("mfk,fk->m", steps, grad, precision=_HIGHEST)
+  change_grad = jnp.einsum("mfk,fk->m", changes, grad, precision=_HIGHEST)
+  step_change = jnp.einsum("mfk,nfk->mn", steps, changes, precision=_HIGHEST)
+  change_change = jnp.einsum("mfk,nfk->mn", changes, changes, precision=_HIGHEST)
+  # Empty slots are zero pairs; a unit diagonal there keeps R invertible and their coefficients 0.
+  upper = jnp.triu(step_change) + jnp.diag(jnp.where(state.filled, 0.0, 1.0))
+  diagonal = jnp.diag(jnp.where(state.filled, jnp.diagonal(step_change), 0.0))
+  step_coeff = jax.scipy.linalg.solve_triangular(upper, step_grad, lower=False)
+  middle = jnp.einsum("mn,n->m", diagonal + gamma * change_change, step_coeff, precision=_HIGHEST)
+  change_coeff = jax.scipy.linalg.solve_triangular(upper, middle - gamma * change_grad, lower=False, trans="T")
+  return -(gamma * grad + jnp.einsum("m,mfk->fk", change_coeff, steps, precision=_HIGHEST)
+           - gamma * jnp.einsum("m,mfk->fk", step_coeff, changes, precision=_HIGHEST))
+
+
+def _minimise_linear(design: jax.Array, onehot: jax.Array, class_valid: jax.Array, row_weight: jax.Array,
+                     inverse_strengths: jax.Array, *, loss: str) -> jax.Array:
+  """Minimises the probe objective for every C of ``inverse_strengths`` [G] at once: ``[G, F + 1, K]``.
+
+  ``design`` is ``[N, F + 1]``: standardised features and a column of ones. The G fits share it, so each
+  iteration's two products are ``[N, F + 1] x [F + 1, G·K]`` matrix products.
+  """
+  num_rows = jnp.sum(row_weight)
+  row_share = row_weight / num_rows
+  # The bias row is not penalised.
+  penalised = jnp.ones((design.shape[1], onehot.shape[1]), jnp.float32).at[-1].set(0.0)
+  row_loss, slope_fn, row_change = _LINEAR_LOSSES[loss]
+
+  # scikit-learn's ½‖W‖² + C Σ_i w_i loss_i divided by C Σ_i w_i: the same minimiser, with gradients of
+  # order one whatever the dataset size.
+  def gradient_and_loss_state(params, scores, strength):
+    score_slope, loss_state = slope_fn(scores, onehot, class_valid)
+    grad = jnp.einsum("nf,nk->fk", design, row_share[:, None] * score_slope, precision=_HIGHEST)
+    return grad + strength * penalised * params, loss_state
+
+  def start(strength):
+    params, scores = jnp.zeros(penalised.shape, jnp.float32), jnp.zeros(onehot.shape, jnp.float32)
+    grad, loss_state = gradient_and_loss_state(params, scores, strength)
+    memory = jnp.zeros((LBFGS_MEMORY, *penalised.shape), jnp.float32)
+    value = jnp.sum(row_share * row_loss(scores, onehot, class_valid))
+    return _LbfgsState(params=params, scores=scores, loss_state=loss_state, value=value, grad=grad,
+                       steps=memory, grad_changes=memory, filled=jnp.zeros((LBFGS_MEMORY,), bool),
+                       gamma=1.0 / jnp.maximum(1.0, jnp.sqrt(_inner(grad, grad))), done=jnp.asarray(False))
+
+  def step(state, strength):
+    # --- Direction: L-BFGS, or steepest descent where round-off leaves no descent direction.
+    direction = _lbfgs_direction(state)
+    slope = _inner(state.grad, direction)
+    descent = slope < 0.0
+    direction = jnp.where(descent, direction, -state.gamma * state.grad)
+    slope = jnp.where(descent, slope, -state.gamma * _inner(state.grad, state.grad))
+
+    # --- Line search. Scores are affine and the penalty quadratic along the line, so one product serves
+    # every trial step, and the objective's change is summed from exact per-row changes: steps stay
+    # measurable far below the float32 resolution of the objective itself (large C, near the optimum).
+    # Backtrack from 1 to the minimiser of the interpolating quadratic, kept in [0.1, 0.5] of the last
+    # trial, until the Armijo condition holds.
+    score_step = jnp.einsum("nf,fk->nk", design, direction, precision=_HIGHEST)
+    penalty_slope = strength * _inner(penalised * state.params, direction)
+    penalty_curvature = strength * _inner(penalised * direction, direction)
+
+    def objective_change(size):
+      shift = size * score_step
+      row_changes = row_change(state.scores, state.loss_state, shift, onehot, class_valid)
+      # Rows outside the fit (validation, padding) may overflow along a long trial step: leave them out.
+      data_change = jnp.sum(jnp.where(row_weight > 0.0, row_share * row_changes, 0.0))
+      return data_change + size * penalty_slope + 0.5 * size * size * penalty_curvature
+
+    def sufficient(size, change):
+      return change <= 1e-4 * size * slope
+
+    def keep_backtracking(search):
+      size, change, count = search
+      return ~state.done & ~sufficient(size, change) & (count < LBFGS_MAX_BACKTRACKS)
+
+    def backtrack(search):
+      size, change, count = search
+      quadratic = -slope * size * size / (2.0 * (change - slope * size))
+      size = jnp.clip(jnp.where(jnp.isfinite(quadratic), quadratic, 0.5 * size), 0.1 * size, 0.5 * size)
+      return size, objective_change(size), count + 1
+
+    first = jnp.asarray(1.0, jnp.float32)
+    size, change, _ = jax.lax.while_loop(keep_backtracking, backtrack,
+                                         (first, objective_change(first), jnp.asarray(0, jnp.int32)))
+    moved = ~state.done & sufficient(size, change) & (change < 0.0)
+
+    # --- Update the iterate and the memory (skipping pairs without positive curvature).
+    params, scores = state.params + size * direction, state.scores + size * score_step
+    grad, loss_state = gradient_and_loss_state(params, scores, strength)
+    param_step, grad_change = params - state.params, grad - state.grad
+    curvature = _inner(param_step, grad_change)
+    remember = curvature > 1e-10 * jnp.sqrt(_inner(param_step, param_step) * _inner(grad_change, grad_change))
+
+    def push(memory, new):
+      return jnp.where(remember, jnp.concatenate([memory[1:], new[None]]), memory)
+
+    updated = _LbfgsState(
+        params=params, scores=scores, loss_state=loss_state, value=state.value + change, grad=grad,
+        steps=push(state.steps, param_step), grad_changes=push(state.grad_changes, grad_change),
+        filled=push(state.filled, jnp.asarray(True)),
+        gamma=jnp.where(remember, curvature / _inner(grad_change, grad_change), state.gamma),
+        done=-change <= LBFGS_RELATIVE_DECREASE * jnp.abs(state.value))
+    state = jax.tree.map(lambda new, old: jnp.where(moved, new, old), updated, state)
+    # A failed quasi-Newton step restarts from steepest descent with an empty memory; a fit whose steepest
+    # descent step cannot lower its objective at all has reached float32 resolution.
+    restart = ~moved & jnp.any(state.filled)
+    return state._replace(filled=state.filled & ~restart, done=state.done | (~moved & ~restart))
+
+  strengths = 1.0 / (inverse_strengths * num_rows)
+
+  def keep_going(loop):
+    states, iteration = loop
+    return jnp.any(~states.done) & (iteration < LBFGS_MAX_ITERATIONS)
+
+  def advance(loop):
+    states, iteration = loop
+    return jax.vmap(step)(states, strengths), iteration + 1
+
+  states, _ = jax.lax.while_loop(keep_going, advance, (jax.vmap(start)(strengths), jnp.asarray(0, jnp.int32)))
+  return states.params
+
+
+def _design(features: jax.Array, row_weight: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``[N, F + 1]`` features standardised on the rows of weight 1, and a column of ones; the mean and scale."""
+  mean, scale = _weighted_statistics(features, row_weight)
+  ones = jnp.ones((features.shape[0], 1), jnp.float32)
+  return jnp.concatenate([_standardise(features, mean, scale), ones], axis=1), mean, scale
+
+
+@functools.partial(jax.jit, static_argnames=("loss",))
+def _fit_linear_program(
+    features: jax.Array, labels: jax.Array, class_valid: jax.Array, row_weight: jax.Array, count_weight: jax.Array,
+    inverse_strengths: jax.Array, *, loss: str,
+) -> tuple[dict[str, jax.Array], jax.Array, jax.Array, jax.Array]:
+  """Every C of ``inverse_strengths`` [G] fit on the rows of weight 1, in one batched solve.
+
+  Returns:
+    ``(params, mean, scale, correct [G])``: weights ``[G, F, K]`` and bias ``[G, K]`` on features
+    standardised with the fit rows' mean and scale, and each fit's count of correct rows among those of
+    ``count_weight`` 1.
+  """
+  design, mean, scale = _design(features, row_weight)
+  onehot = jax.nn.one_hot(labels, class_valid.shape[0], dtype=jnp.float32)
+  params = _minimise_linear(design, onehot, class_valid, row_weight, inverse_strengths, loss=loss)
+  scores = jnp.einsum("nf,gfk->gnk", design, params, precision=_HIGHEST)
+  correct = jax.vmap(_correct_counts, in_axes=(0, None, None, None))(scores, labels, class_valid, count_weight)
+  return {"weights": params[:, :-1], "bias": params[:, -1]}, mean, scale, correct
 
 
 @jax.jit
 def _linear_scores(params: Mapping[str, jax.Array], mean: jax.Array, scale: jax.Array,
                    features: jax.Array) -> jax.Array:
-  return _standardise(features, mean, scale) @ params["weights"] + params["bias"][None, :]
+  return (jnp.dot(_standardise(features, mean, scale), params["weights"], precision=_HIGHEST)
+          + params["bias"][None, :])
 
 
-@jax.jit
-def _fit_linear_lbfgs(
-    features: jax.Array,
-    mean: jax.Array,
-    scale: jax.Array,
-    onehot: jax.Array,
-    row_weight: jax.Array,
-    inverse_strength: jax.Array,
-    loss_index: jax.Array,
-    init_params: Mapping[str, jax.Array],
-) -> dict[str, jax.Array]:
-  standardised = _standardise(features, mean, scale)
-  num_rows = jnp.sum(row_weight)
-
-  # scikit-learn's ½‖W‖² + C Σ_i w_i loss_i divided by C Σ_i w_i: the same minimiser, with gradients of
-  # order one whatever the dataset size. The bias is not penalised.
-  def objective(params):
-    scores = standardised @ params["weights"] + params["bias"][None, :]
-    row_loss = jax.lax.switch(loss_index, (_softmax_cross_entropy, _squared_hinge), scores, onehot)
-    penalty = jnp.sum(jnp.square(params["weights"])) / (2.0 * inverse_strength * num_rows)
-    return jnp.sum(row_weight * row_loss) / num_rows + penalty
-
-  solver = optax.lbfgs()
-  value_and_grad = optax.value_and_grad_from_state(objective)
-
-  def step(carry):
-    params, state, iteration, _ = carry
-    value, grad = value_and_grad(params, state=state)
-    updates, state = solver.update(grad, state, params, value=value, grad=grad, value_fn=objective)
-    return optax.apply_updates(params, updates), state, iteration + 1, optax.tree.norm(grad)
-
-  def not_converged(carry):
-    _, _, iteration, grad_norm = carry
-    return (iteration < LBFGS_MAX_ITERATIONS) & (grad_norm > LBFGS_TOLERANCE)
-
-  init = (init_params, solver.init(init_params), jnp.asarray(0, jnp.int32), jnp.asarray(jnp.inf, jnp.float32))
-  params, _, _, _ = jax.lax.while_loop(not_converged, step, init)
-  return params
+def _linear_probe(kind: str, params: Mapping[str, jax.Array], mean: jax.Array, scale: jax.Array,
+                  inverse_strength: float, validation_accuracy: float | None, num_classes: int) -> Probe:
+  """The probe of the first fit of a batch."""
+  params = _without_padded_classes({name: np.asarray(value)[0] for name, value in params.items()},
+                                   ("weights", "bias"), num_classes)
+  if not all(np.all(np.isfinite(np.asarray(leaf))) for leaf in params.values()):
+    raise FloatingPointError(f"the {kind} probe diverged at C={inverse_strength} (non-finite weights)")
+  return Probe(kind=kind, num_classes=num_classes, hparams={"C": inverse_strength},
+               validation_accuracy=validation_accuracy, feature_mean=mean, feature_scale=scale, params=params)
 
 
-def _fit_linear(
-    kind: str, features: np.ndarray, labels: np.ndarray, row_weight: np.ndarray, mean: jax.Array,
-    scale: jax.Array, hparams: Mapping[str, Any], *, num_classes: int, key: jax.Array,
-    warm_start: Mapping[str, jax.Array] | None,
-) -> tuple[dict[str, jax.Array], dict[str, Any]]:
-  del key  # deterministic: a convex objective from a zero (or warm) start
-  if warm_start is None:
-    warm_start = {
-        "weights": np.zeros((features.shape[1], num_classes), np.float32),
-        "bias": np.zeros((num_classes,), np.float32),
-    }
-  params = _fit_linear_lbfgs(features, mean, scale, _one_hot(labels, num_classes), row_weight,
-                             np.float32(hparams["C"]), np.int32(_LINEAR_LOSSES[kind]), warm_start)
-  if not all(np.all(np.isfinite(np.asarray(leaf))) for leaf in jax.tree.leaves(params)):
-    raise FloatingPointError(f"the {kind} probe diverged at C={hparams['C']} (non-finite weights)")
-  return dict(params), {"C": float(hparams["C"])}
+def _fit_linear(kind: str, features: np.ndarray, labels: np.ndarray, value: float, *, num_classes: int,
+                seed: int) -> Probe:
+  del seed  # deterministic: a convex objective from a zero start
+  task = _PaddedTask.of(features, labels, num_classes, LINEAR_ROW_BUCKET)
+  params, mean, scale, _ = _fit_linear_program(task.features, task.labels, task.class_valid, task.row_weight(),
+                                               task.row_weight(np.zeros(task.num_rows, bool)),
+                                               np.asarray([value], np.float32), loss=kind)
+  return _linear_probe(kind, params, mean, scale, value, None, num_classes)
+
+
+def _select_linear(kind: str, features: np.ndarray, labels: np.ndarray, is_validation: np.ndarray,
+                   grid: tuple[float, ...], *, num_classes: int, seed: int) -> Probe:
+  del seed  # deterministic: convex objectives from a zero start (the split is already drawn)
+  task = _PaddedTask.of(features, labels, num_classes, LINEAR_ROW_BUCKET)
+  _, _, _, correct = _fit_linear_program(task.features, task.labels, task.class_valid,
+                                         task.row_weight(~is_validation), task.row_weight(is_validation),
+                                         np.asarray(grid, np.float32), loss=kind)
+  # np.argmax returns the first maximum: ties go to the earlier, more regularised grid value.
+  best = int(np.argmax(np.asarray(correct)))
+  # The refit is a second call of the same program (one compilation per task shape), every fit of the
+  # batch at the chosen C; the first is kept.
+  params, mean, scale, _ = _fit_linear_program(task.features, task.labels, task.class_valid, task.row_weight(),
+                                               task.row_weight(np.zeros(task.num_rows, bool)),
+                                               np.full(len(grid), grid[best], np.float32), loss=kind)
+  accuracy = 100.0 * float(np.asarray(correct)[best]) / int(is_validation.sum())
+  return _linear_probe(kind, params, mean, scale, grid[best], accuracy, num_classes)
+
+
+def _score_linear(probe: Probe, features: np.ndarray) -> jax.Array:
+  return _scores_by_bucket(_linear_scores, probe, ("weights", "bias"), features)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# MLP probe: one hidden ReLU layer, full-batch AdamW, early stopping on validation accuracy
+# MLP probe: one hidden ReLU layer, full-batch AdamW, early stopping on validation accuracy; one network
+# per weight decay, trained side by side
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -331,97 +622,148 @@ def _mlp_scores(params: Mapping[str, jax.Array], mean: jax.Array, scale: jax.Arr
   return _mlp_logits(params, _standardise(features, mean, scale))
 
 
-@functools.partial(jax.jit, static_argnames=("hidden_width",))
-def _train_mlp(
-    features: jax.Array,
-    mean: jax.Array,
-    scale: jax.Array,
-    onehot: jax.Array,
-    fit_weight: jax.Array,
-    val_weight: jax.Array,
-    weight_decay: jax.Array,
-    max_steps: jax.Array,
-    patience: jax.Array,
-    key: jax.Array,
-    *,
-    hidden_width: int,
-) -> tuple[dict[str, jax.Array], jax.Array, dict[str, jax.Array]]:
-  standardised = _standardise(features, mean, scale)
-  num_features, num_classes = standardised.shape[1], onehot.shape[1]
+@functools.partial(jax.jit, static_argnames=("num_features", "hidden_width", "num_classes"))
+def _mlp_init(key: jax.Array, *, num_features: int, hidden_width: int, num_classes: int) -> dict[str, jax.Array]:
   hidden_key, output_key = jax.random.split(key)
   he_normal, glorot_normal = jax.nn.initializers.he_normal(), jax.nn.initializers.glorot_normal()
-  params = {
+  return {
       "hidden_weights": he_normal(hidden_key, (num_features, hidden_width), jnp.float32),
       "hidden_bias": jnp.zeros((hidden_width,), jnp.float32),
       "output_weights": glorot_normal(output_key, (hidden_width, num_classes), jnp.float32),
       "output_bias": jnp.zeros((num_classes,), jnp.float32),
   }
-  decay_mask = {name: name.endswith("weights") for name in params}
-  optimizer = optax.adamw(MLP_LEARNING_RATE, weight_decay=weight_decay, mask=decay_mask)
+
+
+def _mlp_optimizer(weight_decay: jax.Array) -> optax.GradientTransformation:
+  decay_mask = {"hidden_weights": True, "hidden_bias": False, "output_weights": True, "output_bias": False}
+  return optax.adamw(MLP_LEARNING_RATE, weight_decay=weight_decay, mask=decay_mask)
+
+
+def _mlp_update(optimizer: optax.GradientTransformation, grad: Any, opt_state: Any, params: Any) -> tuple[Any, Any]:
+  # optax's Adam raises its decay (a Python float) to the int32 step count, which strict promotion
+  # rejects; the promotion is exact here, so allow it for the update only.
+  with jax.numpy_dtype_promotion("standard"):
+    updates, opt_state = optimizer.update(grad, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state
+
+
+class _MlpRun(NamedTuple):
+  params: Any
+  opt_state: Any
+  best_params: Any
+  best_correct: jax.Array  # validation rows right with best_params
+  best_val_loss: jax.Array
+  best_step: jax.Array  # updates made to reach best_params
+  last_gain: jax.Array  # the step at which best_correct last rose
+
+
+@jax.jit
+def _select_mlp_program(
+    features: jax.Array, labels: jax.Array, class_valid: jax.Array, fit_weight: jax.Array, row_weight: jax.Array,
+    weight_decays: jax.Array, init_params: Mapping[str, jax.Array],
+) -> tuple[dict[str, jax.Array], jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+  """One network per weight decay with early stopping, the choice, and the refit on all rows, in one program.
+
+  Returns:
+    ``(params, mean, scale, correct [G], best, steps)``: the refit, each weight decay's count of correct
+    validation rows at its best step, the chosen index, and the number of updates the refit made.
+  """
+  onehot = jax.nn.one_hot(labels, class_valid.shape[0], dtype=jnp.float32)
+  val_weight = row_weight - fit_weight
   num_fit, num_val = jnp.sum(fit_weight), jnp.maximum(jnp.sum(val_weight), 1.0)
 
-  # One forward pass gives both the fit loss (whose gradient makes the step) and the validation scores of
-  # the current parameters, so early stopping costs no extra pass.
-  def losses(params):
+  def row_losses(params, standardised):
     logits = _mlp_logits(params, standardised)
-    row_loss = _softmax_cross_entropy(logits, onehot)
-    correct = (jnp.argmax(logits, axis=1) == jnp.argmax(onehot, axis=1)).astype(jnp.float32)
-    val_scores = (jnp.sum(val_weight * correct) / num_val, jnp.sum(val_weight * row_loss) / num_val)
-    return jnp.sum(fit_weight * row_loss) / num_fit, val_scores
+    return _softmax_cross_entropy(logits, onehot, class_valid), logits
 
-  def step(carry):
-    iteration, params, opt_state, best_params, best_val_accuracy, best_val_loss, best_step, last_gain = carry
-    (_, (val_accuracy, val_loss)), grad = jax.value_and_grad(losses, has_aux=True)(params)
-    # The best parameters have the highest validation accuracy, ties broken by validation loss; only a
+  # --- Validation: every weight decay side by side. One forward pass gives both the fit loss (whose gradient
+  # makes the step) and the validation scores of the current parameters, so early stopping costs no extra pass.
+  mean, scale = _weighted_statistics(features, fit_weight)
+  standardised = _standardise(features, mean, scale)
+
+  def fit_loss(params):
+    row_loss, logits = row_losses(params, standardised)
+    correct = _correct_counts(logits, labels, class_valid, val_weight)
+    return jnp.sum(fit_weight * row_loss) / num_fit, (correct, jnp.sum(val_weight * row_loss) / num_val)
+
+  def start(weight_decay):
+    zero_step = jnp.asarray(0, jnp.int32)
+    return _MlpRun(params=init_params, opt_state=_mlp_optimizer(weight_decay).init(init_params),
+                   best_params=init_params, best_correct=jnp.asarray(-1.0, jnp.float32),
+                   best_val_loss=jnp.asarray(jnp.inf, jnp.float32), best_step=zero_step, last_gain=zero_step)
+
+  def stopped(run, iteration):
+    return iteration - run.last_gain > MLP_PATIENCE
+
+  def train_step(run, weight_decay, iteration):
+    (_, (correct, val_loss)), grad = jax.value_and_grad(fit_loss, has_aux=True)(run.params)
+    # The best parameters have the most correct validation rows, ties broken by validation loss; only a
     # rise in accuracy resets the patience.
-    gained = val_accuracy > best_val_accuracy
-    improved = gained | ((val_accuracy == best_val_accuracy) & (val_loss < best_val_loss))
-    best_params = jax.tree.map(lambda new, old: jnp.where(improved, new, old), params, best_params)
-    best_val_accuracy = jnp.where(improved, val_accuracy, best_val_accuracy)
-    best_val_loss = jnp.where(improved, val_loss, best_val_loss)
-    best_step = jnp.where(improved, iteration, best_step)
-    last_gain = jnp.where(gained, iteration, last_gain)
-    # optax's Adam raises its decay (a Python float) to the int32 step count, which strict promotion
-    # rejects; the promotion is exact here, so allow it for the update only.
-    with jax.numpy_dtype_promotion("standard"):
-      updates, opt_state = optimizer.update(grad, opt_state, params)
-    return (iteration + 1, optax.apply_updates(params, updates), opt_state, best_params, best_val_accuracy,
-            best_val_loss, best_step, last_gain)
+    gained = correct > run.best_correct
+    improved = gained | ((correct == run.best_correct) & (val_loss < run.best_val_loss))
+    params, opt_state = _mlp_update(_mlp_optimizer(weight_decay), grad, run.opt_state, run.params)
+    new = _MlpRun(
+        params=params, opt_state=opt_state,
+        best_params=jax.tree.map(lambda now, old: jnp.where(improved, now, old), run.params, run.best_params),
+        best_correct=jnp.where(improved, correct, run.best_correct),
+        best_val_loss=jnp.where(improved, val_loss, run.best_val_loss),
+        best_step=jnp.where(improved, iteration, run.best_step),
+        last_gain=jnp.where(gained, iteration, run.last_gain))
+    return jax.tree.map(lambda frozen, moved: jnp.where(stopped(run, iteration), frozen, moved), run, new)
 
-  def keep_going(carry):
-    iteration, last_gain = carry[0], carry[-1]
-    return (iteration < max_steps) & (iteration - last_gain <= patience)
+  def keep_training(loop):
+    runs, iteration = loop
+    return (iteration < MLP_MAX_STEPS) & jnp.any(~stopped(runs, iteration))
 
-  zero_step = jnp.asarray(0, jnp.int32)
-  init = (zero_step, params, optimizer.init(params), params, jnp.asarray(-1.0, jnp.float32),
-          jnp.asarray(jnp.inf, jnp.float32), zero_step, zero_step)
-  _, last_params, _, best_params, _, _, best_step, _ = jax.lax.while_loop(keep_going, step, init)
-  return best_params, best_step, last_params
+  def advance(loop):
+    runs, iteration = loop
+    return jax.vmap(train_step, in_axes=(0, 0, None))(runs, weight_decays, iteration), iteration + 1
+
+  runs, _ = jax.lax.while_loop(keep_training, advance,
+                               (jax.vmap(start)(weight_decays), jnp.asarray(0, jnp.int32)))
+  # argmax returns the first maximum: ties go to the earlier, more regularised grid value.
+  best = jnp.argmax(runs.best_correct)
+
+  # --- Refit: the chosen weight decay for the chosen number of steps on all rows, from the same start.
+  steps, optimizer = runs.best_step[best], _mlp_optimizer(weight_decays[best])
+  mean, scale = _weighted_statistics(features, row_weight)
+  standardised_all = _standardise(features, mean, scale)
+  num_rows = jnp.sum(row_weight)
+
+  def refit_step(_, state):
+    params, opt_state = state
+    grad = jax.grad(lambda p: jnp.sum(row_weight * row_losses(p, standardised_all)[0]) / num_rows)(params)
+    return _mlp_update(optimizer, grad, opt_state, params)
+
+  params, _ = jax.lax.fori_loop(0, steps, refit_step, (init_params, optimizer.init(init_params)))
+  return params, mean, scale, runs.best_correct, best, steps
 
 
-def _fit_mlp(
-    kind: str, features: np.ndarray, labels: np.ndarray, row_weight: np.ndarray, mean: jax.Array,
-    scale: jax.Array, hparams: Mapping[str, Any], *, num_classes: int, key: jax.Array,
-    warm_start: Mapping[str, jax.Array] | None,
-) -> tuple[dict[str, jax.Array], dict[str, Any]]:
-  del kind, warm_start  # a non-convex fit restarts from its seeded initialisation
-  val_weight = 1.0 - row_weight
-  arguments = (features, mean, scale, _one_hot(labels, num_classes), row_weight, val_weight,
-               np.float32(hparams["weight_decay"]))
-  if "steps" in hparams:
-    # Refit: the step count was chosen by early stopping; train exactly that long with nothing held out.
-    steps = int(hparams["steps"])
-    _, _, params = _train_mlp(*arguments, np.int32(steps), np.int32(steps + 1), key,
-                              hidden_width=MLP_HIDDEN_WIDTH)
-  else:
-    if not val_weight.any():
-      raise ValueError("the mlp probe needs validation rows for early stopping; pass val_fraction > 0")
-    params, best_step, _ = _train_mlp(*arguments, np.int32(MLP_MAX_STEPS), np.int32(MLP_PATIENCE), key,
-                                      hidden_width=MLP_HIDDEN_WIDTH)
-    steps = int(best_step)
-  chosen = {"weight_decay": float(hparams["weight_decay"]), "hidden_width": MLP_HIDDEN_WIDTH,
-            "learning_rate": MLP_LEARNING_RATE, "steps": steps}
-  return dict(params), chosen
+def _select_mlp(kind: str, features: np.ndarray, labels: np.ndarray, is_validation: np.ndarray,
+                grid: tuple[float, ...], *, num_classes: int, seed: int) -> Probe:
+  task = _PaddedTask.of(features, labels, num_classes, MLP_ROW_BUCKET)
+  key = jax.random.fold_in(jax.random.key(seed), PROBE_KINDS.index(kind))
+  # Drawn at the real class count, then padded with zero columns (which the masked loss leaves at zero),
+  # so the padding does not change the network.
+  init_params = _mlp_init(key, num_features=features.shape[1], hidden_width=MLP_HIDDEN_WIDTH,
+                          num_classes=num_classes)
+  padding = [(0, 0), (0, task.class_valid.shape[0] - num_classes)]
+  init_params = dict(init_params, output_weights=np.pad(init_params["output_weights"], padding),
+                     output_bias=np.pad(init_params["output_bias"], padding[1:]))
+  params, mean, scale, correct, best, steps = _select_mlp_program(
+      task.features, task.labels, task.class_valid, task.row_weight(~is_validation), task.row_weight(),
+      np.asarray(grid, np.float32), init_params)
+  best = int(best)
+  params = _without_padded_classes(params, ("output_weights", "output_bias"), num_classes)
+  hparams = {"weight_decay": grid[best], "hidden_width": MLP_HIDDEN_WIDTH, "learning_rate": MLP_LEARNING_RATE,
+             "steps": int(steps)}
+  return Probe(kind="mlp", num_classes=num_classes, hparams=hparams,
+               validation_accuracy=100.0 * float(np.asarray(correct)[best]) / int(is_validation.sum()),
+               feature_mean=mean, feature_scale=scale, params=params)
+
+
+def _score_mlp(probe: Probe, features: np.ndarray) -> jax.Array:
+  return _scores_by_bucket(_mlp_scores, probe, ("output_weights", "output_bias"), features)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -435,16 +777,15 @@ def _unit_rows(rows: jax.Array) -> jax.Array:
 
 
 @jax.jit
-def _knn_reference(features: jax.Array, mean: jax.Array, scale: jax.Array) -> jax.Array:
-  return _unit_rows(_standardise(features, mean, scale))
+def _knn_reference(features: jax.Array) -> jax.Array:
+  return _unit_rows(features)
 
 
 @functools.partial(jax.jit, static_argnames=("pool_size",))
 def _knn_neighbours(
-    queries: jax.Array, mean: jax.Array, scale: jax.Array, reference: jax.Array, reference_labels: jax.Array,
-    *, pool_size: int,
+    queries: jax.Array, reference: jax.Array, reference_labels: jax.Array, *, pool_size: int,
 ) -> tuple[jax.Array, jax.Array]:
-  similarity = _unit_rows(_standardise(queries, mean, scale)) @ reference.T
+  similarity = jnp.dot(_unit_rows(queries), reference.T, precision=_HIGHEST)
   top_similarity, top_index = jax.lax.top_k(similarity, pool_size)
   return top_similarity, reference_labels[top_index]
 
@@ -460,16 +801,13 @@ def _knn_vote(top_similarity: jax.Array, top_labels: jax.Array, k: jax.Array, *,
   return jnp.einsum("qk,qkc->qc", weight, jax.nn.one_hot(top_labels, num_classes, dtype=jnp.float32))
 
 
-def _knn_pool(
-    queries: np.ndarray, mean: jax.Array, scale: jax.Array, reference: jax.Array, reference_labels: jax.Array,
-    pool_size: int,
-) -> tuple[np.ndarray, np.ndarray]:
+def _knn_pool(queries: np.ndarray, reference: jax.Array, reference_labels: jax.Array,
+              pool_size: int) -> tuple[np.ndarray, np.ndarray]:
   """Nearest ``pool_size`` reference rows of each query, searched in fixed-size zero-padded blocks."""
   num_queries = queries.shape[0]
   padded = np.pad(queries, ((0, -num_queries % KNN_QUERY_BLOCK), (0, 0)))
   blocks = [
-      _knn_neighbours(padded[start:start + KNN_QUERY_BLOCK], mean, scale, reference, reference_labels,
-                      pool_size=pool_size)
+      _knn_neighbours(padded[start:start + KNN_QUERY_BLOCK], reference, reference_labels, pool_size=pool_size)
       for start in range(0, padded.shape[0], KNN_QUERY_BLOCK)
   ]
   top_similarity = np.concatenate([np.asarray(similarity) for similarity, _ in blocks])[:num_queries]
@@ -477,62 +815,68 @@ def _knn_pool(
   return top_similarity, top_labels
 
 
-def _knn_scores(probe: Probe, features: np.ndarray) -> jax.Array:
+def _score_knn(probe: Probe, features: np.ndarray) -> jax.Array:
   reference, reference_labels = probe.params["reference"], probe.params["reference_labels"]
   k = min(int(probe.hparams["k"]), reference.shape[0])
-  top_similarity, top_labels = _knn_pool(features, probe.feature_mean, probe.feature_scale, reference,
-                                         reference_labels, k)
+  top_similarity, top_labels = _knn_pool(features, reference, reference_labels, k)
   return _knn_vote(top_similarity, top_labels, np.int32(k), num_classes=probe.num_classes)
 
 
-def _fit_knn(
-    kind: str, features: np.ndarray, labels: np.ndarray, row_weight: np.ndarray, mean: jax.Array,
-    scale: jax.Array, hparams: Mapping[str, Any], *, num_classes: int, key: jax.Array,
-    warm_start: Mapping[str, jax.Array] | None,
-) -> tuple[dict[str, jax.Array], dict[str, Any]]:
-  del kind, num_classes, key, warm_start  # fitting a kNN probe is storing its reference rows
-  keep = row_weight > 0
-  params = {"reference": _knn_reference(features[keep], mean, scale),
-            "reference_labels": jnp.asarray(labels[keep])}
-  return params, {"k": int(hparams["k"]), "temperature": KNN_TEMPERATURE}
+def _fit_knn(kind: str, features: np.ndarray, labels: np.ndarray, value: int, *, num_classes: int,
+             seed: int, validation_accuracy: float | None = None) -> Probe:
+  del kind, seed  # fitting a kNN probe is storing its reference rows
+  num_features = features.shape[1]
+  return Probe(kind="knn", num_classes=num_classes, hparams={"k": int(value), "temperature": KNN_TEMPERATURE},
+               validation_accuracy=validation_accuracy, feature_mean=jnp.zeros((num_features,), jnp.float32),
+               feature_scale=jnp.ones((num_features,), jnp.float32),
+               params={"reference": _knn_reference(features), "reference_labels": jnp.asarray(labels)})
 
 
-def _knn_validation_accuracies(
-    features: np.ndarray, labels: np.ndarray, is_validation: np.ndarray, grid: tuple[int, ...],
-    *, num_classes: int,
-) -> list[float]:
+def _select_knn(kind: str, features: np.ndarray, labels: np.ndarray, is_validation: np.ndarray,
+                grid: tuple[int, ...], *, num_classes: int, seed: int) -> Probe:
   """Validation accuracy of every k of the grid from one neighbour search of the largest k."""
-  mean, scale = _statistics("knn", features, (~is_validation).astype(np.float32))
-  reference = _knn_reference(features[~is_validation], mean, scale)
+  reference = _knn_reference(features[~is_validation])
   pool_size = min(max(grid), reference.shape[0])
-  top_similarity, top_labels = _knn_pool(features[is_validation], mean, scale, reference,
-                                         labels[~is_validation], pool_size)
+  top_similarity, top_labels = _knn_pool(features[is_validation], reference, labels[~is_validation], pool_size)
   accuracies = []
   for k in grid:
     votes = _knn_vote(top_similarity, top_labels, np.int32(min(k, pool_size)), num_classes=num_classes)
     accuracies.append(metrics.accuracy(labels[is_validation], np.argmax(np.asarray(votes), axis=1)))
-  return accuracies
+  # np.argmax returns the first maximum: ties go to the earlier grid value.
+  best = int(np.argmax(accuracies))
+  return _fit_knn(kind, features, labels, grid[best], num_classes=num_classes, seed=seed,
+                  validation_accuracy=accuracies[best])
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Fitting with hyper-parameter selection
 # ----------------------------------------------------------------------------------------------------------
 
-_FIT_FUNCTIONS = {"linear": _fit_linear, "svm": _fit_linear, "mlp": _fit_mlp, "knn": _fit_knn}
-_SCORE_FUNCTIONS = {"linear": _linear_scores, "svm": _linear_scores, "mlp": _mlp_scores}
+
+@dataclasses.dataclass(frozen=True)
+class _Family:
+  """How one kind of probe fits, selects and scores.
+
+  Attributes:
+    fit: one hyper-parameter value on all rows, ``(kind, features, labels, value, *, num_classes, seed)``;
+      ``None`` where the probe always holds rows out (the MLP stops early on them).
+    select: the validation fits of a grid, the choice and the refit, ``(kind, features, labels,
+      is_validation, grid, *, num_classes, seed)``; a random initialisation is seeded by ``seed`` and the
+      kind's position in ``PROBE_KINDS``.
+    scores: ``(probe, raw features) -> [N, C]``.
+  """
+
+  fit: Callable[..., Probe] | None
+  select: Callable[..., Probe]
+  scores: Callable[[Probe, np.ndarray], jax.Array]
 
 
-def _fit_weighted(
-    kind: str, features: np.ndarray, labels: np.ndarray, row_weight: np.ndarray, hparams: Mapping[str, Any],
-    *, num_classes: int, validation_accuracy: float | None, key: jax.Array,
-    warm_start: Mapping[str, jax.Array] | None = None,
-) -> Probe:
-  """Fits ``kind`` on the rows of weight 1, standardised with their statistics (except knn)."""
-  mean, scale = _statistics(kind, features, row_weight)
-  params, chosen = _FIT_FUNCTIONS[kind](kind, features, labels, row_weight, mean, scale, hparams,
-                                        num_classes=num_classes, key=key, warm_start=warm_start)
-  return Probe(kind=kind, num_classes=num_classes, hparams=chosen, validation_accuracy=validation_accuracy,
-               feature_mean=mean, feature_scale=scale, params=params)
+_FAMILIES: Mapping[str, _Family] = {
+    "linear": _Family(fit=_fit_linear, select=_select_linear, scores=_score_linear),
+    "svm": _Family(fit=_fit_linear, select=_select_linear, scores=_score_linear),
+    "mlp": _Family(fit=None, select=_select_mlp, scores=_score_mlp),
+    "knn": _Family(fit=_fit_knn, select=_select_knn, scores=_score_knn),
+}
 
 
 def fit_probe(
@@ -575,32 +919,11 @@ def fit_probe(
     raise ValueError(f"num_classes must be an integer >= 1; got {num_classes!r}")
   features = _check_features("train_features", train_features)
   labels = _check_labels("train_labels", train_labels, features.shape[0], num_classes)
-  key = jax.random.fold_in(jax.random.key(seed), PROBE_KINDS.index(kind))
-  name = HPARAM_NAMES[kind]
-  all_rows = np.ones(labels.shape[0], np.float32)
-
-  if len(grid) == 1 and kind != "mlp":
-    return _fit_weighted(kind, features, labels, all_rows, {name: grid[0]}, num_classes=num_classes,
-                         validation_accuracy=None, key=key)
-
+  family = _FAMILIES[kind]
+  if len(grid) == 1 and family.fit is not None:
+    return family.fit(kind, features, labels, grid[0], num_classes=int(num_classes), seed=seed)
   is_validation = validation_split(labels, val_fraction=val_fraction, seed=seed)
-  if kind == "knn":
-    accuracies = _knn_validation_accuracies(features, labels, is_validation, grid, num_classes=num_classes)
-    candidates = [{name: value} for value in grid]
-  else:
-    fit_rows = (~is_validation).astype(np.float32)
-    candidates, accuracies, warm_start = [], [], None
-    for value in grid:
-      candidate = _fit_weighted(kind, features, labels, fit_rows, {name: value}, num_classes=num_classes,
-                                validation_accuracy=None, key=key, warm_start=warm_start)
-      # Along an increasing C the previous solution is a close starting point (a regularisation path).
-      warm_start = candidate.params if kind in ("linear", "svm") else None
-      candidates.append(candidate.hparams)
-      accuracies.append(metrics.accuracy(labels[is_validation], candidate.predict(features[is_validation])))
-  # np.argmax returns the first maximum: ties go to the earlier, more regularised grid value.
-  best = int(np.argmax(accuracies))
-  return _fit_weighted(kind, features, labels, all_rows, candidates[best], num_classes=num_classes,
-                       validation_accuracy=accuracies[best], key=key)
+  return family.select(kind, features, labels, is_validation, grid, num_classes=int(num_classes), seed=seed)
 
 
 def evaluate_task(
