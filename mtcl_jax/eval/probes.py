@@ -62,13 +62,15 @@ SCORE_ROW_BUCKET = 1024
 
 # L-BFGS in compact form (Byrd, Nocedal & Schnabel 1994) with a backtracking line search that measures the
 # objective's change exactly (see _minimise_linear). A fit stops when an iteration lowers its objective by
-# less than LBFGS_RELATIVE_DECREASE of it, when not even a steepest-descent step lowers it, or after
-# LBFGS_MAX_ITERATIONS; a batch of fits runs until its last one stops: 30–150 iterations for the softmax
-# probe, up to the cap for squared hinge near hard margin (C = 10 on separable features).
+# less than LBFGS_RELATIVE_DECREASE of it while no gradient entry exceeds LBFGS_GRADIENT_TOLERANCE (the
+# objective is a per-row mean, so that is an absolute scale), when not even a steepest-descent step lowers
+# it, or after LBFGS_MAX_ITERATIONS. A batch of fits runs until its last one stops: 30–150 iterations for the
+# softmax probe, up to the cap for squared hinge near hard margin (C = 10 on separable features).
 LBFGS_MEMORY = 10
 LBFGS_MAX_ITERATIONS = 1000
 LBFGS_MAX_BACKTRACKS = 20
 LBFGS_RELATIVE_DECREASE = 1e-7
+LBFGS_GRADIENT_TOLERANCE = 1e-5
 
 MLP_HIDDEN_WIDTH = 256
 MLP_LEARNING_RATE = 1e-3
@@ -507,7 +509,10 @@ def _minimise_linear(design: jax.Array, onehot: jax.Array, class_valid: jax.Arra
         steps=push(state.steps, param_step), grad_changes=push(state.grad_changes, grad_change),
         filled=push(state.filled, jnp.asarray(True)),
         gamma=jnp.where(remember, curvature / _inner(grad_change, grad_change), state.gamma),
-        done=-change <= LBFGS_RELATIVE_DECREASE * jnp.abs(state.value))
+        # A short step alone can come from a badly scaled direction (the unpenalised bias against strongly
+        # penalised weights): a fit also needs a small gradient to stop.
+        done=(-change <= LBFGS_RELATIVE_DECREASE * jnp.abs(state.value))
+        & (jnp.max(jnp.abs(grad)) <= LBFGS_GRADIENT_TOLERANCE))
     state = jax.tree.map(lambda new, old: jnp.where(moved, new, old), updated, state)
     # A failed quasi-Newton step restarts from steepest descent with an empty memory; a fit whose steepest
     # descent step cannot lower its objective at all has reached float32 resolution.
