@@ -20,12 +20,16 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
+from mtcl_jax import mtl
+
 CONTRASTIVE_RULES: tuple[str, ...] = ("supcon", "task_contrastive", "ntxent", "clip", "binary_infonce", "none")
 DISTRIBUTED_MODES: tuple[str, ...] = ("replicate", "all_gather", "ring")
 SCHEDULES: tuple[str, ...] = ("joint", "two_stage")
 DTYPES: tuple[str, ...] = ("float32", "bfloat16")
 # Sections whose keys are task names, known only once the data is loaded.
-OPEN_SECTIONS: tuple[str, ...] = ("classification.task_weights", "data.task_batch_sizes")
+TASK_SECTIONS: tuple[str, ...] = ("classification.task_weights", "data.task_batch_sizes")
+# Open maps: the task-keyed sections, and the balancing method's hyper-parameters (checked by mtcl_jax.mtl.make).
+OPEN_SECTIONS: tuple[str, ...] = (*TASK_SECTIONS, "mtl.options")
 
 
 def _optimizer_section(**overrides: object) -> ml_collections.ConfigDict:
@@ -50,7 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
   """Every key a run reads, with its default value; locked (unknown keys raise, naming the key).
 
   Returns:
-    A locked ``ml_collections.ConfigDict``; the two task-keyed sections (``OPEN_SECTIONS``) stay open.
+    A locked ``ml_collections.ConfigDict``; the open sections (``OPEN_SECTIONS``) stay open.
   """
   config = ml_collections.ConfigDict()
   config.seed = 0
@@ -90,6 +94,14 @@ def base_config() -> ml_collections.ConfigDict:
   config.classification = ml_collections.ConfigDict({
       "weight": 1.0,
       "task_weights": ml_collections.ConfigDict(),  # task -> weight of its cross-entropy (default 1)
+  })
+
+  # How the per-objective losses (each task's cross-entropy, weighted by its task weight and
+  # classification.weight, and the contrastive term, weighted by contrastive.weight) become one update.
+  config.mtl = ml_collections.ConfigDict({
+      "method": "static",  # a name in mtcl_jax.mtl.METHODS; "static" sums the weighted objectives
+      "representation": False,  # gradient methods: gradients of the shared representation (the "-UB" variants)
+      "options": ml_collections.ConfigDict(),  # the method's hyper-parameters, e.g. {"c": 0.4} for cagrad
   })
 
   config.optimizer = _optimizer_section()
@@ -262,8 +274,9 @@ def validate_config(config: ml_collections.ConfigDict, task_names: Sequence[str]
     raise ValueError(f"train.stop_at_step must be in [1, train.num_steps]; got {train.stop_at_step}")
   if config.contrastive.temperature <= 0:
     raise ValueError(f"contrastive.temperature must be > 0; got {config.contrastive.temperature}")
+  mtl.make(config.mtl.method, **config.mtl.options)
   if task_names is not None:
-    for section in OPEN_SECTIONS:
+    for section in TASK_SECTIONS:
       unknown = sorted(set(_lookup(config, section)) - set(task_names))
       if unknown:
         raise ValueError(f"config {section} names unknown tasks {unknown}; the run's tasks are {list(task_names)}")

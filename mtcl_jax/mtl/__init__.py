@@ -1,0 +1,32 @@
+"""Multi-task balancing: per-objective losses (and gradients) in, one update direction out.
+
+``make(name, **options)`` returns a :class:`Method`; ``METHODS`` maps every name to its factory, whose
+keyword arguments are the method's hyper-parameters (a config's ``mtl.options``).
+"""
+
+import inspect
+
+from mtcl_jax.mtl import _loss_based, _projection, _solver_based
+from mtcl_jax.mtl._base import KINDS
+from mtcl_jax.mtl._base import Method
+
+METHODS = {**_loss_based.METHODS, **_projection.METHODS, **_solver_based.METHODS}
+
+
+def make(name: str, **options: object) -> Method:
+  """The balancing method ``name`` with hyper-parameters ``options``.
+
+  Raises:
+    ValueError: an unknown name, or an option the method does not take (both named, with what is allowed).
+  """
+  if name not in METHODS:
+    raise ValueError(f"unknown balancing method {name!r}; expected one of {tuple(METHODS)}")
+  factory = METHODS[name]
+  allowed = tuple(inspect.signature(factory).parameters)
+  unknown = sorted(set(options) - set(allowed))
+  if unknown:
+    raise ValueError(f"balancing method {name!r} takes options {allowed}; got unknown {unknown}")
+  return factory(**options)
+
+
+__all__ = ["KINDS", "METHODS", "Method", "make"]

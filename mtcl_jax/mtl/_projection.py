@@ -1,0 +1,5 @@
+"""(being written)"""
+
+from mtcl_jax.mtl._base import Method  # noqa: F401
+
+METHODS: dict = {}
