@@ -12,6 +12,7 @@ here: an 8x8 digit moves by at most one pixel and turns by at most 10 degrees; a
 time mask. The three ``augment_*`` functions are jitted (``max_shift``, ``cutout_size``, ``fill_mode`` and
 ``circular`` are static, the other hyper-parameters may be traced); under your own ``jax.jit`` of
 :func:`make_views`, make ``modality``, ``num_views`` and any of those structural parameters static.
+:data:`AUGMENTATIONS` names the three for the modality table (:mod:`mtcl_jax.modalities`).
 
 References:
   Chen et al., "A Simple Framework for Contrastive Learning of Visual Representations" (SimCLR), ICML 2020.
@@ -24,12 +25,15 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-_MODALITIES = ("image", "signal", "sequence", "tabular")
+from mtcl_jax import modalities
+
 _SNAP = 1e-4  # fractional frame positions closer than this to a whole frame read that frame
 
 
@@ -256,6 +260,26 @@ def augment_tabular(
   return jnp.where(dropped, 0.0, augmented).astype(x.dtype)
 
 
+class Augmentation(NamedTuple):
+  """An augmentation that modalities share: ``function(key, x[, mask], **params)`` and whether it takes a mask.
+
+  Attributes:
+    function: maps a key and a batch to an augmented batch of the same shape and dtype.
+    takes_mask: whether ``function`` takes a ``[B, T]`` real-frame mask after ``x``.
+  """
+
+  function: Callable[..., jax.Array]
+  takes_mask: bool
+
+
+# Keyed by the names modality entries use (mtcl_jax.modalities.Modality.augmentation).
+AUGMENTATIONS: dict[str, Augmentation] = {
+    "image": Augmentation(augment_image, takes_mask=False),
+    "signal": Augmentation(augment_signal, takes_mask=True),
+    "tabular": Augmentation(augment_tabular, takes_mask=False),
+}
+
+
 def make_views(
     key: ArrayLike,
     x: ArrayLike,
@@ -267,13 +291,15 @@ def make_views(
 ) -> jax.Array:
   """``num_views`` independent augmentations of a batch, for contrastive pairs.
 
+  The augmentation is the one the modality's entry in :data:`mtcl_jax.modalities.TABLE` names.
+
   Args:
     key: a PRNG key; view ``v`` uses the ``v``-th of ``jax.random.split(key, num_views)``.
     x: a batch of one modality: ``[B, H, W, C]`` image, ``[B, T, C]`` signal or sequence, ``[B, D]`` tabular.
-    modality: ``"image"``, ``"signal"``, ``"sequence"`` or ``"tabular"`` (static under jit).
+    modality: a name in :data:`mtcl_jax.modalities.NAMES` (static under jit).
     num_views: number of views, >= 1 (static under jit).
-    mask: ``[B, T]`` bool real-frame mask, for sequence inputs.
-    **params: keyword hyper-parameters of :func:`augment_image`, :func:`augment_signal` or
+    mask: ``[B, T]`` bool real-frame mask, for modalities whose augmentation takes one (signal, sequence).
+    **params: keyword hyper-parameters of the augmentation: :func:`augment_image`, :func:`augment_signal` or
       :func:`augment_tabular`.
 
   Returns:
@@ -284,15 +310,12 @@ def make_views(
     >>> make_views(jax.random.key(0), jnp.zeros((4, 29, 12)), modality="sequence").shape
     (2, 4, 29, 12)
   """
-  if modality not in _MODALITIES:
-    raise ValueError(f"unknown modality {modality!r}; expected one of {_MODALITIES}")
+  augmentation = AUGMENTATIONS[modalities.get(modality).augmentation]
   if num_views < 1:
     raise ValueError(f"num_views must be >= 1; got {num_views}")
-  if mask is not None and modality not in ("signal", "sequence"):
-    raise ValueError(f"a mask is for signal or sequence inputs, not {modality!r}")
+  if mask is not None and not augmentation.takes_mask:
+    with_masks = [m.name for m in modalities.TABLE if AUGMENTATIONS[m.augmentation].takes_mask]
+    raise ValueError(f"a mask is for {' or '.join(with_masks)} inputs, not {modality!r}")
+  mask_argument = (mask,) if augmentation.takes_mask else ()
   keys = jax.random.split(key, num_views)
-  if modality == "image":
-    return jax.vmap(lambda view_key: augment_image(view_key, x, **params))(keys)
-  if modality == "tabular":
-    return jax.vmap(lambda view_key: augment_tabular(view_key, x, **params))(keys)
-  return jax.vmap(lambda view_key: augment_signal(view_key, x, mask, **params))(keys)
+  return jax.vmap(lambda view_key: augmentation.function(view_key, x, *mask_argument, **params))(keys)

@@ -25,10 +25,11 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import read_only_builder
 
+from mtcl_jax import modalities
 from mtcl_jax.data import _builders
 
 DATA_DIR_ENV = "MTCL_DATA_DIR"
-MODALITIES: tuple[str, ...] = ("image", "signal", "sequence", "tabular")
+MODALITIES: tuple[str, ...] = modalities.NAMES
 OFFLINE_DATASETS: tuple[str, ...] = tuple(_builders.BUILDERS)
 _READ_CHUNK = 4096
 
@@ -64,7 +65,8 @@ class DatasetSpec:
 
   Attributes:
     name: the dataset name as given to :func:`load_arrays`.
-    modality: ``"image"``, ``"signal"``, ``"sequence"`` (variable length, padded, with lengths) or ``"tabular"``.
+    modality: a name in :data:`mtcl_jax.modalities.NAMES`; a ``frame_mask`` modality (``"sequence"``) is stored
+      padded, with lengths.
     heads: the label heads; most datasets have one.
     splits: the split names available.
     train_split: the split statistics and training batches come from.
@@ -164,19 +166,24 @@ def _flatten_features(features: tfds.features.FeaturesDict, prefix: str = "") ->
 
 
 def _input_modality(name: str, key: str, feature: object) -> str:
+  """The first modality in the table whose examples have the feature's rank and length kind."""
   shape = tuple(getattr(feature, "shape", ()))
-  if isinstance(feature, tfds.features.Image):
-    if None in shape:
-      raise ValueError(f"{name}: images in {key!r} vary in size {shape}; resize them in a TFDS config first")
-    return "image"
-  if isinstance(feature, tfds.features.Tensor) and not isinstance(feature, tfds.features.ClassLabel):
-    if len(shape) in (1, 2) and shape[0] is None:
-      return "sequence"
-    if None not in shape and len(shape) in (1, 2, 3):
-      return {1: "tabular", 2: "signal", 3: "image"}[len(shape)]
-  raise ValueError(
-      f"{name}: cannot use feature {key!r} of type {type(feature).__name__} and shape {shape} as input"
-  )
+  is_image = isinstance(feature, tfds.features.Image)
+  if is_image and None in shape:
+    raise ValueError(f"{name}: images in {key!r} vary in size {shape}; resize them in a TFDS config first")
+  is_tensor = isinstance(feature, tfds.features.Tensor) and not isinstance(feature, tfds.features.ClassLabel)
+  modality = None
+  if is_image or is_tensor:
+    if shape and shape[0] is None:
+      # One value per frame, [T], is read as [T, 1] (see _pad_to_longest).
+      modality = modalities.for_shape(max(len(shape), 2), frame_mask=True)
+    elif None not in shape:
+      modality = modalities.for_shape(len(shape), frame_mask=False)
+  if modality is None:
+    raise ValueError(
+        f"{name}: cannot use feature {key!r} of type {type(feature).__name__} and shape {shape} as input"
+    )
+  return modality.name
 
 
 def _label_head(key: str, feature: object) -> LabelHead | None:
@@ -358,7 +365,7 @@ def _read_split(name: str, split: str, location: _Location) -> SplitArrays:
   if opened.length_key is not None:
     x = np.stack(inputs)
     lengths = np.array([int(record[opened.length_key]) for record in records], np.int32)
-  elif opened.spec.modality == "sequence":
+  elif modalities.get(opened.spec.modality).frame_mask:
     x, lengths = _pad_to_longest(inputs)
   else:
     x = np.stack(inputs)

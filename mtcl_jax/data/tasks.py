@@ -20,8 +20,8 @@ a prepared TFDS name                   ``mnist`` -> ``mnist``; with several clas
 Tasks built from the same dataset (multi-label heads) share one normalised input array and the same
 ``dataset`` field, and the batcher gives them the same rows at every step.
 
-Normalisation uses statistics of the train split only: per channel for images, signals and sequences (over
-real frames only, so padding does not count), per feature for tabular inputs. Padded frames stay exactly 0.
+Normalisation uses statistics of the train split only, per channel (the last axis: a tabular input's features
+are its channels), over real frames only, so padding does not count. Padded frames stay exactly 0.
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from mtcl_jax import modalities
 from mtcl_jax.data import sources
 
 _MIN_STD = 1e-6
-_RANK_BY_MODALITY = {"image": 4, "signal": 3, "sequence": 3, "tabular": 2}
 _MULTI_DIGITS_TASK_NAMES = {"left": "left_digit", "right": "right_digit"}
 
 
@@ -46,14 +46,14 @@ class Task:
   Attributes:
     name: unique within a run, e.g. ``"digits"``, ``"parity"``, ``"left_digit"``.
     dataset: the dataset the inputs come from; tasks sharing it share inputs.
-    modality: ``"image"`` ``[H, W, C]``, ``"signal"`` ``[T, C]``, ``"sequence"`` ``[T, C]`` with a mask, or
-      ``"tabular"`` ``[D]``.
+    modality: a name in :data:`mtcl_jax.modalities.NAMES`: ``"image"`` ``[H, W, C]``, ``"signal"`` ``[T, C]``,
+      ``"sequence"`` ``[T, C]`` with a mask, or ``"tabular"`` ``[D]``.
     input_shape: the shape of one normalised input.
     num_classes: number of classes.
     class_names: one name per class.
     mean: train-split mean, broadcastable to ``input_shape`` (``[1, 1, C]``, ``[1, C]`` or ``[D]``).
     std: train-split standard deviation, same shape (floored at 1e-6 -> 1 for constant channels).
-    max_length: the padded length ``T`` of a sequence task, else None.
+    max_length: the padded length ``T`` of a task whose modality has a frame mask (sequence), else None.
   """
 
   name: str
@@ -96,12 +96,10 @@ def _mask_from_lengths(lengths: np.ndarray, max_length: int) -> np.ndarray:
   return np.arange(max_length)[None, :] < lengths[:, None]
 
 
-def _statistics(modality: str, x: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-  """Per-channel (per-feature for tabular) mean and std of the train inputs, over real frames only."""
+def _statistics(x: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+  """Mean and std of the train inputs per channel (last axis), over real frames only: ``[1, .., C]`` or ``[D]``."""
   x = np.asarray(x, np.float64)
-  if modality == "tabular":
-    mean, std = x.mean(axis=0), x.std(axis=0)
-  elif mask is not None:
+  if mask is not None:
     frames = x[mask]  # [real frames, C]
     mean, std = frames.mean(axis=0)[None, :], frames.std(axis=0)[None, :]
   else:
@@ -124,12 +122,12 @@ def _normalized_splits(
       for split in (spec.train_split, spec.test_split)
   }
   train = raw[spec.train_split]
-  max_length = train.x.shape[1] if spec.modality == "sequence" else None
+  max_length = train.x.shape[1] if modalities.get(spec.modality).frame_mask else None
   masks = {
       split: None if arrays.lengths is None else _mask_from_lengths(arrays.lengths, max_length)
       for split, arrays in raw.items()
   }
-  mean, std = _statistics(spec.modality, train.x, masks[spec.train_split])
+  mean, std = _statistics(train.x, masks[spec.train_split])
   head = spec.heads[0]
   template = Task(
       name=dataset,
@@ -289,9 +287,11 @@ def register_task(
     y_train: ``[n]`` integer class ids in ``[0, num_classes)``.
     x_test: held-out inputs, same trailing shape.
     y_test: held-out class ids.
-    modality: ``"image"``, ``"signal"``, ``"sequence"`` or ``"tabular"``.
+    modality: a name in :data:`mtcl_jax.modalities.NAMES`: ``"image"``, ``"signal"``, ``"sequence"`` or
+      ``"tabular"``.
     class_names: one per class; default ``"0", "1", ...`` up to the largest id.
-    mask_train: sequence tasks only: ``[n, T]`` bool, True on real frames, which come first. Default: all real.
+    mask_train: modalities with a frame mask (sequence) only: ``[n, T]`` bool, True on real frames, which come
+      first. Default: all real.
     mask_test: the same for the test split.
 
   Raises:
@@ -303,11 +303,10 @@ def register_task(
   """
   if not name or "+" in name or name in sources.OFFLINE_DATASETS or name == "digits_multilabel":
     raise ValueError(f"cannot register a task named {name!r}: it is empty, has '+', or is built in")
-  if modality not in _RANK_BY_MODALITY:
-    raise ValueError(f"unknown modality {modality!r}; expected one of {sources.MODALITIES}")
+  entry = modalities.get(modality)
   arrays = {"x_train": np.asarray(x_train), "x_test": np.asarray(x_test)}
   labels = {"y_train": np.asarray(y_train), "y_test": np.asarray(y_test)}
-  rank = _RANK_BY_MODALITY[modality]
+  rank = 1 + entry.example_rank
   for key, x in arrays.items():
     if x.ndim != rank or not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
       raise ValueError(
@@ -328,12 +327,13 @@ def register_task(
   if arrays["x_train"].shape[0] == 0 or arrays["x_test"].shape[0] == 0:
     raise ValueError("x_train and x_test must each hold at least one item")
   masks = {"mask_train": mask_train, "mask_test": mask_test}
-  if modality != "sequence" and any(mask is not None for mask in masks.values()):
-    raise ValueError(f"masks are for sequence tasks; modality is {modality!r}")
+  if not entry.frame_mask and any(mask is not None for mask in masks.values()):
+    with_masks = [m.name for m in modalities.TABLE if m.frame_mask]
+    raise ValueError(f"masks are for {' or '.join(with_masks)} tasks; modality is {modality!r}")
   splits = {}
   for split, x, y, (mask_key, mask) in zip(("train", "test"), arrays.values(), labels.values(), masks.items()):
     lengths = None
-    if modality == "sequence":
+    if entry.frame_mask:
       if mask is None:
         lengths = np.full(x.shape[0], x.shape[1], np.int32)
       else:

@@ -19,7 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mtcl_jax.models.stems import MODALITIES, ImageStem, SequenceStem, TabularStem, float32_norm
+from mtcl_jax import modalities
+from mtcl_jax.models.stems import STEMS, float32_norm
 
 
 class TaskInfo(NamedTuple):
@@ -38,6 +39,11 @@ class TaskInfo(NamedTuple):
   def source(self) -> str:
     """The name of the task's input: ``input_name``, or the task's own name."""
     return self.input_name or self.name
+
+
+def _stem_family(task: TaskInfo) -> str:
+  """The key in ``STEMS`` of the stem family that the task's modality entry names."""
+  return modalities.get(task.modality, context=f"task {task.name!r}").stem
 
 
 class MLP(nn.Module):
@@ -104,20 +110,17 @@ class MultiTaskModel(nn.Module):
     names = [task.name for task in self.tasks]
     if len(set(names)) != len(names):
       raise ValueError(f"task names must be unique; got {names}")
+    # Keyed like STEMS: which of this model's attributes configure each stem family.
+    stem_options = {
+        "image": {"stage_channels": self.image_channels},
+        "sequence": {"channels": self.sequence_channels, "num_blocks": self.sequence_blocks},
+        "tabular": {"hidden": self.tabular_hidden},
+    }
     stems = {}
     for task in self.tasks:
-      if task.source in stems:
-        continue
-      if task.modality == "image":
-        stems[task.source] = ImageStem(self.stem_width, stage_channels=self.image_channels, dtype=self.dtype)
-      elif task.modality in ("signal", "sequence"):
-        stems[task.source] = SequenceStem(
-            self.stem_width, channels=self.sequence_channels, num_blocks=self.sequence_blocks, dtype=self.dtype
-        )
-      elif task.modality == "tabular":
-        stems[task.source] = TabularStem(self.stem_width, hidden=self.tabular_hidden, dtype=self.dtype)
-      else:
-        raise ValueError(f"task {task.name!r}: unknown modality {task.modality!r}; expected one of {MODALITIES}")
+      if task.source not in stems:
+        family = _stem_family(task)
+        stems[task.source] = STEMS[family].module(self.stem_width, dtype=self.dtype, **stem_options[family])
     self.stems = stems
     self.trunk = MLP(self.trunk_widths, dtype=self.dtype)
     self.projection = MLP(self.projection_widths, linear_output=True, dtype=self.dtype)
@@ -146,10 +149,8 @@ class MultiTaskModel(nn.Module):
         continue
       if task.source not in by_source:
         inputs = batch[task.name]
-        if task.modality in ("signal", "sequence"):
-          stem_out = self.stems[task.source](inputs["x"], inputs.get("mask"))
-        else:
-          stem_out = self.stems[task.source](inputs["x"])
+        mask_argument = (inputs.get("mask"),) if STEMS[_stem_family(task)].takes_mask else ()
+        stem_out = self.stems[task.source](inputs["x"], *mask_argument)
         by_source[task.source] = self.trunk(stem_out).astype(jnp.float32)
       features[task.name] = by_source[task.source]
     return features

@@ -2,18 +2,18 @@
 
 A stem is per task (two image tasks get two image stems) so that inputs of different shapes and statistics meet
 the shared trunk on equal terms. Every stem computes in ``dtype`` (float32 or bfloat16) with float32 parameters.
+:data:`STEMS` holds the stem families that entries of the modality table (:mod:`mtcl_jax.modalities`) name.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
-
-MODALITIES: tuple[str, ...] = ("image", "signal", "sequence", "tabular")
 
 
 def float32_norm(norm: nn.Module, x: jax.Array) -> jax.Array:
@@ -198,3 +198,23 @@ class TabularStem(nn.Module):
     x = nn.gelu(nn.Dense(self.hidden, dtype=self.dtype, name="hidden")(x))
     x = float32_norm(nn.LayerNorm(name="norm"), x)
     return nn.Dense(self.width, dtype=self.dtype, name="out")(x)
+
+
+class StemFamily(NamedTuple):
+  """A kind of stem that modalities share.
+
+  Attributes:
+    module: the flax module; it is built as ``module(width, dtype=..., **options)``.
+    takes_mask: whether the module takes a ``[batch, time]`` frame mask after its input.
+  """
+
+  module: type[nn.Module]
+  takes_mask: bool
+
+
+# Keyed by the names modality entries use (mtcl_jax.modalities.Modality.stem).
+STEMS: dict[str, StemFamily] = {
+    "image": StemFamily(ImageStem, takes_mask=False),
+    "sequence": StemFamily(SequenceStem, takes_mask=True),
+    "tabular": StemFamily(TabularStem, takes_mask=False),
+}
