@@ -9,7 +9,7 @@ import pytest
 
 from mtcl_jax import data, parallel
 from mtcl_jax.train import config as config_lib
-from mtcl_jax.train import loop, objectives, steps
+from mtcl_jax.train import loop, rules, steps
 from mtcl_jax.train.evaluation import extract_features, predict_split
 from mtcl_jax.train.state import create_train_state
 
@@ -124,23 +124,23 @@ def test_tasks_sharing_an_input_share_a_stem_and_contrastive_rows():
   assert {"digit/ce_loss", "parity/ce_loss", "at_least_5/ce_loss"} <= set(history[0])
   assert np.isfinite(history[0]["contrastive_loss"])
   with pytest.raises(ValueError, match="contrasts tasks with different inputs"):
-    steps.make_loss_fn(model, _config("contrastive.rule=task_contrastive"), parallel.make_mesh(1), stage="joint")
+    steps.make_objectives(model, _config("contrastive.rule=task_contrastive"), parallel.make_mesh(1), stage="joint")
 
 
 def test_item_labels_agree_on_every_task():
-  labels = objectives.item_labels([jnp.array([3, 3, 1, 3]), jnp.array([0, 0, 0, 1])])
+  labels = rules.item_labels([jnp.array([3, 3, 1, 3]), jnp.array([0, 0, 0, 1])])
   np.testing.assert_array_equal(labels, [0, 0, 2, 3])
-  np.testing.assert_array_equal(objectives.item_labels([jnp.array([4, 2])]), [4, 2])
+  np.testing.assert_array_equal(rules.item_labels([jnp.array([4, 2])]), [4, 2])
 
 
 def test_class_paired_rows_pair_same_classes():
   labels_a = jnp.array([0, 1, 2, 7, 7])
   labels_b = jnp.array([2, 2, 1, 0, 5])
-  rows_a, rows_b, matched = objectives.class_paired_rows(jax.random.key(0), labels_a, labels_b, num_pairs=64)
+  rows_a, rows_b, matched = rules.class_paired_rows(jax.random.key(0), labels_a, labels_b, num_pairs=64)
   assert bool(matched)
   np.testing.assert_array_equal(labels_a[rows_a], labels_b[rows_b])
   assert set(np.asarray(labels_a[rows_a]).tolist()) == {0, 1, 2}
-  _, _, matched = objectives.class_paired_rows(jax.random.key(0), labels_a, jnp.array([5, 6]), num_pairs=4)
+  _, _, matched = rules.class_paired_rows(jax.random.key(0), labels_a, jnp.array([5, 6]), num_pairs=4)
   assert not bool(matched)
 
 

@@ -24,6 +24,7 @@ class TrainState:
     key: a typed PRNG key (``jax.random.key``); step ``s`` draws from ``fold_in(key, s)``, so a resumed run
       replays the same randomness.
     log_temperature: float32 scalar log of the contrastive temperature when it is learned, else None.
+    mtl_state: the balancing method's state (``mtcl_jax.mtl``; ``()`` for a stateless method).
   """
 
   step: jax.Array
@@ -31,6 +32,7 @@ class TrainState:
   opt_state: optax.OptState
   key: jax.Array
   log_temperature: jax.Array | None = None
+  mtl_state: Any = ()
 
   @property
   def trainable(self) -> tuple[Any, jax.Array | None]:
@@ -61,6 +63,7 @@ def create_train_state(
     *,
     seed: int,
     temperature: float | None = None,
+    mtl_state: Any = (),
 ) -> TrainState:
   """Initialises parameters, optimizer state, step 0 and the run's key from ``seed``.
 
@@ -70,6 +73,7 @@ def create_train_state(
     example_batch: ``{task: {"x", "mask"?}}`` covering every task of the model.
     seed: the run's seed.
     temperature: initial temperature when it is learned (stored as its log); None when it is fixed.
+    mtl_state: the balancing method's initial state (``mtcl_jax.train.steps.init_mtl_state``).
 
   Returns:
     A new :class:`TrainState`.
@@ -82,5 +86,6 @@ def create_train_state(
   log_temperature = None if temperature is None else jnp.asarray(math.log(temperature), jnp.float32)
   opt_state = jax.jit(optimizer.init)((params, log_temperature))
   return TrainState(
-      step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, key=run_key, log_temperature=log_temperature
+      step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, key=run_key, log_temperature=log_temperature,
+      mtl_state=mtl_state,
   )

@@ -1,0 +1,133 @@
+"""The step's objective vector and balancing: per-objective gradients, the -UB path, methods from the config."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mtcl_jax import data, mtl, parallel
+from mtcl_jax.train import config as config_lib
+from mtcl_jax.train import loop, steps
+from mtcl_jax.train.state import create_train_state
+
+TINY_MODEL = ["model.stem_width=8", "model.trunk_widths=(16,)", "model.projection_widths=(8,)",
+              "model.image_channels=(4,)", "model.sequence_channels=4", "model.sequence_blocks=1"]
+
+
+def _config(*overrides: str):
+  return config_lib.apply_overrides(config_lib.base_config(), [*TINY_MODEL, "train.num_steps=4", *overrides])
+
+
+@pytest.fixture(scope="module")
+def tasks():
+  return data.load_tasks("digits+japanese_vowels")
+
+
+def _setup(config, tasks, mesh):
+  model = loop.build_model(config, tasks)
+  optimizer, _ = loop.build_optimizer(config)
+  batcher = data.MultiTaskBatcher(tasks, batch_sizes=16, seed=0)
+  temperature = config.contrastive.temperature if config.contrastive.learn_temperature else None
+  state = create_train_state(model, optimizer, batcher.batch(0), seed=0, temperature=temperature,
+                             mtl_state=steps.init_mtl_state(model, config))
+  return model, optimizer, parallel.replicate(state, mesh), batcher.place(batcher.local_batch(0), mesh)
+
+
+def _pick(kind: str, choose) -> mtl.Method:
+  """A test method: the direction is ``choose(grads [T, D])`` (gradient kind) or the weights (loss kind)."""
+  if kind == "loss":
+    return mtl.Method("pick", "loss", lambda num: (), lambda losses, state, *, key: (choose(losses), state, {}))
+  return mtl.Method("pick", "gradient", lambda num: (),
+                    lambda grads, losses, state, *, key: (choose(grads), state, {"weights": jnp.ones(grads.shape[0])}))
+
+
+def _gradients(config, tasks, method, *, representation=False, mesh=None):
+  mesh = mesh or parallel.make_mesh(1)
+  model, _, state, batch = _setup(config, tasks, mesh)
+  objectives = steps.make_objectives(model, config, mesh, stage="joint")
+  grad_fn = jax.jit(steps.make_gradient_fn(objectives, method, representation=representation))
+  grads, _, metrics = grad_fn(state.trainable, state.mtl_state, state.step_key(), batch)
+  return jax.device_get(grads), jax.device_get(metrics), objectives, state, batch
+
+
+def _assert_trees_close(actual, expected, rtol=1e-5, atol=1e-6):
+  assert jax.tree.structure(actual) == jax.tree.structure(expected)
+  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, e, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("rule", ["supcon", "ntxent"])
+def test_summed_per_objective_gradients_equal_the_static_gradient(tasks, rule):
+  config = _config(f"contrastive.rule={rule}", "contrastive.learn_temperature=True",
+                   "classification.task_weights.digits=2.0", "contrastive.weight=0.5")
+  static, static_metrics, objectives, *_ = _gradients(config, tasks, mtl.make("static"))
+  assert objectives.names == ("digits", "japanese_vowels", "contrastive")
+  np.testing.assert_allclose(static_metrics["loss"],
+                             2.0 * static_metrics["digits/ce_loss"] + static_metrics["japanese_vowels/ce_loss"]
+                             + 0.5 * static_metrics["contrastive_loss"], rtol=1e-6)
+  summed = _pick("gradient", lambda grads: jnp.sum(grads, axis=0))
+  for representation in (False, True):
+    grads, metrics, *_ = _gradients(config, tasks, summed, representation=representation)
+    _assert_trees_close(grads, static)
+    assert metrics["mtl/contrastive/weight"] == 1.0
+
+
+def test_per_objective_gradients_are_each_objectives_gradient(tasks):
+  """Keeping only the contrastive gradient: the encoder gets exactly that, the heads their plain gradients."""
+  config = _config()
+  only_last = _pick("gradient", lambda grads: grads[-1])
+  grads, _, objectives, state, batch = _gradients(config, tasks, only_last)
+  key = state.step_key()
+
+  def objective(index):
+    return jax.grad(lambda trainable: objectives(trainable, key, batch)[0][index])(state.trainable)[0]["params"]
+
+  contrastive, digits = objective(2), objective(0)
+  _assert_trees_close(grads[0]["params"]["trunk"], contrastive["trunk"])
+  _assert_trees_close(grads[0]["params"]["stems_digits"], contrastive["stems_digits"])
+  _assert_trees_close(grads[0]["params"]["projection"], contrastive["projection"])
+  _assert_trees_close(grads[0]["params"]["heads_digits"], digits["heads_digits"])
+  # The -UB path keeps only the contrastive gradient of the features, which back-propagates to the same.
+  ub, *_ = _gradients(config, tasks, only_last, representation=True)
+  _assert_trees_close(ub[0]["params"]["trunk"], contrastive["trunk"])
+
+
+def test_loss_method_weights_scale_each_objective(tasks):
+  config = _config()
+  weights = jnp.array([0.0, 0.0, 3.0])
+  grads, *_ = _gradients(config, tasks, _pick("loss", lambda losses: weights))
+  only_contrastive, *_ = _gradients(config, tasks, _pick("gradient", lambda g: 3.0 * g[-1]))
+  _assert_trees_close(grads[0]["params"]["trunk"], only_contrastive[0]["params"]["trunk"])
+  assert not np.any(grads[0]["params"]["heads_digits"]["kernel"])
+
+
+@pytest.mark.parametrize("distributed", ["replicate", "all_gather"])
+def test_gradient_method_on_eight_devices_equals_one_device(tasks, distributed):
+  config = _config(f"contrastive.distributed={distributed}")
+  method = _pick("gradient", lambda grads: grads[0] - 0.5 * grads[2])
+  one, one_metrics, *_ = _gradients(config, tasks, method, mesh=parallel.make_mesh(1))
+  eight, eight_metrics, *_ = _gradients(config, tasks, method, mesh=parallel.make_mesh(8))
+  _assert_trees_close(eight, one, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(eight_metrics["loss"], one_metrics["loss"], rtol=1e-6)
+
+
+def test_shared_inputs_are_one_representation():
+  tasks = data.load_tasks("digits_multilabel")
+  config = _config()
+  mesh = parallel.make_mesh(1)
+  model, _, state, batch = _setup(config, tasks, mesh)
+  objectives = steps.make_objectives(model, config, mesh, stage="joint")
+  features = objectives.encode(state.params, objectives.inputs(state.step_key(), batch))
+  assert list(features["batch"]) == ["digit"]
+  assert objectives.names == ("digit", "parity", "at_least_5", "contrastive")
+
+
+def test_objective_names_follow_the_stage(tasks):
+  config = _config()
+  model = loop.build_model(config, tasks)
+  assert steps.objective_names(model, config, stage="pretrain") == ("contrastive",)
+  assert steps.objective_names(model, config, stage="heads") == ("digits", "japanese_vowels")
+  assert steps.objective_names(model, _config("contrastive.rule=none"), stage="joint") == (
+      "digits", "japanese_vowels")
