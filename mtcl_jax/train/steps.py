@@ -63,12 +63,16 @@ class Objectives(NamedTuple):
       contrasts views.
     encode: ``encode(params, inputs) -> features``, the shared encoder on every input.
     head: ``head(params, log_temperature, features, key, batch) -> (vector, metrics)``.
+    reads: for each objective, the inputs (group representatives) whose features it depends on: a task its own
+      input's, the contrastive term every input's. The encoder runs on each input apart, so an objective's
+      gradient of the encoder is the backward pass of the inputs it reads alone.
   """
 
   names: tuple[str, ...]
   inputs: Callable[[jax.Array, Batch], Any]
   encode: Callable[[Any, Any], Features]
   head: Callable[[Any, jax.Array | None, Features, jax.Array, Batch], tuple[jax.Array, Metrics]]
+  reads: tuple[tuple[str, ...], ...]
 
   def __call__(self, trainable: tuple[Any, jax.Array | None], key: jax.Array, batch: Batch
                ) -> tuple[jax.Array, Metrics]:
@@ -207,7 +211,22 @@ def make_objectives(model: MultiTaskModel, config: ml_collections.ConfigDict, me
     metrics["loss"] = jnp.sum(vector)
     return vector, metrics
 
-  return Objectives(names, inputs, encode, head)
+  reads = tuple(tuple(groups) if name == CONTRASTIVE else (representative_of[name],) for name in names)
+  return Objectives(names, inputs, encode, head, reads)
+
+
+def _select_input(tree: Mapping[str, Any], representative: str) -> dict[str, Any]:
+  """The part of an encoder-input or feature tree (``{"batch": {rep: ...}, "views"?: [{rep: ...}]}``) of one input."""
+  return {part: ({representative: value[representative]} if part == "batch" else
+                 [{representative: view[representative]} for view in value]) for part, value in tree.items()}
+
+
+def _join_inputs(per_input: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+  """The inverse of :func:`_select_input` over every input: one tree from ``{rep: its part}``."""
+  first = next(iter(per_input.values()))
+  return {part: ({rep: tree["batch"][rep] for rep, tree in per_input.items()} if part == "batch" else
+                 [{rep: tree[part][view][rep] for rep, tree in per_input.items()} for view in range(len(value))])
+          for part, value in first.items()}
 
 
 # ---------------------------------------------------------------------------------------------- balancing
@@ -265,6 +284,7 @@ def make_gradient_fn(
   """
   num_objectives = len(objectives.names)
   basis = jnp.eye(num_objectives, dtype=jnp.float32)
+  inputs_read = tuple(dict.fromkeys(representative for reads in objectives.reads for representative in reads))
 
   def loss_balanced(trainable, mtl_state, key, batch):
     vector, vjp, metrics = jax.vjp(lambda t: objectives(t, key, batch), trainable, has_aux=True)
@@ -275,12 +295,34 @@ def make_gradient_fn(
     return grads, mtl_state, {**metrics, **mtl_metrics}
 
   def parameter_balanced(trainable, mtl_state, key, batch):
-    vector, vjp, metrics = jax.vjp(lambda t: objectives(t, key, batch), trainable, has_aux=True)
-    params_by_objective, temperature_by_objective = jax.vmap(vjp)(basis)[0]
-    shared, rest = _split_shared(params_by_objective)
-    direction, mtl_state, mtl_metrics = _combine(method, shared, vector, mtl_state,
+    params, log_temperature = trainable
+    shared, rest = _split_shared(params)
+    inputs = objectives.inputs(key, batch)
+    # The encoder on each input apart, so that each objective's backward pass runs through the inputs it reads
+    # only: 2 passes per input (its task and the contrastive term) where a vmap over all T would run T.
+    features, encoder_vjps = {}, {}
+    for representative in inputs_read:
+      features[representative], encoder_vjps[representative] = jax.vjp(
+          lambda shared, part=_select_input(inputs, representative): objectives.encode(_merge(shared, rest), part),
+          shared)
+    features = _join_inputs(features)
+
+    def head(rest, log_temperature, features):
+      return objectives.head(_merge(shared, rest), log_temperature, features, key, batch)
+
+    vector, head_vjp, metrics = jax.vjp(head, rest, log_temperature, features, has_aux=True)
+    rest_by_objective, temperature_by_objective, features_by_objective = jax.vmap(head_vjp)(basis)
+    shared_by_objective = jax.tree.map(lambda leaf: jnp.zeros((num_objectives, *leaf.shape), leaf.dtype), shared)
+    for representative, encoder_vjp in encoder_vjps.items():
+      readers = [index for index, reads in enumerate(objectives.reads) if representative in reads]
+      cotangents = jax.tree.map(lambda leaf: leaf[jnp.asarray(readers)],
+                                _select_input(features_by_objective, representative))
+      (grads,) = jax.vmap(encoder_vjp)(cotangents)
+      shared_by_objective = jax.tree.map(lambda total, part: total.at[jnp.asarray(readers)].add(part),
+                                         shared_by_objective, grads)
+    direction, mtl_state, mtl_metrics = _combine(method, shared_by_objective, vector, mtl_state,
                                                  jax.random.fold_in(key, _MTL_STREAM))
-    grads = (_merge(direction, _sum_objectives(rest)), _sum_objectives(temperature_by_objective))
+    grads = (_merge(direction, _sum_objectives(rest_by_objective)), _sum_objectives(temperature_by_objective))
     return grads, mtl_state, {**metrics, **mtl_metrics}
 
   def representation_balanced(trainable, mtl_state, key, batch):
