@@ -56,6 +56,17 @@ def test_overrides_parse_literals_strings_and_tuples():
   assert config.data.data_dir == "/tmp/x"
 
 
+def test_overrides_of_open_sections_add_keys_and_quoted_strings_are_strings():
+  config = config_lib.apply_overrides(config_lib.base_config(), [
+      "mtl.method=pcgrad", "mtl.options.c=0.4", "mtl.options.rule='mean'", "data.task_batch_sizes.digits=32",
+      "optimizer.name='sgd'"])
+  assert config.mtl.options.to_dict() == {"c": 0.4, "rule": "mean"}
+  assert config.data.task_batch_sizes.digits == 32
+  assert config.optimizer.name == "sgd"
+  with pytest.raises(ValueError, match="unknown config key 'mtl.options.c.d'"):
+    config_lib.apply_overrides(config, ["mtl.options.c.d=1"])
+
+
 def test_bad_override_values_are_named():
   config = config_lib.base_config()
   with pytest.raises(ValueError, match="config key 'train.num_steps': cannot set 'many'"):
@@ -72,6 +83,14 @@ def test_a_typo_in_a_config_file_is_named(tmp_path):
     config_lib.load_config(path)
   with pytest.raises(ValueError, match="does not exist"):
     config_lib.load_config(tmp_path / "missing.py")
+  # Loaded after another file, a file without get_config() must not find the other file's.
+  config_lib.load_config(CONFIGS[0])
+  (tmp_path / "empty.py").write_text("SEED = 0\n")
+  with pytest.raises(ValueError, match=r"empty.py' defines no get_config\(\)"):
+    config_lib.load_config(tmp_path / "empty.py")
+  (tmp_path / "wrong_type.py").write_text(path.read_text().replace("num_stepss = 3", "num_steps = 'many'"))
+  with pytest.raises(ValueError, match=r"wrong_type.py': .*'num_steps'"):
+    config_lib.load_config(tmp_path / "wrong_type.py")
 
 
 def test_validation_names_the_bad_value():

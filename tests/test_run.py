@@ -133,6 +133,43 @@ def test_unknown_key_fails_naming_it(tmp_path):
   assert "unknown config key 'train.num_stepz'; did you mean 'train.num_steps'" in stderr
 
 
+def test_config_flags_override_keys_and_set_applies_after_them():
+  config, flag_values = run.parse_command_line([
+      "mtcl-run", "--config", SMOKE, "--workdir", "/tmp/run", "--config.train.num_steps=100",
+      "--config.model.trunk_widths=(64,)", "--config.classification.task_weights.digits=2.5",
+      "--set", "train.num_steps=200", "--set", "mtl.method=pcgrad", "--set", "mtl.options.c=0.4",
+      "--set", "data.task_batch_sizes.mnist1d=8"])
+  assert config.train.num_steps == 200 and config.model.trunk_widths == (64,)
+  assert config.mtl.method == "pcgrad" and config.mtl.options.to_dict() == {"c": 0.4}
+  assert config.classification.task_weights.to_dict() == {"digits": 2.5}
+  assert config.data.task_batch_sizes.to_dict() == {"mnist1d": 8}
+  assert flag_values.workdir == "/tmp/run" and not flag_values.fresh
+
+
+def test_help_lists_the_flags():
+  status, stdout, _ = _main("--help")
+  assert status == 0
+  for flag in ("--config", "--config.KEY=VALUE", "--set", "--workdir", "--fresh", "--num_processes"):
+    assert flag in stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--workdir", "w"], "Flag --config must have a value"),
+    (["--config", "missing.py", "--workdir", "w"], "config file 'missing.py' does not exist"),
+    (["--config", SMOKE, "--workdir", "w", "--config.train.num_stepz=3"],
+     "unknown config key 'train.num_stepz'; did you mean 'train.num_steps'"),
+    (["--config", SMOKE, "--workdir", "w", "--config.train.num_steps=many"],
+     "flag --config.train.num_steps=many: invalid literal for int()"),
+    (["--config", SMOKE, "--workdir", "w", "--set", "train.num_steps"], "not of the form key=value"),
+    (["--config", SMOKE, "--workdir", "w", "--wrokdir=x"], "Unknown command line flag 'wrokdir'"),
+    (["--config", SMOKE, "--workdir", "w", "x"], "unexpected arguments ['x']"),
+])
+def test_bad_command_lines_fail_in_one_line(argv, message):
+  status, _, stderr = _main(*argv)
+  assert status == 1
+  assert stderr.startswith("mtcl-run: error: ") and message in stderr and stderr.count("\n") == 1
+
+
 def test_missing_dataset_fails_with_the_data_layers_message(tmp_path):
   status, _, stderr = _main("--config", SMOKE, "--workdir", str(tmp_path / "run"), "--set", "data.tasks=cifar10",
                             "--set", f"data.data_dir={tmp_path}")

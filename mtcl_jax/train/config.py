@@ -1,24 +1,28 @@
 """The experiment config: its schema with defaults, loading a config file, command-line overrides, validation.
 
 A config file (``experiments/configs/*.py``) defines ``get_config()``, which starts from :func:`base_config` and
-sets what the experiment changes. The base config is locked, so an assignment to a key that does not exist, in
-the file or in a ``--set key=value`` override, fails and names the key. Two sections are open maps keyed by
-task name (``classification.task_weights`` and ``data.task_batch_sizes``); their keys are checked against the
-run's task names when the run starts.
+sets what the experiment changes. ``ml_collections.config_flags`` loads it (``--config=FILE``, or
+:func:`load_config`) and applies overrides (``--config.KEY=VALUE``, or :func:`apply_overrides` for ``--set``),
+each value parsed by its key's type. The base config is locked, so an assignment to a key that does not exist, in
+the file or in an override, fails and names the key. The sections in ``OPEN_SECTIONS`` are open maps: two keyed
+by task name (``classification.task_weights`` and ``data.task_batch_sizes``), checked against the run's task names
+when the run starts, and the balancing method's options (``mtl.options``), checked by ``mtcl_jax.mtl``.
 """
 
 from __future__ import annotations
 
 import ast
 import difflib
-import importlib.util
 import os
 import pathlib
-from collections.abc import Iterable, Mapping, Sequence
+import re
+import sys
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import ml_collections
-from ml_collections import config_dict
+from absl import flags
+from ml_collections import config_dict, config_flags
 
 from mtcl_jax import mtl
 
@@ -164,33 +168,10 @@ def _unknown_key_error(key: str, known: Iterable[str]) -> ValueError:
   return ValueError(f"unknown config key {key!r}{hint}")
 
 
-def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
-  """Imports a config file and returns its ``get_config()``.
-
-  Args:
-    path: a Python file defining ``get_config() -> ml_collections.ConfigDict``.
-
-  Raises:
-    ValueError: the file is missing, has no ``get_config``, or sets a key the schema lacks (named).
-  """
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise ValueError(f"config file {str(path)!r} does not exist")
-  spec = importlib.util.spec_from_file_location(f"mtcl_config_{path.stem}", path)
-  module = importlib.util.module_from_spec(spec)
-  try:
-    spec.loader.exec_module(module)
-  except AttributeError as error:
-    # A locked ConfigDict reports an unknown key as AttributeError('Key "x" does not exist ...').
-    raise ValueError(f"config file {str(path)!r}: {error}") from error
-  if not hasattr(module, "get_config"):
-    raise ValueError(f"config file {str(path)!r} defines no get_config()")
-  try:
-    config = module.get_config()
-  except AttributeError as error:
-    raise ValueError(f"config file {str(path)!r}: {error}") from error
-  check_known_keys(config)
-  return config
+def _check_override_key(key: str, known: Collection[str]) -> None:
+  """Raises ValueError naming ``key`` (with close matches) unless it is known or new in an open section."""
+  if key not in known and key.rpartition(".")[0] not in OPEN_SECTIONS:
+    raise _unknown_key_error(key, known)
 
 
 def check_known_keys(config: ml_collections.ConfigDict) -> None:
@@ -201,15 +182,121 @@ def check_known_keys(config: ml_collections.ConfigDict) -> None:
       raise _unknown_key_error(key, known)
 
 
-def _parse_value(text: str) -> object:
+# ------------------------------------------------------------------------------------- loading and overriding
+# ml_collections.config_flags loads a config file for ``--config=FILE`` and parses each ``--config.KEY=VALUE`` by
+# the key's type, as in the flax examples and big_vision. It does not lock the config again: base_config locks
+# the schema but leaves OPEN_SECTIONS open, and there an override may add a key (``accept_new_attributes``), its
+# value read as a Python literal or else a string.
+
+CONFIG_FLAG = "config"
+# config_flags imports every config file under this module name, executing a later file inside an earlier one's
+# module, where a file without get_config() would find the earlier file's.
+_CONFIG_MODULE = f"{CONFIG_FLAG}_config"
+
+
+def _config_file_argument(argv: Sequence[str]) -> str | None:
+  """The config file a command line names, as config_flags reads it: ``--config=FILE`` or ``--config FILE``."""
+  for argument, following in zip(argv, [*argv[1:], None]):
+    if argument in (f"--{CONFIG_FLAG}", f"-{CONFIG_FLAG}"):
+      return following
+    if argument.startswith((f"--{CONFIG_FLAG}=", f"-{CONFIG_FLAG}=")):
+      return argument.partition("=")[2]
+  return None
+
+
+def _override_keys(argv: Sequence[str]) -> list[str]:
+  """The keys of a command line's ``--config.KEY=VALUE`` overrides (and boolean ``--[no]config.KEY``)."""
+  return [match["key"] for argument in argv
+          if (match := re.match(rf"^--?(?:no)?{CONFIG_FLAG}\.(?P<key>[^=]+)", argument))]
+
+
+def define_config_flag(flag_values: flags.FlagValues, argv: Sequence[str]) -> flags.FlagHolder:
+  """Defines ``--config=FILE`` and its ``--config.KEY=VALUE`` overrides (``ml_collections.config_flags``).
+
+  Args:
+    flag_values: where to define the flag.
+    argv: the command line that :func:`parse_flags` will parse, program name first (config_flags reads the
+      overrides' keys from it).
+
+  Returns:
+    The flag's holder, whose ``value`` is the config once the flags are parsed.
+  """
+  return config_flags.DEFINE_config_file(
+      CONFIG_FLAG, None, "a Python file with get_config() (experiments/configs/*.py); --config.KEY=VALUE overrides "
+      "one of its keys", flag_values=flag_values, lock_config=False, accept_new_attributes=True,
+      sys_argv=list(argv))
+
+
+def parse_flags(flag_values: flags.FlagValues, argv: Sequence[str]) -> None:
+  """Parses a command line into ``flag_values``.
+
+  Args:
+    flag_values: flags that include :func:`define_config_flag`'s.
+    argv: the command line, program name first.
+
+  Raises:
+    ValueError: one line naming what is wrong, where absl and config_flags would raise a traceback or a
+      multi-line message: a missing config file, one without ``get_config()`` or that sets a key the schema lacks,
+      an override of an unknown key (with close matches) or with a value of the wrong type, an unknown or missing
+      flag, an argument that is not a flag.
+  """
+  # config_flags reports a missing file only where the config is first used, in several lines, and an unknown key
+  # as a bare KeyError: both are checked first. FILE:ARGUMENT calls get_config(ARGUMENT).
+  path = _config_file_argument(argv)
+  if path is not None and not pathlib.Path(path.split(":", 1)[0]).is_file():
+    raise ValueError(f"config file {path!r} does not exist")
+  known = flat_keys(base_config())
+  for key in _override_keys(argv):
+    _check_override_key(key, known)
+  sys.modules.pop(_CONFIG_MODULE, None)
   try:
-    return ast.literal_eval(text)
+    arguments = flag_values(argv)[1:]
+  except AttributeError as error:  # the file lacks get_config, or sets a key that its locked config lacks
+    if error.name == "get_config":
+      raise ValueError(f"config file {path!r} defines no get_config()") from None
+    raise ValueError(f"config file {path!r}: {error}") from None
+  except flags.Error as error:
+    if path is not None and str(error).startswith(f"flag --{CONFIG_FLAG}={path}:"):
+      # config_flags re-raises the file's TypeError or ValueError with the traceback as the message.
+      raise ValueError(f"config file {path!r}: {error.__context__.__context__}") from None
+    raise ValueError("; ".join(str(error).splitlines())) from None  # absl gives a line per missing flag
+  if arguments:
+    raise ValueError(f"unexpected arguments {arguments}")
+  check_known_keys(flag_values[CONFIG_FLAG].value)
+
+
+def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
+  """Loads a config file as ``--config=FILE`` does and returns its config.
+
+  Args:
+    path: a Python file defining ``get_config() -> ml_collections.ConfigDict`` (``FILE:ARGUMENT`` calls
+      ``get_config(ARGUMENT)``).
+
+  Raises:
+    ValueError: the file is missing, has no ``get_config``, or sets a key the schema lacks (named).
+  """
+  argv = ["load_config", f"--{CONFIG_FLAG}={path}"]
+  flag_values = flags.FlagValues()
+  config = define_config_flag(flag_values, argv)
+  parse_flags(flag_values, argv)
+  return config.value
+
+
+def _unquoted(text: str) -> str:
+  """A quoted Python string without its quotes, as a shell passes ``--config.optimizer.name='sgd'``."""
+  try:
+    value = ast.literal_eval(text)
   except (ValueError, SyntaxError):
-    return text  # a bare word is a string: --set contrastive.rule=ntxent
+    return text
+  return value if isinstance(value, str) else text
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
-  """Applies ``key=value`` overrides (values are Python literals, or bare strings) in place.
+  """Applies ``KEY=VALUE`` overrides in place, each parsed as config_flags parses ``--config.KEY=VALUE``.
+
+  A value is read by its key's type (``model.trunk_widths=(64,)``; ``eval.probes=knn`` is ``("knn",)``), a new key
+  of an open section (``mtl.options.c=0.4``) as a Python literal or else a string; a quoted string is that
+  string (``optimizer.name='sgd'``).
 
   Args:
     config: the config to change.
@@ -227,18 +314,15 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
     key = key.strip()
     if not separator or not key:
       raise ValueError(f"override {override!r} is not of the form key=value")
-    parent_path, _, leaf = key.rpartition(".")
-    open_section = parent_path in OPEN_SECTIONS
-    if key not in known and not open_section:
-      raise _unknown_key_error(key, known)
-    parent = _lookup(config, parent_path) if parent_path else config
-    value = _parse_value(text)
-    if not open_section and parent.get_type(leaf) is tuple and isinstance(value, (list, str)):
-      value = tuple(value) if isinstance(value, list) else (value,)
+    _check_override_key(key, known)
+    argv = ["apply_overrides", f"--{CONFIG_FLAG}.{key}={_unquoted(text)}"]
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_dict(CONFIG_FLAG, config, flag_values=flag_values, lock_config=False,
+                                    accept_new_attributes=True, sys_argv=argv)
     try:
-      parent[leaf] = value
-    except TypeError as error:
-      raise ValueError(f"config key {key!r}: cannot set {value!r}: {error}") from error
+      flag_values(argv)
+    except flags.Error as error:
+      raise ValueError(f"config key {key!r}: cannot set {text!r}: {error.__context__ or error}") from None
   return config
 
 
