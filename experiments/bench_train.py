@@ -75,7 +75,6 @@ def _flops(compiled) -> float | None:
 
 def bench(workload: str, *, batch_size: int | None, steps: int, windows: int, matmul_size: int) -> dict[str, Any]:
   from mtcl_jax import data, parallel, train
-  from mtcl_jax.train import loop
 
   config = train.load_config(str(CONFIGS[workload]))
   if workload == "cifar10":
@@ -90,7 +89,7 @@ def bench(workload: str, *, batch_size: int | None, steps: int, windows: int, ma
   batcher = data.MultiTaskBatcher(tasks, batch_sizes=batch_sizes, seed=0)
   examples_per_step = sum(batch_sizes.values())
   model = train.build_model(config, tasks)
-  optimizer, stages = loop.build_optimizer(config)
+  optimizer, stages = train.build_optimizer(config)
   state = train.create_train_state(model, optimizer, batcher.batch(0), seed=0)
   state = parallel.replicate(state, mesh)
   train_step = train.make_train_step(model, optimizer, config, mesh, stage=stages[0][0])

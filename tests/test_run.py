@@ -20,6 +20,7 @@ import pytest
 from mtcl_jax import run
 from mtcl_jax.train import config as config_lib
 from mtcl_jax.train import loop
+from mtcl_jax.train import workdir as workdir_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "experiments" / "configs" / "smoke.py")
@@ -106,14 +107,14 @@ def test_a_changed_config_is_not_resumed(smoke_run):
   config = config_lib.load_config(SMOKE)
   config_lib.apply_overrides(config, ["contrastive.rule=ntxent"])
   with pytest.raises(ValueError, match=r"contrastive.rule: 'supcon' -> 'ntxent'.*--fresh"):
-    loop.prepare_workdir(smoke_run[0], config, fresh=False)
+    workdir_lib.prepare_workdir(smoke_run[0], config, fresh=False)
 
 
 def test_fresh_archives_the_previous_outputs(tmp_path, capsys):
   (tmp_path / "checkpoints" / "4").mkdir(parents=True)
   (tmp_path / "metrics.jsonl").write_text('{"step": 4}\n')
   (tmp_path / "notes.txt").write_text("mine")
-  assert loop.prepare_workdir(tmp_path, config_lib.base_config(), fresh=True) is False
+  assert workdir_lib.prepare_workdir(tmp_path, config_lib.base_config(), fresh=True) is False
   (archived,) = (tmp_path / "archive").iterdir()
   assert f"moved the previous run's outputs to {archived}" in capsys.readouterr().out
   assert (archived / "checkpoints" / "4").is_dir() and (archived / "metrics.jsonl").exists()
@@ -123,8 +124,16 @@ def test_fresh_archives_the_previous_outputs(tmp_path, capsys):
 def test_outputs_without_a_checkpoint_are_not_overwritten(tmp_path):
   (tmp_path / "report.json").write_text("{}")
   with pytest.raises(ValueError, match=r"report.json.*no checkpoint.*--fresh"):
-    loop.prepare_workdir(tmp_path, config_lib.base_config(), fresh=False)
-  assert loop.prepare_workdir(tmp_path / "empty", config_lib.base_config(), fresh=False) is False
+    workdir_lib.prepare_workdir(tmp_path, config_lib.base_config(), fresh=False)
+  assert workdir_lib.prepare_workdir(tmp_path / "empty", config_lib.base_config(), fresh=False) is False
+
+
+def test_history_drops_rows_logged_after_the_checkpoint_resumed_from(tmp_path, capsys):
+  for step in (2, 4, 6):
+    workdir_lib.append_metrics(tmp_path, {"step": step, "loss": 1.0 / step})
+  assert [row["step"] for row in workdir_lib.read_history(tmp_path, 4)] == [2, 4]
+  assert "dropped 1 rows logged after step 4" in capsys.readouterr().out
+  assert [row["step"] for row in workdir_lib.read_history(tmp_path, 6)] == [2, 4]
 
 
 def test_unknown_key_fails_naming_it(tmp_path):

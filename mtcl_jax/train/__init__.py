@@ -13,8 +13,9 @@ from mtcl_jax.train.evaluation import extract_features
 from mtcl_jax.train.evaluation import predict_input
 from mtcl_jax.train.evaluation import predict_split
 from mtcl_jax.train.loop import NonFiniteLossError
-from mtcl_jax.train.loop import build_model
 from mtcl_jax.train.loop import train_and_evaluate
+from mtcl_jax.train.model import build_model
+from mtcl_jax.train.optim import build_optimizer
 from mtcl_jax.train.optim import make_optimizer
 from mtcl_jax.train.state import TrainState
 from mtcl_jax.train.state import create_train_state
@@ -33,6 +34,7 @@ __all__ = [
     "NonFiniteLossError",
     "build_model",
     "train_and_evaluate",
+    "build_optimizer",
     "make_optimizer",
     "TrainState",
     "create_train_state",

@@ -1,15 +1,21 @@
-"""Frozen features and head predictions over whole splits, data-parallel, for evaluation and probes."""
+"""Evaluation during and after training: frozen features and head predictions over whole splits, data-parallel,
+and the run's scores from them (task heads, probes on frozen features, the features' PCA figure).
+"""
 
 from __future__ import annotations
 
 import functools
+import pathlib
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from mtcl_jax import data, parallel
+from mtcl_jax.eval import evaluate_task, metrics, plots
 from mtcl_jax.models import MultiTaskModel
 from mtcl_jax.train.state import TrainState
 from mtcl_jax.train.steps import make_eval_step
@@ -109,3 +115,62 @@ def extract_features(
     ...                    num_classes=tasks[0].task.num_classes)  # doctest: +SKIP
   """
   return predict_split(state_or_params, model, task_data, split, batch_size=batch_size, mesh=mesh)[0]
+
+
+# ------------------------------------------------------------------------------------------- the run's scores
+
+
+def input_groups(tasks: Sequence[data.TaskData]) -> list[data.TaskData]:
+  """One task per distinct input (dataset): evaluating it yields every head on that input."""
+  first_of_input: dict[str, data.TaskData] = {}
+  for task_data in tasks:
+    first_of_input.setdefault(task_data.task.dataset, task_data)
+  return list(first_of_input.values())
+
+
+def evaluate_heads(state: TrainState, model: MultiTaskModel, tasks: Sequence[data.TaskData], mesh: Mesh,
+                   batch_size: int) -> dict[str, dict[str, Any]]:
+  """Each task head's classification report on the test split."""
+  logits = {}
+  for task_data in input_groups(tasks):
+    logits.update(predict_input(state, model, task_data, "test", batch_size=batch_size, mesh=mesh)[1])
+  return {t.task.name: metrics.classification_report(
+      t.test["y"], np.argmax(logits[t.task.name], axis=-1), num_classes=t.task.num_classes) for t in tasks}
+
+
+def final_evaluation(state: TrainState, model: MultiTaskModel, tasks: Sequence[data.TaskData], mesh: Mesh,
+                     config: ml_collections.ConfigDict) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """Head and probe scores per task, and each input's test features (for the PCA figure)."""
+  batch_size = config.eval.batch_size
+  train_features, test_features, logits = {}, {}, {}
+  for task_data in input_groups(tasks):
+    dataset = task_data.task.dataset
+    if config.eval.probes:
+      train_features[dataset] = predict_input(state, model, task_data, "train", batch_size=batch_size, mesh=mesh)[0]
+    test_features[dataset], group_logits = predict_input(
+        state, model, task_data, "test", batch_size=batch_size, mesh=mesh)
+    logits.update(group_logits)
+  results = {}
+  for task_data in tasks:
+    task, dataset = task_data.task, task_data.task.dataset
+    scores = metrics.classification_report(
+        task_data.test["y"], np.argmax(logits[task.name], axis=-1), num_classes=task.num_classes)
+    if config.eval.probes:
+      scores["probes"] = evaluate_task(
+          train_features[dataset], task_data.train["y"], test_features[dataset], task_data.test["y"],
+          num_classes=task.num_classes, probes=tuple(config.eval.probes), seed=config.seed)
+    results[task.name] = scores
+  return results, test_features
+
+
+def plot_feature_pca(test_features: Mapping[str, np.ndarray], tasks: Sequence[data.TaskData], max_points: int,
+                     seed: int, out_path: pathlib.Path) -> pathlib.Path:
+  """Test features of each input, coloured by input and by the class of its first task."""
+  groups = input_groups(tasks)
+  features = np.concatenate([test_features[t.task.dataset] for t in groups])
+  names = np.concatenate([np.full(t.test["y"].shape[0], t.task.dataset) for t in groups])
+  labels = np.concatenate([t.test["y"] for t in groups])
+  if features.shape[0] > max_points:
+    keep = np.sort(np.random.default_rng(seed).choice(features.shape[0], max_points, replace=False))
+    features, names, labels = features[keep], names[keep], labels[keep]
+  return plots.plot_feature_pca(features, names.tolist(), labels, out_path)

@@ -1,4 +1,5 @@
-"""The optimizer factory: adamw, sgd (momentum / Nesterov) or LARS, warmup + cosine, clipping, decay masks.
+"""The optimizer factory: adamw, sgd (momentum / Nesterov) or LARS, warmup + cosine, clipping, decay masks, and
+a run's optimizer over its schedule's stages (:func:`build_optimizer`: joint, or two-stage).
 
 Weight decay (and LARS's trust ratio) applies to kernels only: a leaf with fewer than two dimensions is a bias, a
 normalisation scale or offset, or the log-temperature, and is skipped.
@@ -210,3 +211,33 @@ def two_stage_optimizer(
       },
       param_labels,
   ))
+
+
+def _param_groups(trainable: Any) -> Any:
+  """``"heads"`` for the task heads' parameters, ``"encoder"`` for everything else (temperature included)."""
+
+  def group(path: tuple, _: Any) -> str:
+    names = [getattr(entry, "key", "") for entry in path]
+    return "heads" if any(str(name).startswith("heads_") for name in names) else "encoder"
+
+  return jax.tree_util.tree_map_with_path(group, trainable)
+
+
+def build_optimizer(config: Mapping[str, Any]) -> tuple[optax.GradientTransformation, list[tuple[str, int, int]]]:
+  """The optimizer of a run's config and the stages ``[(stage, first_step, stop_step), ...]`` of its schedule.
+
+  Args:
+    config: the whole config: its ``train`` section picks the schedule, ``optimizer`` (and for ``two_stage``,
+      ``head_optimizer``) the optimizers.
+
+  Returns:
+    The optimizer, and the stages: ``joint`` alone, or ``pretrain`` then ``heads``.
+  """
+  train = config["train"]
+  if train["schedule"] == "joint":
+    return make_optimizer_from_config(config["optimizer"], total_steps=train["num_steps"]), [
+        ("joint", 0, train["num_steps"])]
+  encoder = make_optimizer_from_config(config["optimizer"], total_steps=train["pretrain_steps"])
+  heads = make_optimizer_from_config(config["head_optimizer"], total_steps=train["num_steps"] - train["pretrain_steps"])
+  optimizer = two_stage_optimizer(encoder, heads, pretrain_steps=train["pretrain_steps"], param_labels=_param_groups)
+  return optimizer, [("pretrain", 0, train["pretrain_steps"]), ("heads", train["pretrain_steps"], train["num_steps"])]

@@ -1,0 +1,124 @@
+"""A run's directory: start, resume or archive it, and the files the run writes there.
+
+Outputs in ``<workdir>/``: ``config.json``, ``metrics.jsonl``, ``checkpoints/``, ``report.json``, ``report.md``,
+``plots/`` (``loss_curves.png``, ``task_accuracy.png``, ``feature_pca.png``); ``--fresh`` moves earlier ones to
+``archive/<time>/``. Nothing is overwritten without a message.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import pathlib
+import shutil
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import ml_collections
+
+from mtcl_jax.eval import report
+from mtcl_jax.train import config as config_lib
+from mtcl_jax.train.checkpoint import CHECKPOINT_DIR
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+PLOTS_DIR = "plots"
+PCA_FIGURE = "feature_pca.png"
+ARCHIVE_DIR = "archive"
+_OUTPUTS = (CHECKPOINT_DIR, METRICS_FILE, CONFIG_FILE, REPORT_JSON, REPORT_MD, PLOTS_DIR)
+# Keys that may change between a run and its resumption: they do not change what is learned.
+_RESUMABLE_CHANGES = ("train.num_steps", "train.stop_at_step", "train.log_every", "train.eval_every",
+                      "train.checkpoint_every", "train.keep_checkpoints", "train.async_checkpoints",
+                      "data.data_dir", "eval.probes", "eval.batch_size", "eval.pca_max_points", "eval.plots")
+
+
+def _config_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config as saved in ``config.json``: flat dotted keys, JSON values (tuples become lists)."""
+  return json.loads(json.dumps(config_lib.flatten(config.to_dict())))
+
+
+def _archive_outputs(workdir: pathlib.Path) -> pathlib.Path | None:
+  present = [workdir / name for name in _OUTPUTS if (workdir / name).exists()]
+  if not present:
+    return None
+  stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+  destination = workdir / ARCHIVE_DIR / stamp
+  destination.mkdir(parents=True)
+  for path in present:
+    shutil.move(str(path), str(destination / path.name))
+  return destination
+
+
+def _check_resumable(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+  """Refuses to resume a run whose saved config differs in a key that changes what is learned."""
+  saved_path = workdir / CONFIG_FILE
+  if not saved_path.exists():
+    return
+  saved = json.loads(saved_path.read_text())
+  current = _config_record(config)
+  differing = sorted(key for key in set(saved) | set(current)
+                     if saved.get(key) != current.get(key) and key not in _RESUMABLE_CHANGES)
+  if differing:
+    details = ", ".join(f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in differing)
+    raise ValueError(
+        f"{workdir} holds a run with a different config ({details}); resuming would mix two runs. Pass --fresh "
+        "to archive it and start again there, or choose another --workdir"
+    )
+
+
+def prepare_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict, *, fresh: bool) -> bool:
+  """Archives earlier outputs (``fresh``) or checks that they can be resumed; returns whether to resume.
+
+  Raises:
+    ValueError: outputs that cannot be resumed (no checkpoint, or another config) and ``fresh`` is False.
+  """
+  if fresh:
+    archived = _archive_outputs(workdir) if jax.process_index() == 0 else None
+    if archived is not None:
+      print(f"Starting afresh: moved the previous run's outputs to {archived}", flush=True)
+    return False
+  has_checkpoint = (workdir / CHECKPOINT_DIR).is_dir() and any(
+      path.name.isdigit() for path in (workdir / CHECKPOINT_DIR).iterdir())
+  if has_checkpoint:
+    _check_resumable(workdir, config)
+    return True
+  leftovers = [name for name in _OUTPUTS if (workdir / name).exists() and name != CHECKPOINT_DIR]
+  if leftovers:
+    raise ValueError(
+        f"{workdir} holds outputs of an earlier run ({', '.join(leftovers)}) but no checkpoint to resume from; "
+        "pass --fresh to archive them and start again, or choose another --workdir"
+    )
+  return False
+
+
+def write_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+  """Saves the run's config as ``config.json``, which a resumption is checked against."""
+  (workdir / CONFIG_FILE).write_text(json.dumps(_config_record(config), indent=1))
+
+
+def read_history(workdir: pathlib.Path, up_to_step: int) -> list[dict[str, Any]]:
+  """The logged rows up to ``up_to_step``; rows an interrupted process logged past its last checkpoint go."""
+  path = workdir / METRICS_FILE
+  if not path.exists():
+    return []
+  rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  kept = [row for row in rows if row["step"] <= up_to_step]
+  if len(kept) != len(rows):
+    print(f"{path.name}: dropped {len(rows) - len(kept)} rows logged after step {up_to_step}", flush=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+  return kept
+
+
+def append_metrics(workdir: pathlib.Path, row: Mapping[str, Any]) -> None:
+  """Appends one row to ``metrics.jsonl``."""
+  with open(workdir / METRICS_FILE, "a") as metrics_file:
+    metrics_file.write(json.dumps(row) + "\n")
+
+
+def write_report(workdir: pathlib.Path, result: Mapping[str, Any]) -> None:
+  """Writes the run's report as ``report.json`` and ``report.md``."""
+  (workdir / REPORT_JSON).write_text(json.dumps(result, indent=1, default=list))
+  report.write_markdown_report(result, workdir / REPORT_MD)
