@@ -131,3 +131,51 @@ def test_objective_names_follow_the_stage(tasks):
   assert steps.objective_names(model, config, stage="heads") == ("digits", "japanese_vowels")
   assert steps.objective_names(model, _config("contrastive.rule=none"), stage="joint") == (
       "digits", "japanese_vowels")
+
+
+def test_config_names_the_method_its_options_and_the_schedule():
+  with pytest.raises(ValueError, match="unknown balancing method 'pcgard'"):
+    config_lib.validate_config(_config("mtl.method=pcgard"))
+  with pytest.raises(ValueError, match=r"balancing method 'cagrad' takes options \('c', "):
+    config_lib.validate_config(_config("mtl.method=cagrad", "mtl.options.alpha=0.5"))
+  with pytest.raises(ValueError, match="needs mtl.method='static'"):
+    config_lib.validate_config(_config("mtl.method=pcgrad", "train.schedule=two_stage", "train.pretrain_steps=2"))
+  config_lib.validate_config(_config("mtl.method=cagrad", "mtl.options.c=0.5", "mtl.representation=True"))
+
+
+def test_a_method_chosen_on_the_command_line_trains_and_resumes_with_its_state(tmp_path):
+  import contextlib
+  import io
+  import json
+  import pathlib
+
+  import orbax.checkpoint as ocp
+
+  from mtcl_jax import run
+
+  smoke = str(pathlib.Path(__file__).resolve().parents[1] / "experiments" / "configs" / "smoke.py")
+  args = ["--config", smoke, "--set", "mtl.method=gradvac", "--set", "mtl.options.beta=0.5",
+          "--set", "eval.probes=()", "--set", "eval.plots=False"]
+
+  def main(*extra):
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+      status = run.main([*args, *extra])
+    assert status == 0, stderr.getvalue()
+    return stdout.getvalue()
+
+  main("--workdir", str(tmp_path / "whole"))
+  main("--workdir", str(tmp_path / "parts"), "--set", "train.stop_at_step=4")
+  assert "Resuming from step 4" in main("--workdir", str(tmp_path / "parts"))
+
+  def saved(name):
+    return ocp.StandardCheckpointer().restore(tmp_path / name / "checkpoints" / "8" / "state")
+
+  whole, parts = saved("whole"), saved("parts")
+  # GradVac's targets start at 0 and follow the gradients' similarities: the state is trained and checkpointed.
+  assert np.any(np.asarray(jax.tree.leaves(whole["mtl_state"])[0]) != 0)
+  for want, got in zip(jax.tree.leaves((whole["params"], whole["mtl_state"])),
+                       jax.tree.leaves((parts["params"], parts["mtl_state"])), strict=True):
+    np.testing.assert_array_equal(got, want)
+  rows = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+  assert all(np.isfinite(row["mtl/contrastive/weight"]) for row in rows if "loss" in row)

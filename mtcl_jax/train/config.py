@@ -25,8 +25,9 @@ from absl import flags
 from ml_collections import config_dict, config_flags
 
 from mtcl_jax import mtl
+from mtcl_jax.train import rules
 
-CONTRASTIVE_RULES: tuple[str, ...] = ("supcon", "task_contrastive", "ntxent", "clip", "binary_infonce", "none")
+CONTRASTIVE_RULES: tuple[str, ...] = (*rules.RULES, rules.NO_RULE)
 DISTRIBUTED_MODES: tuple[str, ...] = ("replicate", "all_gather", "ring")
 SCHEDULES: tuple[str, ...] = ("joint", "two_stage")
 DTYPES: tuple[str, ...] = ("float32", "bfloat16")
@@ -83,7 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
   })
 
   config.contrastive = ml_collections.ConfigDict({
-      "rule": "supcon",  # supcon | task_contrastive | ntxent | clip | binary_infonce | none
+      "rule": "supcon",  # a name in mtcl_jax.train.rules.RULES, or "none"
       "weight": 1.0,
       "temperature": 0.1,
       "learn_temperature": False,  # log-parameterised, trained with the encoder
@@ -349,6 +350,9 @@ def validate_config(config: ml_collections.ConfigDict, task_names: Sequence[str]
     value = _lookup(config, key)
     if value < 1:
       raise ValueError(f"config key {key!r} must be >= 1; got {value}")
+  if train.schedule == "two_stage" and config.mtl.method != "static":
+    raise ValueError(f"mtl.method={config.mtl.method!r} balances the joint objectives; train.schedule='two_stage' "
+                     "trains one kind of objective per stage and needs mtl.method='static'")
   if train.schedule == "two_stage" and not 0 < train.pretrain_steps < train.num_steps:
     raise ValueError(
         f"train.schedule='two_stage' needs 0 < train.pretrain_steps < train.num_steps; got "

@@ -31,7 +31,7 @@ from mtcl_jax.train.checkpoint import Checkpointer
 from mtcl_jax.train.model import build_model
 from mtcl_jax.train.optim import build_optimizer
 from mtcl_jax.train.state import create_train_state
-from mtcl_jax.train.steps import make_train_step
+from mtcl_jax.train.steps import init_mtl_state, make_train_step
 
 
 class NonFiniteLossError(RuntimeError):
@@ -89,7 +89,8 @@ def train_and_evaluate(
   model = build_model(config, tasks)
   optimizer, stages = build_optimizer(config)
   temperature = config.contrastive.temperature if config.contrastive.learn_temperature else None
-  state = create_train_state(model, optimizer, batcher.batch(0), seed=config.seed, temperature=temperature)
+  state = create_train_state(model, optimizer, batcher.batch(0), seed=config.seed, temperature=temperature,
+                             mtl_state=init_mtl_state(model, config))
   state = parallel.replicate(state, mesh)
 
   # --- Checkpoints: a resumed run restores its state, step and data position.
