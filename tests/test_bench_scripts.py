@@ -44,3 +44,20 @@ def test_device_check_parses_pytest_and_writes_a_summary_of_what_ran(tmp_path):
   assert status == 0 and summary["stages"]["prepare"]["status"] == "ok"
   assert summary["facts"]["backend"] == "cpu"
   assert "| prepare | ok |" in (out / "summary.md").read_text()
+
+
+def test_bench_mtl_times_methods_against_static_in_one_run(tmp_path):
+  bench_mtl = _module("bench_mtl")
+  out = tmp_path / "bench_mtl.json"
+  assert bench_mtl.main(["--methods", "pcgrad", "uw", "--batch-size", "8", "--steps", "1", "--windows", "1",
+                         "--matmul-size", "128", "--out", str(out)]) == 0
+  result = json.loads(out.read_text())
+  rows = {row["label"]: row for row in result["rows"]}
+  assert list(rows) == ["static", "pcgrad", "pcgrad-ub", "uw"]
+  assert rows["static"]["ratio_to_static"] == 1.0
+  assert rows["pcgrad"]["kind"] == "gradient" and rows["pcgrad-ub"]["representation"]
+  for row in rows.values():
+    assert row["num_objectives"] == 4 and row["shared_parameters"] < row["parameters"]
+    assert row["per_objective_gradient_bytes"] == 4 * row["parameters"] * 4
+    assert row["step_seconds"] > 0 and math.isfinite(row["final_loss"])
+  assert result["matmul_gflops_per_second"] > 0
