@@ -2,6 +2,21 @@
 
 ``train_and_evaluate(config, workdir)`` is the entry point (``python -m mtcl_jax.run`` calls it);
 ``extract_features(state_or_params, model, task_data, split)`` gives frozen trunk features for probes.
+
+Where each concept lives:
+
+==============  ==============================================================================================
+``loop``        the run, top to bottom: data, workdir, model and state, the training loop, final evaluation
+``steps``       the train step: batch -> per-objective losses -> balancing (``mtcl_jax.mtl``) -> update
+``rules``       the contrastive rules, one table entry each (rows, labels, loss)
+``config``      the config schema, loading (``ml_collections.config_flags``) and validation
+``state``       the immutable train state (parameters, optimizer, step, key, temperature, balancing state)
+``optim``       optimizers, schedules, the two-stage parameter groups
+``model``       the model built from the config and the tasks (modalities: ``mtcl_jax.modalities``)
+``checkpoint``  orbax checkpoints of the state and the data position
+``workdir``     the run directory: start, resume, archive, metrics and report files
+``evaluation``  features, head scores and probes on frozen features
+==============  ==============================================================================================
 """
 
 from mtcl_jax.train.checkpoint import Checkpointer
