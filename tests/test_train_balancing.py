@@ -179,3 +179,14 @@ def test_a_method_chosen_on_the_command_line_trains_and_resumes_with_its_state(t
     np.testing.assert_array_equal(got, want)
   rows = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
   assert all(np.isfinite(row["mtl/contrastive/weight"]) for row in rows if "loss" in row)
+
+
+def test_a_method_whose_state_repeats_an_array_trains_with_the_donated_state(tasks):
+  config = _config("mtl.method=dwa", "mtl.options.period=1")
+  assert len({id(leaf) for leaf in jax.tree.leaves(mtl.make("dwa", period=1).init(3))}) < 4  # aliased by init
+  mesh = parallel.make_mesh(1)
+  model, optimizer, state, batch = _setup(config, tasks, mesh)
+  train_step = steps.make_train_step(model, optimizer, config, mesh)
+  for _ in range(3):
+    state, metrics = train_step(state, batch)
+  assert int(state.step) == 3 and np.isfinite(float(metrics["mtl/contrastive/weight"]))

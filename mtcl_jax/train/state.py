@@ -87,5 +87,7 @@ def create_train_state(
   opt_state = jax.jit(optimizer.init)((params, log_temperature))
   return TrainState(
       step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, key=run_key, log_temperature=log_temperature,
-      mtl_state=mtl_state,
+      # A method's init may return one array in two places (zeros for two running means); the step donates the
+      # state, and XLA refuses to donate one buffer twice.
+      mtl_state=jax.tree.map(jnp.copy, mtl_state),
   )
