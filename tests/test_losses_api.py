@@ -4,6 +4,7 @@ gradients at the extremes (identical or zero vectors, τ = 0.01, bfloat16), and 
 from __future__ import annotations
 
 import doctest
+import re
 
 import hypothesis
 import hypothesis.extra.numpy as hnp
@@ -14,7 +15,7 @@ import pytest
 from hypothesis import strategies as st
 
 from mtcl_jax import losses
-from mtcl_jax.losses import _clip, _infonce, _margin, _ntxent
+from mtcl_jax.losses import _clip, _common, _infonce, _margin, _ntxent
 
 PUBLIC = (
     "binary_infonce",
@@ -28,6 +29,8 @@ PUBLIC = (
 )
 # The cross-device versions, tested against the single-device losses in test_sharded.py.
 SHARDED = ("all_gather_loss", "ring_loss", "sharded_loss")
+# The checked mode: run-time checks of traced values.
+CHECKED = ("checked",)
 
 NUM_ROWS = 8
 LABELS = np.array([0, 0, 1, 1, 2, 2, 3, 4])
@@ -77,8 +80,8 @@ def _assert_finite(x: np.ndarray, temperature: float):
 
 
 def test_public_names_are_exported():
-  assert tuple(sorted(losses.__all__)) == tuple(sorted(PUBLIC + SHARDED))
-  for name in PUBLIC + SHARDED:
+  assert tuple(sorted(losses.__all__)) == tuple(sorted(PUBLIC + SHARDED + CHECKED))
+  for name in PUBLIC + SHARDED + CHECKED:
     assert callable(getattr(losses, name))
 
 
@@ -182,7 +185,7 @@ def test_pair_loss_validation():
     losses.sigmoid_pairwise(X, X, temperature=-1.0)
 
 
-@pytest.mark.parametrize("module", [_clip, _infonce, _margin, _ntxent], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [_clip, _common, _infonce, _margin, _ntxent], ids=lambda m: m.__name__)
 def test_docstring_examples(module):
   result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
   assert result.attempted > 0 and result.failed == 0
@@ -205,3 +208,111 @@ def test_empty_batch_is_rejected():
   for name, call in calls.items():
     with pytest.raises(ValueError, match=r"at least 1 row.*\(0, 3\)"):
       call()
+
+
+# ------------------------------------------------------------------------------ never meaningful, checked mode
+
+MESH = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+Z = np.random.default_rng(3).normal(size=(NUM_ROWS, 4)).astype(np.float32)
+
+# Every loss as ``(hyper-parameter, first embeddings argument, fn(x, value))``, ``value`` its temperature, margin
+# or bias; keyed by the name its checks report.
+BY_HYPERPARAMETER = {
+    "binary_infonce": (
+        "temperature", "anchor",
+        lambda x, value: jnp.mean(losses.binary_infonce(x, _partner(x), x, temperature=value))),
+    "ntxent": ("temperature", "embeddings", lambda x, value: losses.ntxent(x, LABELS, temperature=value)),
+    "supcon": ("temperature", "embeddings", lambda x, value: losses.supcon(x, LABELS, temperature=value, block_size=4)),
+    "task_contrastive": (
+        "temperature", "embeddings", lambda x, value: losses.task_contrastive(x, LABELS % 2, temperature=value)),
+    "clip": ("temperature", "a", lambda x, value: losses.clip(x, _partner(x), temperature=value)),
+    "sigmoid_pairwise": (
+        "temperature", "a", lambda x, value: losses.sigmoid_pairwise(x, _partner(x), temperature=value)),
+    "margin_contrastive": (
+        "margin", "a", lambda x, value: jnp.mean(losses.margin_contrastive(x, x, LABELS % 2 == 0, margin=value))),
+    "triplet_margin": ("margin", "embeddings", lambda x, value: losses.triplet_margin(x, LABELS, margin=value)),
+    "sharded_loss(loss='ntxent')": (
+        "temperature", "local_embeddings",
+        lambda x, value: losses.sharded_loss(x, LABELS, mesh=MESH, temperature=value)),
+    "sharded_loss(loss='supcon')": (
+        "temperature", "local_embeddings",
+        lambda x, value: losses.sharded_loss(x, LABELS, mesh=MESH, loss="supcon", strategy="ring", temperature=value)),
+}
+# The embeddings of sharded_loss are checked inside its shard_map, by the per-device function.
+EMBEDDINGS_REPORTED_AS = {
+    "sharded_loss(loss='ntxent')": "all_gather_loss(loss='ntxent')",
+    "sharded_loss(loss='supcon')": "ring_loss(loss='supcon')",
+}
+
+
+@pytest.mark.parametrize("name", sorted(BY_HYPERPARAMETER))
+@pytest.mark.parametrize("value", [np.inf, -np.inf, np.nan, 0.0, -0.5])
+def test_a_concrete_hyperparameter_that_is_not_finite_and_positive_is_one_line_naming_it(name, value):
+  argument, _, loss_fn = BY_HYPERPARAMETER[name]
+  with pytest.raises(ValueError, match=f"^{argument} must be finite and > 0; got {value}$"):
+    loss_fn(Z, value)
+
+
+def test_a_non_finite_bias_is_rejected():
+  for bias in (np.inf, np.nan):
+    with pytest.raises(ValueError, match=f"^bias must be finite; got {bias}$"):
+      losses.sigmoid_pairwise(Z, Z, bias=bias)
+
+
+@pytest.mark.parametrize("name", sorted(BY_HYPERPARAMETER))
+def test_zero_width_embeddings_are_one_line_naming_the_shape(name):
+  _, _, loss_fn = BY_HYPERPARAMETER[name]
+  with pytest.raises(ValueError) as error:
+    loss_fn(np.zeros((NUM_ROWS, 0), np.float32), 0.5)
+  # Inside shard_map JAX appends a note on traceback filtering, on lines of its own.
+  assert re.fullmatch(r"\w+ must have at least one feature \(dim > 0\); got shape \(8, 0\)",
+                      str(error.value).splitlines()[0])
+
+
+@pytest.mark.parametrize("name", sorted(BY_HYPERPARAMETER))
+def test_checked_mode_reports_a_traced_hyperparameter_at_or_below_zero(name):
+  argument, _, loss_fn = BY_HYPERPARAMETER[name]
+  step = jax.jit(lambda value: loss_fn(jnp.asarray(Z), value))
+  # Unchecked, the documented behaviour: no error, a NaN or a meaningless number.
+  assert step(jnp.float32(-0.5)).dtype == jnp.float32
+  for value in (-0.5, 0.0, np.inf):
+    with pytest.raises(ValueError, match=f"^{re.escape(name)}: {argument} must be finite and > 0; got {value}"):
+      losses.checked(step)(jnp.float32(value))
+
+
+@pytest.mark.parametrize("name", sorted(BY_HYPERPARAMETER))
+def test_checked_mode_changes_no_value_or_gradient_of_valid_input(name):
+  _, _, loss_fn = BY_HYPERPARAMETER[name]
+  value_and_grad = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1)))
+  expected = value_and_grad(jnp.asarray(Z), jnp.float32(0.3))
+  got = losses.checked(value_and_grad)(jnp.asarray(Z), jnp.float32(0.3))
+  jax.tree.map(np.testing.assert_array_equal, got, expected)
+
+
+@pytest.mark.parametrize("name", sorted(BY_HYPERPARAMETER))
+def test_checked_mode_reports_non_finite_embeddings_by_loss_and_argument(name):
+  _, argument, loss_fn = BY_HYPERPARAMETER[name]
+  poisoned = jnp.asarray(Z).at[2, 1].set(jnp.nan).at[5, 0].set(jnp.inf)
+  step = jax.jit(lambda x: loss_fn(x, jnp.float32(0.5)))
+  reported = re.escape(EMBEDDINGS_REPORTED_AS.get(name, name))
+  with pytest.raises(ValueError, match=f"{reported}: {argument} has 2 NaN or inf entries"):
+    losses.checked(step)(poisoned)
+
+
+def test_checked_mode_reports_a_non_finite_result():
+  # A finite bias so large that the summed log-sigmoids overflow float32.
+  step = jax.jit(lambda bias: losses.sigmoid_pairwise(Z, Z, temperature=1.0, bias=bias))
+  assert np.isinf(step(jnp.float32(1e38)))
+  with pytest.raises(ValueError, match="^sigmoid_pairwise: the result is not finite: inf"):
+    losses.checked(step)(jnp.float32(1e38))
+
+
+def test_checked_mode_keeps_outputs_and_reports_inside_grad_and_vmap():
+  def loss_of_temperature(temperature):
+    return losses.ntxent(jnp.asarray(Z), LABELS, temperature=temperature)
+
+  grads = jax.jit(jax.vmap(jax.grad(loss_of_temperature)))
+  temperatures = jnp.array([0.2, 0.5], jnp.float32)
+  np.testing.assert_array_equal(losses.checked(grads)(temperatures), grads(temperatures))
+  with pytest.raises(ValueError, match="ntxent: temperature must be finite and > 0"):
+    losses.checked(grads)(jnp.array([0.2, -1.0], jnp.float32))

@@ -310,7 +310,7 @@ def _forced(loss: str, implementation: str, matmul_dtype=None):
   """The plain ``loss`` by ``implementation``, with the public function's validation and normalisation."""
 
   def loss_fn(x, labels, temperature):
-    z, labels, temperature, _ = _ntxent._prepare(x, labels, temperature, None)
+    z, labels, temperature, _ = _ntxent._prepare(x, labels, temperature, None, loss=loss)
     return _ntxent._plain(loss, z, labels, temperature, matmul_dtype, implementation=implementation)
 
   return jax.jit(loss_fn)

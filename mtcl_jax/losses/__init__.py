@@ -6,10 +6,17 @@ keyword-only; the math runs in float32 whatever the input dtype; a temperature m
 holds the whole similarity matrix, and ``matmul_dtype=jnp.bfloat16`` for bf16 similarity products accumulated
 in float32; ``sharded_loss`` (or ``all_gather_loss`` / ``ring_loss`` inside
 ``jax.shard_map``) computes them over a batch sharded across devices, negatives from every device.
+
+Bad input raises a one-line ``ValueError`` at trace time: wrong shapes or dtypes, zero-width embeddings, a
+concrete temperature or margin that is not finite and > 0. What only run time knows (a traced temperature's
+sign, NaN or inf in the embeddings, a non-finite result) is checked in the checked mode alone:
+``losses.checked(jax.jit(step))(...)`` raises on the first failed check, naming the loss and the argument;
+without it those checks compile to nothing and a traced τ <= 0 gives NaN or a meaningless value silently.
 """
 
 from mtcl_jax.losses._clip import clip
 from mtcl_jax.losses._clip import sigmoid_pairwise
+from mtcl_jax.losses._common import checked
 from mtcl_jax.losses._infonce import binary_infonce
 from mtcl_jax.losses._margin import margin_contrastive
 from mtcl_jax.losses._margin import triplet_margin
@@ -23,6 +30,7 @@ from mtcl_jax.losses._sharded import sharded_loss
 __all__ = (
     "all_gather_loss",
     "binary_infonce",
+    "checked",
     "clip",
     "margin_contrastive",
     "ntxent",

@@ -10,9 +10,9 @@ from mtcl_jax import similarity
 from mtcl_jax.losses import _common
 
 
-def _prepare_pair(a: ArrayLike, b: ArrayLike) -> tuple[jax.Array, jax.Array]:
-  a = _common.as_float_embeddings("a", a, min_rows=1)
-  b = _common.as_float_embeddings("b", b, min_rows=1)
+def _prepare_pair(loss: str, a: ArrayLike, b: ArrayLike) -> tuple[jax.Array, jax.Array]:
+  a = _common.as_float_embeddings("a", a, loss=loss, min_rows=1)
+  b = _common.as_float_embeddings("b", b, loss=loss, min_rows=1)
   if a.shape != b.shape:
     raise ValueError(f"a and b must both be [B, D] with the same B and D; got a {a.shape}, b {b.shape}")
   return similarity.l2_normalize(a), similarity.l2_normalize(b)
@@ -34,7 +34,8 @@ def clip(
   Args:
     a: ``[batch, dim]`` embeddings of one modality; L2-normalised here, and cast to float32.
     b: ``[batch, dim]`` embeddings of the paired items in the other modality.
-    temperature: τ > 0; may be a traced scalar (CLIP learns it, initialised at 0.07).
+    temperature: finite τ > 0; may be a traced scalar (CLIP learns it, initialised at 0.07):
+      a traced one is checked by :func:`~mtcl_jax.losses.checked`.
     block_size: if given and smaller than the batch, visit the logits in ``[block_size, block_size]`` tiles
       (:mod:`mtcl_jax.losses._tiled`), never holding the whole matrix; same value.
     matmul_dtype: None (float32, the default) or ``jnp.bfloat16``: the [batch, batch]-sized products (the
@@ -56,20 +57,22 @@ def clip(
     Radford et al., `Learning Transferable Visual Models From Natural Language Supervision
     <https://arxiv.org/abs/2103.00020>`_, 2021.
   """
-  a, b = _prepare_pair(a, b)
-  temperature = _common.check_positive("temperature", temperature)
+  a, b = _prepare_pair("clip", a, b)
+  temperature = _common.check_positive("temperature", temperature, loss="clip")
   block_size = _common.check_block_size(block_size)
   matmul_dtype = _common.check_matmul_dtype(matmul_dtype)
   if block_size is not None and block_size < a.shape[0]:
     from mtcl_jax.losses import _tiled
 
-    return _tiled.clip_tiled(a, b, temperature, block_size, matmul_dtype=matmul_dtype)
+    return _common.check_finite_result(
+        "clip", _tiled.clip_tiled(a, b, temperature, block_size, matmul_dtype=matmul_dtype)
+    )
   logits = _common.gram(a / temperature, b, matmul_dtype)
   matched = jnp.diagonal(logits)
   # jax.nn.logsumexp subtracts its max under stop_gradient.
   a_to_b = jax.nn.logsumexp(logits, axis=1) - matched
   b_to_a = jax.nn.logsumexp(logits, axis=0) - matched
-  return 0.5 * (jnp.mean(a_to_b) + jnp.mean(b_to_a))
+  return _common.check_finite_result("clip", 0.5 * (jnp.mean(a_to_b) + jnp.mean(b_to_a)))
 
 
 def sigmoid_pairwise(
@@ -89,8 +92,8 @@ def sigmoid_pairwise(
   Args:
     a: ``[batch, dim]`` embeddings of one modality; L2-normalised here, and cast to float32.
     b: ``[batch, dim]`` embeddings of the paired items in the other modality.
-    temperature: τ > 0.
-    bias: the logit offset.
+    temperature: finite τ > 0; a traced one is checked by :func:`~mtcl_jax.losses.checked`.
+    bias: the finite logit offset.
 
   Returns:
     float32 scalar.
@@ -105,13 +108,11 @@ def sigmoid_pairwise(
     Zhai et al., `Sigmoid Loss for Language Image Pre-Training <https://arxiv.org/abs/2303.15343>`_,
     ICCV 2023.
   """
-  a, b = _prepare_pair(a, b)
-  temperature = _common.check_positive("temperature", temperature)
-  bias = jnp.asarray(bias)
-  if bias.ndim != 0:
-    raise ValueError(f"bias must be a scalar; got shape {bias.shape}")
-  logits = (a / temperature) @ b.T + bias.astype(jnp.float32)
+  a, b = _prepare_pair("sigmoid_pairwise", a, b)
+  temperature = _common.check_positive("temperature", temperature, loss="sigmoid_pairwise")
+  bias = _common.check_finite("bias", bias, loss="sigmoid_pairwise")
+  logits = (a / temperature) @ b.T + bias
   row = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 0)
   column = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
   signed_logits = jnp.where(row == column, logits, -logits)
-  return -jnp.sum(jax.nn.log_sigmoid(signed_logits)) / logits.shape[0]
+  return _common.check_finite_result("sigmoid_pairwise", -jnp.sum(jax.nn.log_sigmoid(signed_logits)) / logits.shape[0])

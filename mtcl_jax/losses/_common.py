@@ -1,16 +1,22 @@
 """Validation and numerics shared by every loss family.
 
-Checks run on shapes and dtypes, which are static under ``jax.jit``, so they cost nothing at run time. A
-traced temperature cannot be checked for sign; a concrete one is.
+Checks run on shapes, dtypes and concrete hyper-parameters, which are static under ``jax.jit``, so they cost
+nothing at run time. What is only known at run time (a traced temperature's sign, NaN or inf among the
+embeddings, a non-finite result) is checked by ``checkify.debug_check``s, which XLA drops unless the caller runs
+under :func:`checked` (or ``jax.experimental.checkify.checkify``): the default path compiles to what it did
+without them.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 from jax.typing import ArrayLike
 
 # Large negative used to mask logits: exp() of it is exactly 0 in float32, and unlike -inf it never
@@ -18,16 +24,73 @@ from jax.typing import ArrayLike
 MASK_VALUE = -1e9
 
 
-def as_float_embeddings(name: str, x: ArrayLike, *, ndim: int = 2, min_rows: int = 0) -> jax.Array:
-  """Returns ``x`` as a float32 array after checking its rank, its number of rows and that it is floating
-  point."""
+def checked(fn: Callable[..., Any], *, errors: frozenset = checkify.user_checks) -> Callable[..., Any]:
+  """Returns ``fn`` with the losses' run-time checks on: the first failed check raises, naming loss and argument.
+
+  Every loss checks, at run time and only in this mode, that a traced ``temperature`` (or ``margin``) is finite
+  and > 0, that its embeddings hold no NaN or inf, and that its result is finite. Without this wrapper those
+  checks compile to nothing, and a traced τ <= 0 or a NaN input gives NaN or a meaningless finite loss silently
+  (concrete hyper-parameters and shapes are always checked, at trace time).
+
+  Args:
+    fn: any function that calls the losses, jitted or not (``jax.jit``, ``jax.grad`` and ``jax.shard_map``
+      inside it keep the checks).
+    errors: the ``jax.experimental.checkify`` error set; add ``checkify.nan_checks`` to also name the first
+      primitive that produced a NaN anywhere in ``fn``.
+
+  Returns:
+    A function with ``fn``'s signature and outputs that raises ``checkify.JaxRuntimeError`` (a ``ValueError``)
+    when a check fails, e.g. ``supcon: temperature must be finite and > 0; got -0.5``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from mtcl_jax import losses
+    >>> z, labels = jnp.eye(4), jnp.array([0, 0, 1, 1])
+    >>> step = jax.jit(lambda t: losses.supcon(z, labels, temperature=t))
+    >>> try:
+    ...   losses.checked(step)(jnp.float32(-0.5))
+    ... except ValueError as error:
+    ...   print(error)
+    supcon: temperature must be finite and > 0; got -0.5 (`check` failed)
+  """
+  checkified = checkify.checkify(fn, errors=errors)
+
+  @functools.wraps(fn)
+  def run(*args, **kwargs):
+    error, out = checkified(*args, **kwargs)
+    error.throw()
+    return out
+
+  return run
+
+
+def check_finite_entries(loss: str, name: str, x: jax.Array) -> None:
+  """A run-time check (see :func:`checked`) that ``x`` holds no NaN or inf."""
+  if jnp.issubdtype(x.dtype, jnp.floating):
+    non_finite = jnp.sum(~jnp.isfinite(x))
+    checkify.debug_check(non_finite == 0, f"{loss}: {name} has {{}} NaN or inf entries", non_finite)
+
+
+def check_finite_result(loss: str, value: jax.Array) -> jax.Array:
+  """Returns ``value``, with a run-time check (see :func:`checked`) that every entry is finite."""
+  checkify.debug_check(jnp.all(jnp.isfinite(value)), f"{loss}: the result is not finite: {{}}", value)
+  return value
+
+
+def as_float_embeddings(name: str, x: ArrayLike, *, loss: str, ndim: int = 2, min_rows: int = 0) -> jax.Array:
+  """Returns ``x`` as a float32 array after checking its rank, its number of rows and features and that it is
+  floating point; NaN and inf are checked at run time by :func:`checked`."""
   x = jnp.asarray(x)
   if x.ndim != ndim:
     raise ValueError(f"{name} must have rank {ndim}; got shape {x.shape}")
   if x.shape[0] < min_rows:
     raise ValueError(f"{name} must have at least {min_rows} row(s); got shape {x.shape}")
+  # A zero-width row normalises to zero: every similarity is 0 and the loss a constant, whatever the input.
+  if x.shape[-1] == 0:
+    raise ValueError(f"{name} must have at least one feature (dim > 0); got shape {x.shape}")
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(f"{name} must be floating point; got dtype {x.dtype} (shape {x.shape})")
+  check_finite_entries(loss, name, x)
   return x.astype(jnp.float32)
 
 
@@ -49,15 +112,31 @@ def check_same_rows(**arrays: jax.Array) -> None:
     raise ValueError(f"leading dimensions differ: {shapes}")
 
 
-def check_positive(name: str, value: ArrayLike) -> jax.Array:
-  """Returns ``value`` as a float32 scalar; raises if it is concrete and <= 0."""
+def check_positive(name: str, value: ArrayLike, *, loss: str) -> jax.Array:
+  """Returns ``value`` as a float32 scalar; raises if it is concrete and not finite and > 0 (τ = inf makes every
+  logit 0 and the loss a constant). A traced one is checked at run time by :func:`checked`."""
+  return _check_scalar(name, value, loss, positive=True)
+
+
+def check_finite(name: str, value: ArrayLike, *, loss: str) -> jax.Array:
+  """Returns ``value`` as a float32 scalar; raises if it is concrete and NaN or inf. A traced one is checked at
+  run time by :func:`checked`."""
+  return _check_scalar(name, value, loss, positive=False)
+
+
+def _check_scalar(name: str, value: ArrayLike, loss: str, *, positive: bool) -> jax.Array:
+  requirement = "finite and > 0" if positive else "finite"
+  if np.ndim(value) != 0:
+    raise ValueError(f"{name} must be a scalar; got shape {np.shape(value)}")
   if not isinstance(value, jax.core.Tracer):
     concrete = np.asarray(value)
-    if concrete.ndim != 0:
-      raise ValueError(f"{name} must be a scalar; got shape {concrete.shape}")
-    if not concrete > 0:
-      raise ValueError(f"{name} must be > 0; got {concrete}")
-  return jnp.asarray(value, jnp.float32)
+    if not (np.isfinite(concrete) and (concrete > 0 or not positive)):
+      raise ValueError(f"{name} must be {requirement}; got {concrete}")
+    return jnp.asarray(value, jnp.float32)
+  value = jnp.asarray(value, jnp.float32)
+  valid = jnp.isfinite(value) & (value > 0) if positive else jnp.isfinite(value)
+  checkify.debug_check(valid, f"{loss}: {name} must be {requirement}; got {{}}", value)
+  return value
 
 
 def masked_logsumexp(logits: jax.Array, mask: jax.Array, axis: int = -1) -> jax.Array:

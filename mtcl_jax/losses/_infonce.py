@@ -9,6 +9,8 @@ from jax.typing import ArrayLike
 from mtcl_jax import similarity
 from mtcl_jax.losses import _common
 
+_LOSS = "binary_infonce"
+
 
 def binary_infonce(
     anchor: ArrayLike,
@@ -24,7 +26,8 @@ def binary_infonce(
     anchor: ``[batch, dim]``.
     positive: ``[batch, dim]``, the positive of each anchor.
     negative: ``[batch, dim]`` (one negative each) or ``[batch, K, dim]`` (K negatives each).
-    temperature: τ > 0; may be a traced scalar (learned).
+    temperature: finite τ > 0; may be a traced scalar (learned):
+      a traced one is checked by :func:`~mtcl_jax.losses.checked`.
     metric: the similarity ``s``, one of :data:`mtcl_jax.similarity.METRICS`.
 
   Returns:
@@ -40,21 +43,21 @@ def binary_infonce(
     van den Oord, Li and Vinyals, `Representation Learning with Contrastive Predictive Coding
     <https://arxiv.org/abs/1807.03748>`_, 2018.
   """
-  anchor = _common.as_float_embeddings("anchor", anchor, min_rows=1)
-  positive = _common.as_float_embeddings("positive", positive, min_rows=1)
+  anchor = _common.as_float_embeddings("anchor", anchor, loss=_LOSS, min_rows=1)
+  positive = _common.as_float_embeddings("positive", positive, loss=_LOSS, min_rows=1)
   negative = jnp.asarray(negative)
   if negative.ndim == 2:
     negative = negative[:, None, :]
-  negative = _common.as_float_embeddings("negative", negative, ndim=3)
+  negative = _common.as_float_embeddings("negative", negative, loss=_LOSS, ndim=3)
   if positive.shape != anchor.shape or negative.shape[::2] != anchor.shape:
     raise ValueError(
         f"expected anchor [B, D], positive [B, D] and negative [B, D] or [B, K, D]; got anchor "
         f"{anchor.shape}, positive {positive.shape}, negative {negative.shape}"
     )
-  temperature = _common.check_positive("temperature", temperature)
+  temperature = _common.check_positive("temperature", temperature, loss=_LOSS)
 
   positive_logit = similarity.paired(anchor, positive, metric=metric) / temperature
   negative_logits = similarity.paired(anchor[:, None, :], negative, metric=metric) / temperature
   logits = jnp.concatenate([positive_logit[:, None], negative_logits], axis=1)
   # jax.nn.logsumexp subtracts its max under stop_gradient.
-  return jax.nn.logsumexp(logits, axis=1) - positive_logit
+  return _common.check_finite_result(_LOSS, jax.nn.logsumexp(logits, axis=1) - positive_logit)

@@ -27,7 +27,7 @@ def margin_contrastive(
     a: ``[batch, dim]``.
     b: ``[batch, dim]``.
     same: ``[batch]`` bool (or 0/1 integers), True where the pair is similar.
-    margin: m > 0, the distance beyond which dissimilar pairs stop contributing.
+    margin: finite m > 0, the distance beyond which dissimilar pairs stop contributing.
 
   Returns:
     ``[batch]`` float32 loss per pair.
@@ -43,16 +43,17 @@ def margin_contrastive(
     Hadsell, Chopra and LeCun, `Dimensionality Reduction by Learning an Invariant Mapping
     <https://doi.org/10.1109/CVPR.2006.100>`_, CVPR 2006.
   """
-  a = _common.as_float_embeddings("a", a, min_rows=1)
-  b = _common.as_float_embeddings("b", b, min_rows=1)
+  a = _common.as_float_embeddings("a", a, loss="margin_contrastive", min_rows=1)
+  b = _common.as_float_embeddings("b", b, loss="margin_contrastive", min_rows=1)
   same = jnp.asarray(same)
   if a.shape != b.shape or same.shape != a.shape[:1]:
     raise ValueError(f"expected a [B, D], b [B, D], same [B]; got a {a.shape}, b {b.shape}, same {same.shape}")
   if not (same.dtype == jnp.bool_ or jnp.issubdtype(same.dtype, jnp.integer)):
     raise ValueError(f"same must be bool; got dtype {same.dtype}")
-  margin = _common.check_positive("margin", margin)
+  margin = _common.check_positive("margin", margin, loss="margin_contrastive")
   distance = -similarity.paired(a, b, metric="neg_euclidean")
-  return 0.5 * jnp.where(same.astype(jnp.bool_), jnp.square(distance), jnp.square(jax.nn.relu(margin - distance)))
+  costs = jnp.where(same.astype(jnp.bool_), jnp.square(distance), jnp.square(jax.nn.relu(margin - distance)))
+  return _common.check_finite_result("margin_contrastive", 0.5 * costs)
 
 
 def _hardest_triplets(
@@ -111,7 +112,7 @@ def triplet_margin(
     embeddings: ``[N, dim]`` floating point, cast to float32 (not normalised; use ``metric="cosine"`` for
       angular distances).
     labels: ``[N]`` integers.
-    margin: m > 0.
+    margin: finite m > 0.
     mining: ``"all"``, ``"batch_hard"`` or ``"semi_hard"``.
     metric: a :data:`mtcl_jax.similarity.METRICS` similarity; the default is ‖a − b‖₂.
 
@@ -131,9 +132,9 @@ def triplet_margin(
     Hermans, Beyer and Leibe, `In Defense of the Triplet Loss for Person Re-Identification
     <https://arxiv.org/abs/1703.07737>`_, 2017.
   """
-  embeddings = _common.as_float_embeddings("embeddings", embeddings, min_rows=1)
+  embeddings = _common.as_float_embeddings("embeddings", embeddings, loss="triplet_margin", min_rows=1)
   labels = _common.as_labels("labels", labels, embeddings.shape[0])
-  margin = _common.check_positive("margin", margin)
+  margin = _common.check_positive("margin", margin, loss="triplet_margin")
   if mining not in MININGS:
     raise ValueError(f"unknown mining {mining!r}; expected one of {MININGS}")
   similarities = similarity.pairwise(embeddings, embeddings, metric=metric)
@@ -151,4 +152,4 @@ def triplet_margin(
         batch_size=max(1, min(num_rows, 2**22 // max(num_rows * num_rows, 1))),
     )
     total, num_active = jnp.sum(per_anchor[0]), jnp.sum(per_anchor[1])
-  return total / jnp.maximum(num_active, 1.0)
+  return _common.check_finite_result("triplet_margin", total / jnp.maximum(num_active, 1.0))

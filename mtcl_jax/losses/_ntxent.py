@@ -43,12 +43,13 @@ from mtcl_jax.losses import _common
 
 
 def _prepare(
-    embeddings: ArrayLike, labels: ArrayLike, temperature: ArrayLike, block_size: int | None
+    embeddings: ArrayLike, labels: ArrayLike, temperature: ArrayLike, block_size: int | None, *, loss: str
 ) -> tuple[jax.Array, jax.Array, jax.Array, int | None]:
-  """Validates, casts to float32 and L2-normalises: what every loss here (and the tiled ones) expects."""
-  embeddings = _common.as_float_embeddings("embeddings", embeddings, min_rows=1)
+  """Validates, casts to float32 and L2-normalises: what every loss here (and the tiled ones) expects. ``loss``
+  names the public function in the run-time checks' messages."""
+  embeddings = _common.as_float_embeddings("embeddings", embeddings, loss=loss, min_rows=1)
   labels = _common.as_labels("labels", labels, embeddings.shape[0])
-  temperature = _common.check_positive("temperature", temperature)
+  temperature = _common.check_positive("temperature", temperature, loss=loss)
   block_size = _common.check_block_size(block_size)
   return similarity.l2_normalize(embeddings), labels, temperature, block_size
 
@@ -309,6 +310,22 @@ def _fits_one_block(z: jax.Array, block_size: int | None) -> bool:
   return block_size is None or z.shape[0] <= block_size
 
 
+def _softmax_loss(
+    name: str, loss: str, embeddings, labels, temperature, block_size, matmul_dtype
+) -> jax.Array:
+  """The public function ``name``: ``loss`` (a form) validated, then plain or tiled by ``block_size``."""
+  z, labels, temperature, block_size = _prepare(embeddings, labels, temperature, block_size, loss=name)
+  matmul_dtype = _common.check_matmul_dtype(matmul_dtype)
+  if _fits_one_block(z, block_size):
+    value = _plain(loss, z, labels, temperature, matmul_dtype)
+  else:
+    from mtcl_jax.losses import _tiled
+
+    tiled = _tiled.ntxent_tiled if loss == _NTXENT else _tiled.supcon_tiled
+    value = tiled(z, labels, temperature, block_size, matmul_dtype=matmul_dtype)
+  return _common.check_finite_result(name, value)
+
+
 def ntxent(
     embeddings: ArrayLike,
     labels: ArrayLike,
@@ -334,7 +351,8 @@ def ntxent(
     embeddings: ``[N, dim]`` floating point; L2-normalised here, and cast to float32.
     labels: ``[N]`` integers; rows with equal labels are positives (e.g.
       :func:`mtcl_jax.pairs.view_labels` for SimCLR views).
-    temperature: τ > 0; may be a traced scalar (learned).
+    temperature: finite τ > 0; may be a traced scalar (learned):
+      a traced one is checked by :func:`~mtcl_jax.losses.checked`.
     block_size: if given and smaller than N, visit the logits in ``[block_size, block_size]`` tiles
       (:mod:`mtcl_jax.losses._tiled`), so memory is O(block_size² + N · dim) instead of O(N²); same value.
     matmul_dtype: None (float32, the default) or ``jnp.bfloat16``: the [N, N]-sized products (the logits and
@@ -357,13 +375,7 @@ def ntxent(
     Chen et al., `A Simple Framework for Contrastive Learning of Visual Representations
     <https://arxiv.org/abs/2002.05709>`_, 2020.
   """
-  z, labels, temperature, block_size = _prepare(embeddings, labels, temperature, block_size)
-  matmul_dtype = _common.check_matmul_dtype(matmul_dtype)
-  if not _fits_one_block(z, block_size):
-    from mtcl_jax.losses import _tiled
-
-    return _tiled.ntxent_tiled(z, labels, temperature, block_size, matmul_dtype=matmul_dtype)
-  return _plain(_NTXENT, z, labels, temperature, matmul_dtype)
+  return _softmax_loss("ntxent", _NTXENT, embeddings, labels, temperature, block_size, matmul_dtype)
 
 
 # ---------------------------------------------------------------------------------------------- SupCon
@@ -389,7 +401,8 @@ def supcon(
   Args:
     embeddings: ``[N, dim]`` floating point; L2-normalised here, and cast to float32.
     labels: ``[N]`` integers; rows with equal labels are positives.
-    temperature: τ > 0; may be a traced scalar (learned).
+    temperature: finite τ > 0; may be a traced scalar (learned):
+      a traced one is checked by :func:`~mtcl_jax.losses.checked`.
     block_size: if given and smaller than N, visit the logits in ``[block_size, block_size]`` tiles
       (:mod:`mtcl_jax.losses._tiled`), never holding the whole matrix; same value.
     matmul_dtype: None (float32) or ``jnp.bfloat16`` for the [N, N]-sized products, as in :func:`ntxent`.
@@ -406,13 +419,7 @@ def supcon(
   References:
     Khosla et al., `Supervised Contrastive Learning <https://arxiv.org/abs/2004.11362>`_, 2020, eq. 2.
   """
-  z, labels, temperature, block_size = _prepare(embeddings, labels, temperature, block_size)
-  matmul_dtype = _common.check_matmul_dtype(matmul_dtype)
-  if not _fits_one_block(z, block_size):
-    from mtcl_jax.losses import _tiled
-
-    return _tiled.supcon_tiled(z, labels, temperature, block_size, matmul_dtype=matmul_dtype)
-  return _plain(_SUPCON, z, labels, temperature, matmul_dtype)
+  return _softmax_loss("supcon", _SUPCON, embeddings, labels, temperature, block_size, matmul_dtype)
 
 
 def task_contrastive(
@@ -433,7 +440,8 @@ def task_contrastive(
   Args:
     embeddings: ``[N, dim]`` floating point; L2-normalised here, and cast to float32.
     task_ids: ``[N]`` integer task index of each row.
-    temperature: τ > 0; may be a traced scalar (learned).
+    temperature: finite τ > 0; may be a traced scalar (learned):
+      a traced one is checked by :func:`~mtcl_jax.losses.checked`.
     block_size: if given and smaller than N, visit the logits in ``[block_size, block_size]`` tiles
       (:mod:`mtcl_jax.losses._tiled`), never holding the whole matrix; same value.
     matmul_dtype: None (float32) or ``jnp.bfloat16`` for the [N, N]-sized products, as in :func:`ntxent`.
@@ -450,6 +458,4 @@ def task_contrastive(
   References:
     Khosla et al., `Supervised Contrastive Learning <https://arxiv.org/abs/2004.11362>`_, 2020.
   """
-  return supcon(
-      embeddings, task_ids, temperature=temperature, block_size=block_size, matmul_dtype=matmul_dtype
-  )
+  return _softmax_loss("task_contrastive", _SUPCON, embeddings, task_ids, temperature, block_size, matmul_dtype)

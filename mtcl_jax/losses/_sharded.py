@@ -49,22 +49,23 @@ def _check_loss(loss: str, local_labels: ArrayLike | None, local_b: ArrayLike | 
 
 
 def _prepare(
-    loss: str, local_embeddings, local_labels, local_b, temperature, block_size, axis_name: str
+    name: str, loss: str, local_embeddings, local_labels, local_b, temperature, block_size, axis_name: str
 ) -> tuple[jax.Array, jax.Array | None, jax.Array | None, jax.Array, _tiled.Layout, jax.Array]:
-  """Validates and normalises the local rows; returns them with the temperature, layout and global row index."""
+  """Validates and normalises the local rows; returns them with the temperature, layout and global row index.
+  ``name`` is what the run-time checks' messages call the function, e.g. ``"ring_loss(loss='ntxent')"``."""
   _check_loss(loss, local_labels, local_b)
-  z = similarity.l2_normalize(_common.as_float_embeddings("local_embeddings", local_embeddings))
+  z = similarity.l2_normalize(_common.as_float_embeddings("local_embeddings", local_embeddings, loss=name))
   num_local = z.shape[0]
   labels = None if local_labels is None else _common.as_labels("local_labels", local_labels, num_local)
   b = None
   if local_b is not None:
-    b = similarity.l2_normalize(_common.as_float_embeddings("local_b", local_b))
+    b = similarity.l2_normalize(_common.as_float_embeddings("local_b", local_b, loss=name))
     if b.shape != z.shape:
       raise ValueError(f"local_b must match local_embeddings' shape {z.shape}; got {b.shape}")
   block_size = _common.check_block_size(block_size)
   layout = _tiled.Layout(num_local if block_size is None else block_size)
   # Each device's share of dLoss/dτ is its own: a varying temperature makes the transpose sum them.
-  temperature = _tiled.vary_like(_common.check_positive("temperature", temperature), z)
+  temperature = _tiled.vary_like(_common.check_positive("temperature", temperature, loss=name), z)
   index = lax.axis_index(axis_name) * num_local + jnp.arange(num_local, dtype=jnp.int32)
   return z, labels, b, temperature, layout, index
 
@@ -95,7 +96,8 @@ def all_gather_loss(
     local_labels: ``[n]`` integer labels of those rows (unused by CLIP).
     loss: ``"ntxent"``, ``"supcon"`` or ``"clip"``, with the semantics of :func:`mtcl_jax.losses.ntxent`,
       :func:`mtcl_jax.losses.supcon` and :func:`mtcl_jax.losses.clip` over the whole batch.
-    temperature: τ > 0; may be a traced scalar (its gradient is the sum over devices).
+    temperature: finite τ > 0; may be a traced scalar (its gradient is the sum over devices):
+      a traced one is checked by :func:`~mtcl_jax.losses.checked`.
     axis_name: the mesh axis the batch is sharded over.
     local_b: ``[n, dim]`` CLIP only: this device's rows of the paired modality.
     block_size: tile the per-device work in blocks of at most this many rows (default: ``n``; on CPU at most
@@ -104,8 +106,9 @@ def all_gather_loss(
   Returns:
     The loss over the whole batch, a float32 scalar equal on every device.
   """
+  name = f"all_gather_loss(loss={loss!r})"
   z, labels, b, temperature, layout, index = _prepare(
-      loss, local_embeddings, local_labels, local_b, temperature, block_size, axis_name
+      name, loss, local_embeddings, local_labels, local_b, temperature, block_size, axis_name
   )
   gather = functools.partial(lax.all_gather, axis_name=axis_name, tiled=True)
   all_index = gather(index)
@@ -113,10 +116,12 @@ def all_gather_loss(
     a_to_b = _tiled.lse_sums(layout, (z, index), (gather(b), all_index), temperature)
     b_to_a = _tiled.lse_sums(layout, (b, index), (gather(z), all_index), temperature)
     local_sum = a_to_b + b_to_a - 2.0 * _clip_matched(z, b, temperature)
-    return lax.psum(local_sum, axis_name) / (2.0 * all_index.shape[0])
-  sums = {"ntxent": _tiled.ntxent_sums, "supcon": _tiled.supcon_sums}[loss]
-  total, count = sums(layout, (z, labels, index), (gather(z), gather(labels), all_index), temperature)
-  return _global_mean(total, count, axis_name)
+    value = lax.psum(local_sum, axis_name) / (2.0 * all_index.shape[0])
+  else:
+    sums = {"ntxent": _tiled.ntxent_sums, "supcon": _tiled.supcon_sums}[loss]
+    total, count = sums(layout, (z, labels, index), (gather(z), gather(labels), all_index), temperature)
+    value = _global_mean(total, count, axis_name)
+  return _common.check_finite_result(name, value)
 
 
 def ring_loss(
@@ -140,18 +145,21 @@ def ring_loss(
   Returns:
     The loss over the whole batch, a float32 scalar equal on every device.
   """
+  name = f"ring_loss(loss={loss!r})"
   z, labels, b, temperature, layout, index = _prepare(
-      loss, local_embeddings, local_labels, local_b, temperature, block_size, axis_name
+      name, loss, local_embeddings, local_labels, local_b, temperature, block_size, axis_name
   )
   num_rows = z.shape[0] * lax.axis_size(axis_name)
   if loss == "clip":
     layout = layout._replace(mirror=True, axis_name=axis_name)
     both_lse = _tiled.lse_sums(layout, (z, index), (b, index), temperature)
     local_sum = both_lse - 2.0 * _clip_matched(z, b, temperature)
-    return lax.psum(local_sum, axis_name) / (2.0 * num_rows)
-  sums = {"ntxent": _tiled.ntxent_sums, "supcon": _tiled.supcon_sums}[loss]
-  total, count = sums(layout._replace(axis_name=axis_name), (z, labels, index), None, temperature)
-  return _global_mean(total, count, axis_name)
+    value = lax.psum(local_sum, axis_name) / (2.0 * num_rows)
+  else:
+    sums = {"ntxent": _tiled.ntxent_sums, "supcon": _tiled.supcon_sums}[loss]
+    total, count = sums(layout._replace(axis_name=axis_name), (z, labels, index), None, temperature)
+    value = _global_mean(total, count, axis_name)
+  return _common.check_finite_result(name, value)
 
 
 def sharded_loss(
@@ -177,7 +185,7 @@ def sharded_loss(
     mesh: the device mesh.
     loss: ``"ntxent"``, ``"supcon"`` or ``"clip"``.
     strategy: ``"all_gather"`` or ``"ring"``.
-    temperature: τ > 0; may be a traced scalar.
+    temperature: finite τ > 0; may be a traced scalar: a traced one is checked by :func:`~mtcl_jax.losses.checked`.
     block_size: per-device tile size, as in :func:`all_gather_loss`.
     b: ``[N, dim]`` CLIP only: the paired modality's rows.
     axis_name: the mesh axis to shard the rows over.
@@ -209,7 +217,9 @@ def sharded_loss(
   rows = {name: x for name, x in rows.items() if x is not None}
   by_row, replicated = NamedSharding(mesh, P(axis_name)), NamedSharding(mesh, P())
   rows = {name: jax.device_put(x, by_row) for name, x in rows.items()}
-  temperature = jax.device_put(jnp.asarray(temperature, jnp.float32), replicated)
+  # Inside shard_map every argument is traced: a concrete temperature is checked here, while it is concrete.
+  temperature = _common.check_positive("temperature", temperature, loss=f"sharded_loss(loss={loss!r})")
+  temperature = jax.device_put(temperature, replicated)
 
   def per_device(rows: dict[str, jax.Array], temperature: jax.Array) -> jax.Array:
     return local_loss(
