@@ -117,6 +117,25 @@ def test_two_stage_steps_freeze_the_other_part(tasks):
   assert changed(after_pretrain["heads_digits"], final["heads_digits"])
 
 
+def test_debug_checks_change_no_step_and_name_a_bad_learned_temperature(tasks):
+  learned = ("contrastive.learn_temperature=True",)
+  mesh = parallel.make_mesh(1)
+  plain_history, plain_state, _ = _run(_config(*learned), tasks, mesh, num_steps=2)
+  checked_history, checked_state, model = _run(_config(*learned, "train.debug_checks=True"), tasks, mesh, num_steps=2)
+  jax.tree.map(np.testing.assert_array_equal, checked_history, plain_history)
+  jax.tree.map(np.testing.assert_array_equal, checked_state.trainable, plain_state.trainable)
+
+  config = _config(*learned, "train.debug_checks=True")
+  optimizer, _ = loop.build_optimizer(config)
+  batcher = data.MultiTaskBatcher(tasks, batch_sizes=16, seed=0)
+  state = create_train_state(model, optimizer, batcher.batch(0), seed=0, temperature=0.1)
+  # A learned temperature gone to inf (log τ = inf), which an unchecked step trains on with a constant loss.
+  state = parallel.replicate(state.replace(log_temperature=jnp.float32(np.inf)), mesh)
+  batch = batcher.place(batcher.local_batch(0), mesh)
+  with pytest.raises(ValueError, match="^supcon: temperature must be finite and > 0; got inf"):
+    steps.make_train_step(model, optimizer, config, mesh)(state, batch)
+
+
 def test_tasks_sharing_an_input_share_a_stem_and_contrastive_rows():
   tasks = data.load_tasks("digits_multilabel")
   history, state, model = _run(_config(), tasks, parallel.make_mesh(8), num_steps=1)

@@ -382,7 +382,10 @@ def make_train_step(
     The step function. ``metrics`` are replicated float32 scalars: ``loss`` (the sum of the objective vector),
     ``contrastive_loss``, ``classification_loss``, ``<task>/ce_loss``, ``train/<task>/accuracy`` (percent),
     ``temperature``, ``grad_norm`` (of the update direction), ``mtl/<objective>/weight`` (methods with weights);
-    those that apply to the stage.
+    those that apply to the stage. With ``train.debug_checks`` the step runs under
+    :func:`mtcl_jax.losses.checked`: same results, and a failed run-time check of a loss (a learned temperature
+    that is not finite and > 0, NaN or inf embeddings, a non-finite loss) raises a ``ValueError`` naming the loss
+    and the argument.
   """
   objectives = make_objectives(model, config, mesh, stage=stage)
   method = make_method(config)
@@ -394,9 +397,10 @@ def make_train_step(
     return state.apply_gradients(grads, optimizer).replace(mtl_state=mtl_state), metrics
 
   replicated, batch_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-  return jax.jit(
+  jitted = jax.jit(
       train_step, in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated), donate_argnums=0
   )
+  return losses.checked(jitted) if config.train.debug_checks else jitted
 
 
 def make_eval_step(
