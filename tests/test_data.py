@@ -117,15 +117,20 @@ def test_multi_digits_pairs_two_digits_of_the_same_split(data_dir):
   assert np.mean(y[:, 0] == y[:, 1]) < 0.3  # partners are shuffled, not the same digit
 
 
-def test_preparing_writes_once_and_reuses(tmp_path, no_network):
+def test_preparing_writes_once_and_reuses(tmp_path, no_network, capsys):
   start = time.perf_counter()
   x, _ = data.load_arrays("japanese_vowels", "train", data_dir=tmp_path)
   info_file = next(tmp_path.glob("japanese_vowels/*/dataset_info.json"))
   written = info_file.stat().st_mtime_ns
+  # Nothing is downloaded, and the messages say so rather than TFDS's "Downloading and preparing dataset".
+  prepared = capsys.readouterr()
+  assert f"Preparing japanese_vowels from aeon (offline, once) into {info_file.parent}\n" in prepared.out
+  assert "download" not in (prepared.out + prepared.err).lower()
   sources._open.cache_clear()
   sources._read_split.cache_clear()
   again, _ = data.load_arrays("japanese_vowels", "train", data_dir=tmp_path)
   assert info_file.stat().st_mtime_ns == written
+  assert "Preparing" not in capsys.readouterr().out
   np.testing.assert_array_equal(again, x)
   assert time.perf_counter() - start < 60
 

@@ -35,10 +35,11 @@ _MULTI_DIGITS_SEED = 0
 class OfflineBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """A builder whose data ships inside a Python package: preparing it needs no download.
 
-  Subclasses set ``MODALITY`` (``"image"``, ``"signal"`` or ``"sequence"``), ``INPUT_KEY``, ``LABEL_KEYS``
-  (one per label head) and ``LENGTH_KEY`` (sequence builders only).
+  Subclasses set ``SOURCE`` (the package the data ships in), ``MODALITY`` (``"image"``, ``"signal"`` or
+  ``"sequence"``), ``INPUT_KEY``, ``LABEL_KEYS`` (one per label head) and ``LENGTH_KEY`` (sequence builders only).
   """
 
+  SOURCE: str
   MODALITY: str
   INPUT_KEY: str
   LABEL_KEYS: tuple[str, ...] = ("label",)
@@ -50,6 +51,14 @@ class OfflineBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Iterator]:
     del dl_manager  # nothing to download
     return {split: self._generate_examples(split) for split in ("train", "test")}
+
+  # TFDS's own lines say "Downloading and preparing dataset Unknown size (download: Unknown size, ...)" and
+  # "downloaded and prepared", although nothing is downloaded: these say what happens.
+  def _log_download_bytes(self) -> None:
+    print(f"Preparing {self.name} from {self.SOURCE} (offline, once) into {self.data_dir}", flush=True)
+
+  def _log_download_done(self) -> None:
+    print(f"Prepared {self.name} in {self.data_dir}; later runs reuse it", flush=True)
 
   def _generate_examples(self, split: str) -> Iterator[tuple[int, dict]]:
     for index, example in enumerate(self._examples(split)):
@@ -77,6 +86,7 @@ class Digits(OfflineBuilder):
   """scikit-learn's 8x8 digits (1797 images): 1257 train / 540 test, image ``[8, 8, 1]`` in [0, 1]."""
 
   VERSION = tfds.core.Version("1.0.0")
+  SOURCE = "scikit-learn"
   MODALITY = "image"
   INPUT_KEY = "image"
 
@@ -114,6 +124,7 @@ class Mnist1d(OfflineBuilder):
   """MNIST-1D (Greydanus 2020) from its procedural generator, default arguments: 4000 / 1000, ``[40, 1]``."""
 
   VERSION = tfds.core.Version("1.0.0")
+  SOURCE = "mnist1d"
   MODALITY = "signal"
   INPUT_KEY = "signal"
 
@@ -153,6 +164,7 @@ class JapaneseVowels(OfflineBuilder):
   """aeon's bundled JapaneseVowels (270 / 370): 12 LPC cepstra x 7..29 frames, zero-padded to 29, 9 speakers."""
 
   VERSION = tfds.core.Version("1.0.0")
+  SOURCE = "aeon"
   MODALITY = "sequence"
   INPUT_KEY = "frames"
   LENGTH_KEY = "length"
@@ -208,6 +220,7 @@ class MultiDigits(OfflineBuilder):
   """
 
   VERSION = tfds.core.Version("1.0.0")
+  SOURCE = "scikit-learn"
   MODALITY = "image"
   INPUT_KEY = "image"
   LABEL_KEYS = ("left", "right")
