@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -447,7 +448,7 @@ def test_registered_sequence_task_with_masks(data_dir):
         ({"name": "a+b"}, "has '\\+'"),
         ({"modality": "video"}, "unknown modality"),
         ({"x_train": np.zeros((6, 3, 2))}, "rank-2"),
-        ({"y_train": np.zeros(5, np.int64)}, "y_train must be integer of shape \\[6\\]"),
+        ({"y_train": np.zeros(5, np.int64)}, "y_train must be of shape \\[6\\], one label per item"),
         ({"y_test": np.array([0.0, 1.0])}, "y_test must be integer"),
         ({"class_names": ("only",)}, "class_names"),
         ({"mask_train": np.ones((6, 3), bool)}, "masks are for sequence tasks"),
@@ -465,6 +466,141 @@ def test_register_task_rejects_bad_input(overrides, message):
   arguments.update(overrides)
   with pytest.raises(ValueError, match=message):
     data.register_task(**arguments)
+
+
+def _register_tabular(**overrides):
+  """Registers a small tabular task "mine" with ``overrides``; returns its TaskData."""
+  rng = np.random.default_rng(2)
+  arguments = {
+      "x_train": rng.normal(size=(30, 3)),
+      "y_train": np.arange(30) % 3,
+      "x_test": rng.normal(size=(9, 3)),
+      "y_test": np.arange(9) % 3,
+      "modality": "tabular",
+  }
+  arguments.update(overrides)
+  data.register_task("mine", **arguments)
+  (task_data,) = data.load_tasks("mine")
+  return task_data
+
+
+def _one_line_error(call, pattern: str) -> None:
+  with pytest.raises(ValueError, match=pattern) as error:
+    call()
+  assert "\n" not in str(error.value)
+
+
+def test_registered_integer_labels_are_kept_as_they_are():
+  y_train, y_test = np.arange(30) % 3, np.array([2, 0, 1, 1, 0, 2, 2, 1, 0])
+  task_data = _register_tabular(y_train=y_train, y_test=y_test)
+  assert task_data.task.class_names == ("0", "1", "2") and task_data.task.num_classes == 3
+  np.testing.assert_array_equal(task_data.train["y"], y_train)
+  np.testing.assert_array_equal(task_data.test["y"], y_test)
+
+
+def test_registered_string_labels_become_ids_in_sorted_or_declared_order():
+  y_train = np.array(["setosa", "virginica", "versicolor"] * 10)
+  y_test = np.array(["virginica", "setosa", "setosa", "versicolor"] * 2 + ["virginica"])
+  task_data = _register_tabular(y_train=y_train, y_test=y_test)
+  assert task_data.task.class_names == ("setosa", "versicolor", "virginica")
+  np.testing.assert_array_equal(task_data.train["y"][:3], [0, 2, 1])
+  np.testing.assert_array_equal(np.array(task_data.task.class_names)[task_data.test["y"]], y_test)
+  declared = ("virginica", "versicolor", "setosa")
+  task_data = _register_tabular(y_train=y_train.astype(object), y_test=y_test.astype(object), class_names=declared)
+  assert task_data.task.class_names == declared
+  np.testing.assert_array_equal(task_data.train["y"][:3], [2, 0, 1])
+  _one_line_error(lambda: _register_tabular(y_train=y_train, y_test=y_test, class_names=("setosa", "virginica")),
+                  r"^task 'mine': labels \['versicolor'\] are not in class_names \(1 unknown\)$")
+  _one_line_error(lambda: _register_tabular(y_train=y_train, y_test=np.zeros(9, np.int64)),
+                  "^task 'mine': y_train and y_test must both be ids or both be labels; got <U10 and int64$")
+  _one_line_error(lambda: _register_tabular(y_train=np.array(["a", None] * 15, dtype=object),
+                                            y_test=y_test.astype(object)),
+                  "^task 'mine': labels of mixed types cannot be ordered")
+
+
+def test_a_stray_label_is_an_error_not_a_million_classes():
+  stray = np.arange(30) % 3
+  stray[4] = 10**6
+  _one_line_error(
+      lambda: _register_tabular(y_train=stray),
+      r"^task 'mine': without class_names the class ids must be 0..C-1 with none missing; the largest is 1000000 but "
+      r"999997 ids below it never occur \(e.g. \[3, 4, 5\]\)\. Fix stray labels, remap with "
+      r"np.unique\(y, return_inverse=True\), or pass class_names \(a class may then have no rows\)$")
+  # One-based ids (e.g. JapaneseVowels' speakers 1..9) miss id 0.
+  _one_line_error(lambda: _register_tabular(y_train=np.arange(30) % 3 + 1, y_test=np.arange(9) % 3 + 1),
+                  r"the largest is 3 but 1 ids below it never occur \(e.g. \[0\]\)")
+  _one_line_error(lambda: _register_tabular(y_train=stray, class_names=("a", "b", "c")),
+                  r"^task 'mine': class id 1000000 is outside the 3 class_names \(ids 0..2\)$")
+  _one_line_error(lambda: _register_tabular(y_train=np.arange(30) % 3 - 1),
+                  r"^task 'mine': y_train has negative class ids \(smallest -1\)$")
+  _one_line_error(lambda: _register_tabular(y_train=(np.arange(30) % 3).astype(np.float64)),
+                  r"^task 'mine': y_train must be integer class ids or string labels; got float64 \(whole-number")
+  # Declared class names may include classes without rows.
+  gaps = _register_tabular(y_train=np.arange(30) % 3 * 2, y_test=np.arange(9) % 3 * 2, class_names="abcde")
+  assert gaps.task.num_classes == 5 and set(gaps.train["y"].tolist()) == {0, 2, 4}
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_registered_inputs_with_nan_or_inf_name_the_task_split_and_rows(split):
+  x = np.random.default_rng(3).normal(size=(30 if split == "train" else 9, 3))
+  x[4, 1], x[7, 0], x[7, 2] = np.nan, np.inf, -np.inf
+  rows = x.shape[0]
+  _one_line_error(lambda: _register_tabular(**{f"x_{split}": x}),
+                  rf"^task 'mine': x_{split} has 2 of {rows} rows with NaN or inf \(first: row 4\); drop or impute "
+                  "them before register_task$")
+
+
+def test_nan_in_the_padding_of_a_masked_sequence_is_fine():
+  x = np.ones((4, 5, 2))
+  x[0, 3:] = np.nan  # padding: item 0 has 3 real frames
+  mask = np.arange(5)[None, :] < np.array([3, 5, 5, 5])[:, None]
+  data.register_task("padded", x_train=x, y_train=np.array([0, 1, 0, 1]), x_test=x[1:], y_test=np.array([0, 1, 0]),
+                     modality="sequence", mask_train=mask)
+  (task_data,) = data.load_tasks("padded")
+  assert np.all(np.isfinite(task_data.train["x"]))
+  x[1, 0, 0] = np.nan
+  _one_line_error(lambda: data.register_task("padded", x_train=x, y_train=np.array([0, 1, 0, 1]), x_test=x[2:],
+                                             y_test=np.array([0, 1]), modality="sequence", mask_train=mask),
+                  "^task 'padded': x_train has 1 of 4 rows with NaN or inf \\(first: row 1\\)")
+
+
+def test_channels_first_series_are_the_channels_last_task():
+  channels_last = np.random.default_rng(4).normal(size=(12, 20, 3))
+  labels = np.arange(12) % 2
+  data.register_task("series_last", x_train=channels_last, y_train=labels, x_test=channels_last[:4],
+                     y_test=labels[:4], modality="signal")
+  channels_first = channels_last.transpose(0, 2, 1)
+  data.register_task("series_first", x_train=channels_first, y_train=labels, x_test=channels_first[:4],
+                     y_test=labels[:4], modality="signal", layout="channels_first")
+  last, first = data.load_tasks("series_last+series_first")
+  assert first.task.input_shape == last.task.input_shape == (20, 3)
+  for split in ("train", "test"):
+    np.testing.assert_array_equal(getattr(first, split)["x"], getattr(last, split)["x"])
+  np.testing.assert_array_equal(first.task.mean, last.task.mean)
+  images = np.random.default_rng(5).normal(size=(6, 1, 8, 8))
+  data.register_task("images_first", x_train=images, y_train=np.arange(6) % 2, x_test=images[:2],
+                     y_test=np.array([0, 1]), modality="image", layout="channels_first")
+  assert data.load_tasks("images_first")[0].task.input_shape == (8, 8, 1)
+
+
+def test_series_with_fewer_steps_than_channels_warn_naming_the_other_layout():
+  aeon_like = np.random.default_rng(6).normal(size=(8, 12, 29))  # aeon's JapaneseVowels: [n, C=12, T=29]
+  labels = np.arange(8) % 2
+  with pytest.warns(UserWarning, match=r"^task 'vowels': x_train is read as 12 time steps of 29 channels "
+                                       r"\(layout='channels_last'\); if it is the other way round, pass "
+                                       r"layout='channels_first'$"):
+    data.register_task("vowels", x_train=aeon_like, y_train=labels, x_test=aeon_like, y_test=labels,
+                       modality="sequence")
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    data.register_task("vowels", x_train=aeon_like, y_train=labels, x_test=aeon_like, y_test=labels,
+                       modality="sequence", layout="channels_first")
+  assert data.load_tasks("vowels")[0].task.input_shape == (29, 12)
+  _one_line_error(lambda: data.register_task("vowels", x_train=aeon_like, y_train=labels, x_test=aeon_like,
+                                             y_test=labels, modality="sequence", layout="NCT"),
+                  r"^task 'vowels': unknown layout 'NCT'; expected one of \('channels_last', 'channels_first'\)$")
+  _one_line_error(lambda: _register_tabular(layout="channels_first"),
+                  "^task 'mine': layout='channels_first' needs inputs with a channel axis; 'tabular' has none$")
 
 
 def test_register_sequence_rejects_a_mask_with_holes():

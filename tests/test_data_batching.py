@@ -139,7 +139,10 @@ def test_each_process_feeds_its_own_rows(tasks, monkeypatch):
 @pytest.mark.parametrize(
     "batch_sizes, message",
     [
-        (300, r"batch size of task 'japanese_vowels' must be an int in \[1, 270\]"),
+        (300, r"^batch size 300 of task 'japanese_vowels' is more than its 270 train rows; give it at most 270: "
+              r"batch_sizes=\{'japanese_vowels': 270\}, in a run config data.task_batch_sizes.japanese_vowels=270 "
+              r"\(or a smaller data.batch_size\); see the README, 'Bring your own data'$"),
+        (2.5, r"must be an int in \[1, 1257\]"),
         ({"digits": 8}, "differ from the task names"),
         (0, "must be an int"),
     ],

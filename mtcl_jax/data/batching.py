@@ -126,8 +126,16 @@ class MultiTaskBatcher:
       name = task_data.task.name
       arrays = task_data.train if split == "train" else task_data.test
       num_rows = arrays["y"].shape[0]
-      if not isinstance(sizes[name], (int, np.integer)) or not 1 <= sizes[name] <= num_rows:
+      if not isinstance(sizes[name], (int, np.integer)) or sizes[name] < 1:
         raise ValueError(f"batch size of task {name!r} must be an int in [1, {num_rows}]; got {sizes[name]!r}")
+      # Not capped: a smaller batch for one task changes the step's task mix and contrastive batch, a choice to
+      # make knowingly. The message names the run config's keys as well, where most users meet it.
+      if sizes[name] > num_rows:
+        raise ValueError(
+            f"batch size {sizes[name]} of task {name!r} is more than its {num_rows} {split} rows; give it at most "
+            f"{num_rows}: batch_sizes={{{name!r}: {num_rows}}}, in a run config data.task_batch_sizes.{name}="
+            f"{num_rows} (or a smaller data.batch_size); see the README, 'Bring your own data'"
+        )
       self._arrays[name] = arrays
       self._steps_per_task[name] = num_rows // int(sizes[name])
       self._dataset_keys[name] = zlib.crc32(task_data.task.dataset.encode())

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -265,6 +266,58 @@ def _prefix_mask_lengths(name: str, mask: np.ndarray, x: np.ndarray) -> np.ndarr
   return lengths
 
 
+LAYOUTS: tuple[str, ...] = ("channels_last", "channels_first")
+
+
+def _class_ids(
+    task: str, labels: Mapping[str, np.ndarray], class_names: Sequence[str] | None
+) -> tuple[dict[str, np.ndarray], tuple[str, ...]]:
+  """Each split's labels as int64 class ids, and the class names, by the rules of :func:`register_task`."""
+  categorical = {key: y.dtype.kind in "USO" for key, y in labels.items()}
+  for key, y in labels.items():
+    if not (categorical[key] or np.issubdtype(y.dtype, np.integer)):
+      hint = " (whole-number floats: y.astype(int))" if np.issubdtype(y.dtype, np.floating) else ""
+      raise ValueError(f"task {task!r}: {key} must be integer class ids or string labels; got {y.dtype}{hint}")
+  if len(set(categorical.values())) > 1:
+    raise ValueError(f"task {task!r}: y_train and y_test must both be ids or both be labels; got "
+                     f"{labels['y_train'].dtype} and {labels['y_test'].dtype}")
+  every_label = np.concatenate(list(labels.values()))
+  if any(categorical.values()):
+    try:
+      distinct, inverse = np.unique(every_label, return_inverse=True)
+    except TypeError as error:  # e.g. None or NaN among strings in an object array
+      raise ValueError(f"task {task!r}: labels of mixed types cannot be ordered ({error})") from error
+    names = tuple(str(label) for label in distinct) if class_names is None else tuple(class_names)
+    unknown = sorted(set(map(str, distinct)) - set(names))
+    if unknown:
+      raise ValueError(f"task {task!r}: labels {unknown[:3]} are not in class_names ({len(unknown)} unknown)")
+    position = {label: class_id for class_id, label in enumerate(names)}
+    ids = np.array([position[str(label)] for label in distinct], np.int64)[inverse.reshape(-1)]
+    num_train = labels["y_train"].shape[0]
+    return {"y_train": ids[:num_train], "y_test": ids[num_train:]}, names
+  for key, y in labels.items():
+    if y.min() < 0:
+      raise ValueError(f"task {task!r}: {key} has negative class ids (smallest {y.min()})")
+  largest = int(every_label.max())
+  if class_names is not None:
+    if largest >= len(class_names):
+      raise ValueError(f"task {task!r}: class id {largest} is outside the {len(class_names)} class_names "
+                       f"(ids 0..{len(class_names) - 1})")
+    return {key: y.astype(np.int64) for key, y in labels.items()}, tuple(class_names)
+  # Without class_names the classes are the distinct ids: one stray id must not add thousands of empty classes.
+  distinct = np.unique(every_label)
+  num_missing = largest + 1 - distinct.size
+  if num_missing:
+    # The first missing ids lie below distinct.size + 3; never build a range up to a stray id like 10^12.
+    examples = np.setdiff1d(np.arange(min(largest + 1, distinct.size + 3)), distinct)[:3].tolist()
+    raise ValueError(
+        f"task {task!r}: without class_names the class ids must be 0..C-1 with none missing; the largest is "
+        f"{largest} but {num_missing} ids below it never occur (e.g. {examples}). Fix stray labels, remap with "
+        "np.unique(y, return_inverse=True), or pass class_names (a class may then have no rows)"
+    )
+  return {key: y.astype(np.int64) for key, y in labels.items()}, tuple(str(class_id) for class_id in range(largest + 1))
+
+
 def register_task(
     name: str,
     *,
@@ -276,26 +329,40 @@ def register_task(
     class_names: Sequence[str] | None = None,
     mask_train: np.ndarray | None = None,
     mask_test: np.ndarray | None = None,
+    layout: str = "channels_last",
 ) -> None:
   """Registers your own arrays as a task, usable in :func:`load_tasks` specs like ``"digits+name"``.
 
   The arrays are copied and kept in this process's memory; registering ``name`` again replaces them.
 
+  Labels, either:
+
+  * integer class ids: with ``class_names``, ids in ``[0, len(class_names))`` (a class may have no rows);
+    without, the classes are the distinct ids, which must be ``0..C-1`` with none missing (so one stray label
+    such as 10⁶ among 0..9 is an error, not a million empty classes);
+  * strings (or other labels in an object array): mapped to ids in the order of ``class_names``, or without it
+    of their sorted distinct values, which become the class names (``np.unique`` order: ``"10"`` before ``"2"``).
+
   Args:
     name: the task's name (no ``+``; not a built-in dataset).
-    x_train: ``[n, H, W, C]`` (image), ``[n, T, C]`` (signal, sequence) or ``[n, D]`` (tabular), unnormalised.
-    y_train: ``[n]`` integer class ids in ``[0, num_classes)``.
+    x_train: ``[n, H, W, C]`` (image), ``[n, T, C]`` (signal, sequence) or ``[n, D]`` (tabular), unnormalised,
+      finite on every real frame (NaN or inf is an error naming the split and the number of rows); with
+      ``layout="channels_first"``, ``[n, C, H, W]`` or ``[n, C, T]``.
+    y_train: ``[n]`` class ids or string labels (see above).
     x_test: held-out inputs, same trailing shape.
-    y_test: held-out class ids.
+    y_test: held-out labels, of the same kind as ``y_train``.
     modality: a name in :data:`mtcl_jax.modalities.NAMES`: ``"image"``, ``"signal"``, ``"sequence"`` or
       ``"tabular"``.
-    class_names: one per class; default ``"0", "1", ...`` up to the largest id.
+    class_names: one per class, in class-id order.
     mask_train: modalities with a frame mask (sequence) only: ``[n, T]`` bool, True on real frames, which come
       first. Default: all real.
     mask_test: the same for the test split.
+    layout: ``"channels_last"`` (the default, what the models read) or ``"channels_first"``, the layout of
+      aeon, sktime and PyTorch, whose channel axis (axis 1) is moved last here. A signal or sequence read as
+      having fewer time steps than channels gets a warning naming the other layout.
 
   Raises:
-    ValueError: naming the argument whose shape, dtype or values are wrong.
+    ValueError: one line naming the task and the argument whose shape, dtype or values are wrong.
 
   Examples:
     >>> register_task("blobs", x_train=xa, y_train=ya, x_test=xb, y_test=yb, modality="tabular")  # doctest: +SKIP
@@ -304,6 +371,10 @@ def register_task(
   if not name or "+" in name or name in sources.OFFLINE_DATASETS or name == "digits_multilabel":
     raise ValueError(f"cannot register a task named {name!r}: it is empty, has '+', or is built in")
   entry = modalities.get(modality)
+  if layout not in LAYOUTS:
+    raise ValueError(f"task {name!r}: unknown layout {layout!r}; expected one of {LAYOUTS}")
+  if layout == "channels_first" and entry.example_rank < 2:
+    raise ValueError(f"task {name!r}: layout='channels_first' needs inputs with a channel axis; {modality!r} has none")
   arrays = {"x_train": np.asarray(x_train), "x_test": np.asarray(x_test)}
   labels = {"y_train": np.asarray(y_train), "y_test": np.asarray(y_test)}
   rank = 1 + entry.example_rank
@@ -312,20 +383,24 @@ def register_task(
       raise ValueError(
           f"{key} must be a numeric rank-{rank} array for modality {modality!r}; got {x.dtype} {x.shape}"
       )
+    if x.shape[0] == 0:
+      raise ValueError("x_train and x_test must each hold at least one item")
+  if layout == "channels_first":
+    arrays = {key: np.moveaxis(x, 1, -1) for key, x in arrays.items()}
   if arrays["x_train"].shape[1:] != arrays["x_test"].shape[1:]:
     raise ValueError(f"x_train {arrays['x_train'].shape} and x_test {arrays['x_test'].shape} differ per item")
+  if entry.example_rank == 2 and arrays["x_train"].shape[1] < arrays["x_train"].shape[2]:
+    other = LAYOUTS[1 - LAYOUTS.index(layout)]
+    warnings.warn(
+        f"task {name!r}: x_train is read as {arrays['x_train'].shape[1]} time steps of "
+        f"{arrays['x_train'].shape[2]} channels (layout={layout!r}); if it is the other way round, pass "
+        f"layout={other!r}",
+        stacklevel=2,
+    )
   for (key, y), x in zip(labels.items(), arrays.values()):
-    if y.ndim != 1 or y.shape[0] != x.shape[0] or not np.issubdtype(y.dtype, np.integer):
-      raise ValueError(f"{key} must be integer of shape [{x.shape[0]}]; got {y.dtype} {y.shape}")
-    if y.size and y.min() < 0:
-      raise ValueError(f"{key} has negative class ids")
-  num_classes = int(max(y.max() for y in labels.values() if y.size)) + 1
-  if class_names is None:
-    class_names = tuple(str(class_id) for class_id in range(num_classes))
-  elif len(class_names) < num_classes:
-    raise ValueError(f"{len(class_names)} class_names for class ids up to {num_classes - 1}")
-  if arrays["x_train"].shape[0] == 0 or arrays["x_test"].shape[0] == 0:
-    raise ValueError("x_train and x_test must each hold at least one item")
+    if y.ndim != 1 or y.shape[0] != x.shape[0]:
+      raise ValueError(f"{key} must be of shape [{x.shape[0]}], one label per item; got {y.dtype} {y.shape}")
+  labels, class_names = _class_ids(name, labels, class_names)
   masks = {"mask_train": mask_train, "mask_test": mask_test}
   if not entry.frame_mask and any(mask is not None for mask in masks.values()):
     with_masks = [m.name for m in modalities.TABLE if m.frame_mask]
@@ -339,10 +414,18 @@ def register_task(
       else:
         lengths = _prefix_mask_lengths(mask_key, mask, x)
       x = np.where(_mask_from_lengths(lengths, x.shape[1])[:, :, None], x, np.zeros((), x.dtype))
-    x, y = np.array(x), y.astype(np.int64)
+    # Padding was just zeroed: only real frames must be finite. One NaN makes the train statistics and then the
+    # first training loss NaN, far from the data that caused it.
+    non_finite_rows = np.flatnonzero(~np.isfinite(x.reshape(x.shape[0], -1)).all(axis=1))
+    if non_finite_rows.size:
+      raise ValueError(
+          f"task {name!r}: x_{split} has {non_finite_rows.size} of {x.shape[0]} rows with NaN or inf (first: row "
+          f"{non_finite_rows[0]}); drop or impute them before register_task"
+      )
+    x = np.array(x)
     for array in (x, y, lengths):
       if array is not None:
         array.flags.writeable = False
     splits[split] = sources.SplitArrays(x, {"label": y}, lengths)
-  head = sources.LabelHead("label", tuple(class_names))
+  head = sources.LabelHead("label", class_names)
   sources.register_arrays(sources.DatasetSpec(name, modality, (head,), ("train", "test")), splits)
