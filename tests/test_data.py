@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import io
 import os
 import pathlib
+import re
 import shutil
 import socket
 import subprocess
@@ -653,3 +656,41 @@ def test_prepared_variable_length_tfds_dataset_becomes_a_masked_sequence_task(tm
   np.testing.assert_array_equal(task_data.test["mask"].sum(1), lengths)
   assert sorted(lengths) == [2, 2, 3, 3, 4, 5]  # 2 + index % 4 for the six test items
   assert not np.any(task_data.test["x"][~task_data.test["mask"]])
+
+
+# --------------------------------------------------------------------------------------------------------
+# The README's "Bring your own data" example, run as written.
+# --------------------------------------------------------------------------------------------------------
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _readme_example() -> list[tuple[str, str]]:
+  """``(code, printed output)`` of each Python block of the section, with the plain block after it."""
+  section = re.split(r"\n##+ ", README.read_text().split("### Bring your own data\n", 1)[1])[0]
+  return re.findall(r"```python\n(.*?)```\n\n```\n(.*?)```", section, flags=re.DOTALL)
+
+
+def _run_block(code: str, namespace: dict) -> str:
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    exec(compile(code, str(README), "exec"), namespace)
+  return printed.getvalue()
+
+
+def test_readme_bring_your_own_data_registers_and_composes():
+  (register, expected), _ = _readme_example()
+  assert _run_block(register, {}) == expected
+
+
+@pytest.mark.slow
+def test_readme_bring_your_own_data_trains(tmp_path, monkeypatch):
+  (register, _), (training, expected) = _readme_example()
+  monkeypatch.chdir(tmp_path)  # the example writes workdirs/wine_vowels
+  namespace: dict = {}
+  _run_block(register, namespace)
+  scores = ast.literal_eval(_run_block(training, namespace).strip().splitlines()[-1])
+  # Accuracies move with float rounding from one JAX release to the next; the tasks and their level do not.
+  assert scores.keys() == ast.literal_eval(expected.strip()).keys()
+  assert min(scores.values()) > 90.0
+  assert (tmp_path / "workdirs" / "wine_vowels" / "report.json").exists()
