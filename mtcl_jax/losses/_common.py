@@ -36,7 +36,8 @@ def checked(fn: Callable[..., Any], *, errors: frozenset = checkify.user_checks)
     fn: any function that calls the losses, jitted or not (``jax.jit``, ``jax.grad`` and ``jax.shard_map``
       inside it keep the checks).
     errors: the ``jax.experimental.checkify`` error set; add ``checkify.nan_checks`` to also name the first
-      primitive that produced a NaN anywhere in ``fn``.
+      primitive that produced a NaN anywhere in ``fn`` (it works on the losses; on jax 0.10 it fails to trace the
+      trainer's step, a checkify limitation, which is why ``train.debug_checks`` uses the default).
 
   Returns:
     A function with ``fn``'s signature and outputs that raises ``checkify.JaxRuntimeError`` (a ``ValueError``)
