@@ -65,6 +65,21 @@ def test_gradient_clipping_bounds_the_update():
   np.testing.assert_allclose(optax.tree.norm(updates), 0.5, rtol=1e-6)
 
 
+def test_a_warmup_leaves_the_cosine_a_step_to_decay_over():
+  assert optim.max_warmup_steps(20) == 19 and optim.max_warmup_steps(20, "constant") == 20
+  with pytest.raises(ValueError, match=r"warmup_steps of a cosine schedule over 20 steps must be in \[0, 19\]; got 20"):
+    optim.learning_rate_schedule(peak_value=1.0, total_steps=20, warmup_steps=20)
+  schedule = optim.learning_rate_schedule(peak_value=1.0, total_steps=20, warmup_steps=19)
+  np.testing.assert_allclose([schedule(19), schedule(20)], [1.0, 0.0], atol=1e-6)
+
+
+def test_schedule_stages_name_each_stages_optimizer_section():
+  train = {"schedule": "joint", "num_steps": 10, "pretrain_steps": 0}
+  assert optim.schedule_stages(train) == [("joint", "optimizer", 0, 10)]
+  train = {"schedule": "two_stage", "num_steps": 10, "pretrain_steps": 4}
+  assert optim.schedule_stages(train) == [("pretrain", "optimizer", 0, 4), ("heads", "head_optimizer", 4, 10)]
+
+
 def test_unknown_names_are_rejected():
   with pytest.raises(ValueError, match="unknown optimizer 'adam'"):
     optim.make_optimizer("adam", 0.1)

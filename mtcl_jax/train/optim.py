@@ -52,6 +52,16 @@ def with_standard_promotion(optimizer: optax.GradientTransformation) -> optax.Gr
   return optax.GradientTransformation(init, update)
 
 
+def max_warmup_steps(total_steps: int, schedule: str = "cosine") -> int:
+  """The longest warmup a schedule of ``total_steps`` takes: a cosine needs at least one step to decay over.
+
+  Examples:
+    >>> max_warmup_steps(20), max_warmup_steps(20, "constant")
+    (19, 20)
+  """
+  return total_steps - 1 if schedule == "cosine" else total_steps
+
+
 def learning_rate_schedule(
     *,
     peak_value: float,
@@ -65,7 +75,7 @@ def learning_rate_schedule(
   Args:
     peak_value: the learning rate after warmup.
     total_steps: steps the schedule spans, warmup included.
-    warmup_steps: linear warmup steps.
+    warmup_steps: linear warmup steps, at most :func:`max_warmup_steps`.
     schedule: ``"cosine"`` or ``"constant"`` after the warmup.
     final_fraction: the cosine's end value as a fraction of ``peak_value``.
 
@@ -76,8 +86,9 @@ def learning_rate_schedule(
     raise ValueError(f"unknown learning-rate schedule {schedule!r}; expected one of {SCHEDULES}")
   if peak_value < 0:
     raise ValueError(f"learning rate must be >= 0; got {peak_value}")
-  if not 0 <= warmup_steps <= total_steps:
-    raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}]; got {warmup_steps}")
+  if not 0 <= warmup_steps <= max_warmup_steps(total_steps, schedule):
+    raise ValueError(f"warmup_steps of a {schedule} schedule over {total_steps} steps must be in "
+                     f"[0, {max_warmup_steps(total_steps, schedule)}]; got {warmup_steps}")
   if schedule == "constant":
     if warmup_steps == 0:
       return optax.constant_schedule(peak_value)
@@ -167,7 +178,7 @@ def make_optimizer_from_config(config: Mapping[str, Any], *, total_steps: int) -
   schedule = learning_rate_schedule(
       peak_value=config["learning_rate"],
       total_steps=total_steps,
-      warmup_steps=min(config["warmup_steps"], total_steps),
+      warmup_steps=config["warmup_steps"],
       schedule=config["schedule"],
       final_fraction=config["final_fraction"],
   )
@@ -223,6 +234,22 @@ def _param_groups(trainable: Any) -> Any:
   return jax.tree_util.tree_map_with_path(group, trainable)
 
 
+def schedule_stages(train: Mapping[str, Any]) -> list[tuple[str, str, int, int]]:
+  """The stages of a run's schedule, each trained by one optimizer section over its own learning-rate schedule.
+
+  Args:
+    train: the config's ``train`` section.
+
+  Returns:
+    ``[(stage, optimizer section, first_step, stop_step), ...]``: ``joint`` alone (``optimizer``), or ``pretrain``
+    (``optimizer``) then ``heads`` (``head_optimizer``).
+  """
+  if train["schedule"] == "joint":
+    return [("joint", "optimizer", 0, train["num_steps"])]
+  return [("pretrain", "optimizer", 0, train["pretrain_steps"]),
+          ("heads", "head_optimizer", train["pretrain_steps"], train["num_steps"])]
+
+
 def build_optimizer(config: Mapping[str, Any]) -> tuple[optax.GradientTransformation, list[tuple[str, int, int]]]:
   """The optimizer of a run's config and the stages ``[(stage, first_step, stop_step), ...]`` of its schedule.
 
@@ -234,10 +261,11 @@ def build_optimizer(config: Mapping[str, Any]) -> tuple[optax.GradientTransforma
     The optimizer, and the stages: ``joint`` alone, or ``pretrain`` then ``heads``.
   """
   train = config["train"]
+  layout = schedule_stages(train)
+  optimizers = [make_optimizer_from_config(config[section], total_steps=stop - first)
+                for _, section, first, stop in layout]
+  stages = [(stage, first, stop) for stage, _, first, stop in layout]
   if train["schedule"] == "joint":
-    return make_optimizer_from_config(config["optimizer"], total_steps=train["num_steps"]), [
-        ("joint", 0, train["num_steps"])]
-  encoder = make_optimizer_from_config(config["optimizer"], total_steps=train["pretrain_steps"])
-  heads = make_optimizer_from_config(config["head_optimizer"], total_steps=train["num_steps"] - train["pretrain_steps"])
-  optimizer = two_stage_optimizer(encoder, heads, pretrain_steps=train["pretrain_steps"], param_labels=_param_groups)
-  return optimizer, [("pretrain", 0, train["pretrain_steps"]), ("heads", train["pretrain_steps"], train["num_steps"])]
+    return optimizers[0], stages
+  encoder, heads = optimizers
+  return two_stage_optimizer(encoder, heads, pretrain_steps=train["pretrain_steps"], param_labels=_param_groups), stages
