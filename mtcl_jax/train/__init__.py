@@ -13,12 +13,13 @@ Where each concept lives:
 ``state``       the immutable train state (parameters, optimizer, step, key, temperature, balancing state)
 ``optim``       optimizers, schedules, the two-stage parameter groups
 ``model``       the model built from the config and the tasks (modalities: ``mtcl_jax.modalities``)
-``checkpoint``  orbax checkpoints of the state and the data position
+``checkpoint``  orbax checkpoints of state and data position; unreadable ones set aside, failed saves named
 ``workdir``     the run directory: start, resume, archive, metrics and report files
 ``evaluation``  features, head scores and probes on frozen features
 ==============  ==============================================================================================
 """
 
+from mtcl_jax.train.checkpoint import CheckpointSaveError
 from mtcl_jax.train.checkpoint import Checkpointer
 from mtcl_jax.train.config import apply_overrides
 from mtcl_jax.train.config import base_config
@@ -38,6 +39,7 @@ from mtcl_jax.train.steps import make_eval_step
 from mtcl_jax.train.steps import make_train_step
 
 __all__ = [
+    "CheckpointSaveError",
     "Checkpointer",
     "apply_overrides",
     "base_config",

@@ -2,8 +2,9 @@
 
 Reads top to bottom: data and mesh, the workdir (resume or start), model, optimizer and state, the training loop
 (progress bar, JSONL metrics, periodic head evaluation, checkpoints, non-finite guard), then the final
-evaluation (task heads and probes on frozen features), plots and reports. The pieces live beside it: the
-workdir's files in ``workdir``, the model in ``model``, the optimizer in ``optim``, evaluation in ``evaluation``.
+evaluation (task heads and probes on frozen features), plots, reports and the printed scores. The pieces live
+beside it: the workdir's files in ``workdir``, the model in ``model``, the optimizer in ``optim``, evaluation in
+``evaluation``.
 
 Only process 0 writes outputs; orbax coordinates checkpoints across processes.
 """
@@ -48,8 +49,9 @@ def train_and_evaluate(
   """Trains the config's model on its tasks, evaluates every task, and writes the run's outputs.
 
   A workdir that holds checkpoints is resumed (the whole state: parameters, optimizer, step, key and data
-  position), and the resumption is announced on stdout; ``fresh`` moves earlier outputs to
-  ``<workdir>/archive/<time>/`` first. Nothing is overwritten without a message.
+  position) from its newest readable checkpoint, and the resumption is announced on stdout; ``fresh`` moves
+  earlier outputs to ``<workdir>/archive/<time>/`` first. Nothing is overwritten or lost without a message. The
+  final scores of each task are printed on stdout, as the command prints them.
 
   Args:
     config: a config from ``experiments/configs/*.py`` (see ``mtcl_jax.train.config.base_config``).
@@ -63,9 +65,12 @@ def train_and_evaluate(
     by ``train.stop_at_step`` returns ``{"tasks": {}, "run": {...}}`` and writes no report.
 
   Raises:
-    ValueError: a bad config or workdir (the message names the key or the files).
+    ValueError: a bad config or workdir (the message names the key or the files), or no readable checkpoint.
     NonFiniteLossError: the loss became NaN or infinite; the last good checkpoint is kept.
+    CheckpointSaveError: a checkpoint could not be written (a full disk, a read-only filesystem); the run stops
+      there, the earlier checkpoints are kept.
     mtcl_jax.data.DatasetNotPreparedError: a dataset is not prepared in the data directory.
+    mtcl_jax.data.CorruptDatasetError: a prepared dataset's files cannot be read.
   """
   run_start = time.perf_counter()
   workdir = pathlib.Path(workdir)
@@ -82,7 +87,7 @@ def train_and_evaluate(
   examples_per_step = sum(batch_sizes.values())
 
   # --- Workdir: resume or start.
-  workdir.mkdir(parents=True, exist_ok=True)
+  workdir_lib.create_workdir(workdir)
   resume = workdir_lib.prepare_workdir(workdir, config, fresh=fresh)
 
   # --- Model, optimizer, state.
@@ -93,7 +98,7 @@ def train_and_evaluate(
                              mtl_state=init_mtl_state(model, config))
   state = parallel.replicate(state, mesh)
 
-  # --- Checkpoints: a resumed run restores its state, step and data position.
+  # --- Checkpoints: a resumed run restores its state, step and data position from the newest readable checkpoint.
   checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints, async_save=config.train.async_checkpoints)
   start_step = 0
   if resume:
@@ -102,6 +107,10 @@ def train_and_evaluate(
     if start_step != int(state.step) or data_state["seed"] != config.seed:
       raise ValueError(f"checkpoint in {checkpointer.directory} is inconsistent: data state {data_state}, "
                        f"train state step {int(state.step)}, config seed {config.seed}")
+    if start_step > config.train.num_steps:
+      raise ValueError(f"the checkpoint in {checkpointer.directory} is at step {start_step}, past "
+                       f"train.num_steps={config.train.num_steps}: set train.num_steps >= {start_step} to resume it, "
+                       "or pass --fresh to archive it and start again")
     print(f"Resuming from step {start_step} (checkpoint in {checkpointer.directory})", flush=True)
   else:
     print(f"Starting a new run in {workdir}", flush=True)
@@ -113,26 +122,24 @@ def train_and_evaluate(
   end_step = config.train.num_steps if config.train.stop_at_step is None else config.train.stop_at_step
   train_steps = {stage: make_train_step(model, optimizer, config, mesh, stage=stage) for stage, _, _ in stages}
   stage_of = [stage for stage, first, stop in stages for _ in range(first, stop)]
-  last_saved = checkpointer.latest_step()
   pending: list[tuple[int, dict[str, jax.Array]]] = []
   window: list[dict[str, float]] = []
   train_seconds, window_start = 0.0, time.perf_counter()
-  progress = tqdm.tqdm(total=config.train.num_steps, initial=start_step, desc="train", unit="step",
-                       disable=not writer, dynamic_ncols=True)
 
   def flush(step: int) -> None:
-    """Fetches the pending metrics; raises on the first non-finite loss; logs the window's mean."""
+    """Fetches the pending metrics; raises on the first non-finite loss or failed save; logs the window's mean."""
     nonlocal window_start, train_seconds
+    checkpointer.check()
     for pending_step, metrics in jax.device_get(pending):
       # A finite loss with a non-finite gradient would still ruin the parameters: both are checked.
       bad = [name for name in ("loss", "grad_norm") if not math.isfinite(float(metrics[name]))]
       if bad:
-        progress.close()
-        checkpointer.close()
+        checkpointer.close()  # the save in progress is the last good one: it completes (or its failure is raised)
+        last_good = checkpointer.last_good_step
         raise NonFiniteLossError(
             f"the training {bad[0].replace('_', ' ')} is {float(metrics[bad[0]])} at step {pending_step}; training "
             f"stopped without saving. The last good checkpoint is "
-            f"{'step ' + str(last_saved) if last_saved is not None else 'none'} in {checkpointer.directory}")
+            f"{'step ' + str(last_good) if last_good is not None else 'none'} in {checkpointer.directory}")
       window.append({key: float(value) for key, value in metrics.items()})
     pending.clear()
     elapsed = time.perf_counter() - window_start
@@ -148,27 +155,29 @@ def train_and_evaluate(
     if writer:
       workdir_lib.append_metrics(workdir, row)
 
-  for step in range(start_step, end_step):
-    batch = batcher.place(batcher.local_batch(step), mesh)
-    state, metrics = train_steps[stage_of[step]](state, batch)
-    done = step + 1
-    pending.append((done, metrics))
-    progress.update(1)
-    is_last = done == end_step
-    save = done % config.train.checkpoint_every == 0 or is_last
-    if done % config.train.log_every == 0 or save:
-      flush(done)
-    if save:
-      checkpointer.save(done, state, batcher.state(done))
-      last_saved = done
-    if (config.train.eval_every and done % config.train.eval_every == 0) or (is_last and done == config.train.num_steps):
-      eval_start = time.perf_counter()
-      head_scores = evaluation.evaluate_heads(state, model, tasks, mesh, config.eval.batch_size)
-      log({"step": done, **{f"eval/{name}/{metric}": scores[metric]
-                            for name, scores in head_scores.items() for metric in ("accuracy", "macro_f1")}})
-      window_start += time.perf_counter() - eval_start
-  progress.close()
-  checkpointer.wait()
+  # The bar is closed however the loop ends, so that an error's message starts a line of its own.
+  with tqdm.tqdm(total=config.train.num_steps, initial=start_step, desc="train", unit="step", disable=not writer,
+                 dynamic_ncols=True) as progress:
+    for step in range(start_step, end_step):
+      batch = batcher.place(batcher.local_batch(step), mesh)
+      state, metrics = train_steps[stage_of[step]](state, batch)
+      done = step + 1
+      pending.append((done, metrics))
+      progress.update(1)
+      is_last = done == end_step
+      save = done % config.train.checkpoint_every == 0 or is_last
+      if done % config.train.log_every == 0 or save:
+        flush(done)
+      if save:
+        checkpointer.save(done, state, batcher.state(done))
+      if ((config.train.eval_every and done % config.train.eval_every == 0)
+          or (is_last and done == config.train.num_steps)):
+        eval_start = time.perf_counter()
+        head_scores = evaluation.evaluate_heads(state, model, tasks, mesh, config.eval.batch_size)
+        log({"step": done, **{f"eval/{name}/{metric}": scores[metric]
+                              for name, scores in head_scores.items() for metric in ("accuracy", "macro_f1")}})
+        window_start += time.perf_counter() - eval_start
+  checkpointer.close()  # the last save is on disk, or its failure is raised
 
   # --- Summary; a run that train.stop_at_step stops early ends here, to be resumed.
   run_summary = {
@@ -181,7 +190,6 @@ def train_and_evaluate(
       "final_loss": next((row["loss"] for row in reversed(history) if "loss" in row), None),
   }
   if end_step < config.train.num_steps:
-    checkpointer.close()
     print(f"Stopped at step {end_step} as train.stop_at_step asks; run the same command again to resume", flush=True)
     return {"tasks": {}, "run": run_summary}
 
@@ -190,7 +198,6 @@ def train_and_evaluate(
   task_results, test_features = evaluation.final_evaluation(state, model, tasks, mesh, config)
   run_summary["final_evaluation_seconds"] = round(time.perf_counter() - evaluation_start, 2)
   run_summary["seconds_to_final_evaluation_end"] = round(time.perf_counter() - run_start, 2)
-  checkpointer.close()
   result = {"tasks": task_results, "run": run_summary, "config": config.to_dict()}
   if writer:
     if config.eval.plots:
@@ -198,4 +205,7 @@ def train_and_evaluate(
       evaluation.plot_feature_pca(test_features, tasks, config.eval.pca_max_points, config.seed,
                                   workdir / workdir_lib.PLOTS_DIR / workdir_lib.PCA_FIGURE)
     workdir_lib.write_report(workdir, result)
+    for name, scores in task_results.items():
+      print(f"{name}: accuracy {scores['accuracy']:.2f}%, macro-F1 {scores['macro_f1']:.2f}%")
+    print(f"Report: {workdir / workdir_lib.REPORT_JSON} and {workdir_lib.REPORT_MD}", flush=True)
   return result

@@ -1,8 +1,9 @@
 """A run's directory: start, resume or archive it, and the files the run writes there.
 
 Outputs in ``<workdir>/``: ``config.json``, ``metrics.jsonl``, ``checkpoints/``, ``report.json``, ``report.md``,
-``plots/`` (``loss_curves.png``, ``task_accuracy.png``, ``feature_pca.png``); ``--fresh`` moves earlier ones to
-``archive/<time>/``. Nothing is overwritten without a message.
+``plots/`` (``loss_curves.png``, ``task_accuracy.png``, ``feature_pca.png``), and ``checkpoints-damaged/`` where
+unreadable checkpoints were moved; ``--fresh`` moves earlier ones to ``archive/<time>/``. Nothing is overwritten or
+deleted without a message.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import datetime
 import json
 import pathlib
 import shutil
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +22,7 @@ import ml_collections
 from mtcl_jax.eval import report
 from mtcl_jax.train import config as config_lib
 from mtcl_jax.train.checkpoint import CHECKPOINT_DIR
+from mtcl_jax.train.checkpoint import DAMAGED_DIR
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
@@ -28,7 +31,9 @@ REPORT_MD = "report.md"
 PLOTS_DIR = "plots"
 PCA_FIGURE = "feature_pca.png"
 ARCHIVE_DIR = "archive"
-_OUTPUTS = (CHECKPOINT_DIR, METRICS_FILE, CONFIG_FILE, REPORT_JSON, REPORT_MD, PLOTS_DIR)
+_OUTPUTS = (CHECKPOINT_DIR, DAMAGED_DIR, METRICS_FILE, CONFIG_FILE, REPORT_JSON, REPORT_MD, PLOTS_DIR)
+# What a start leaves before its first checkpoint is complete (a failed first save, a process killed before it).
+_FIRST_SAVE_OUTPUTS = (CONFIG_FILE, METRICS_FILE)
 # Keys that may change between a run and its resumption: they do not change what is learned.
 _RESUMABLE_CHANGES = ("train.num_steps", "train.stop_at_step", "train.log_every", "train.eval_every",
                       "train.checkpoint_every", "train.keep_checkpoints", "train.async_checkpoints",
@@ -52,8 +57,31 @@ def _archive_outputs(workdir: pathlib.Path) -> pathlib.Path | None:
   return destination
 
 
+def create_workdir(workdir: pathlib.Path) -> None:
+  """Creates the run's directory (and its parents) and checks that the run can write there.
+
+  Raises:
+    ValueError: naming the path and why: a regular file, a path through a file, no permission, a read-only
+      filesystem.
+  """
+  if workdir.exists() and not workdir.is_dir():
+    raise ValueError(f"workdir {workdir} is a file, not a directory; choose another --workdir")
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    # mkdir succeeds on an existing directory that cannot be written: writing a file is the test.
+    with tempfile.TemporaryFile(dir=workdir):
+      pass
+  except OSError as error:
+    raise ValueError(f"cannot write to workdir {workdir} ({error.strerror}); choose another --workdir or make it "
+                     "writable") from error
+
+
 def _check_resumable(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
-  """Refuses to resume a run whose saved config differs in a key that changes what is learned."""
+  """Refuses to resume a run whose saved config differs in a key that changes what is learned.
+
+  A changed ``train.num_steps`` is resumed and announced: training goes on to the new step count, with the
+  learning-rate schedule rebuilt to span it from step 0, so the result differs from a run started with it.
+  """
   saved_path = workdir / CONFIG_FILE
   if not saved_path.exists():
     return
@@ -67,10 +95,17 @@ def _check_resumable(workdir: pathlib.Path, config: ml_collections.ConfigDict) -
         f"{workdir} holds a run with a different config ({details}); resuming would mix two runs. Pass --fresh "
         "to archive it and start again there, or choose another --workdir"
     )
+  saved_steps, num_steps = saved.get("train.num_steps"), config.train.num_steps
+  if saved_steps is not None and saved_steps != num_steps:
+    print(f"train.num_steps changed from {saved_steps} to {num_steps} since this run started: it goes on to step "
+          f"{num_steps}, its learning-rate schedule rebuilt to span {num_steps} steps", flush=True)
 
 
 def prepare_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict, *, fresh: bool) -> bool:
   """Archives earlier outputs (``fresh``) or checks that they can be resumed; returns whether to resume.
+
+  A start that saved no checkpoint (its first save failed, or it was stopped before) leaves only ``config.json``
+  and ``metrics.jsonl``: they are archived with a message and the run starts again, without ``--fresh``.
 
   Raises:
     ValueError: outputs that cannot be resumed (no checkpoint, or another config) and ``fresh`` is False.
@@ -86,6 +121,12 @@ def prepare_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict, *,
     _check_resumable(workdir, config)
     return True
   leftovers = [name for name in _OUTPUTS if (workdir / name).exists() and name != CHECKPOINT_DIR]
+  if leftovers and set(leftovers) <= set(_FIRST_SAVE_OUTPUTS):
+    archived = _archive_outputs(workdir) if jax.process_index() == 0 else None
+    if archived is not None:
+      print(f"{workdir} holds a start that saved no checkpoint: moved its {', '.join(leftovers)} to {archived} and "
+            "starting again", flush=True)
+    return False
   if leftovers:
     raise ValueError(
         f"{workdir} holds outputs of an earlier run ({', '.join(leftovers)}) but no checkpoint to resume from; "
