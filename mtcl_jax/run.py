@@ -9,11 +9,24 @@ Also installed as ``mtcl-run``. As in the flax examples, it only parses flags (a
                            ``--set train.num_steps=200``, ``--set mtl.options.c=0.4``
   --workdir DIR            outputs; a second call with the same DIR resumes the run there
   --fresh                  archive DIR's earlier outputs to DIR/archive/<time>/ and start again
+  --debug                  on an error, the full traceback instead of one line (also: MTCL_DEBUG=1)
   --coordinator_address, --num_processes, --process_id   multi-process runs (``jax.distributed``)
+
+Exit status (an error is one line on stderr, ``mtcl-run: error: ...``, naming the key, path or file):
+
+  0  done
+  1  bad input: a config file, key or value; the workdir or its filesystem; a dataset (not prepared, corrupt)
+  2  a command line the command does not take: no --config or --workdir, an unknown flag, a stray argument
+  3  training failed: a non-finite loss, a checkpoint that could not be saved; the workdir resumes from the
+     last good checkpoint, which the message names
+  4  an internal error (a bug, or a failure the command does not recognise); rerun with --debug for the traceback
+
+With ``--debug`` the exception propagates: Python prints its traceback and exits with status 1.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 
@@ -24,7 +37,21 @@ from mtcl_jax import data, parallel, train
 from mtcl_jax.train import config as config_lib
 
 PROGRAM = "mtcl-run"
+DEBUG_ENV = "MTCL_DEBUG"
 _HELP_FLAGS = ("-h", "--help")
+EXIT_OK, EXIT_BAD_INPUT, EXIT_USAGE, EXIT_TRAINING_FAILED, EXIT_INTERNAL_ERROR = 0, 1, 2, 3, 4
+# The exit status of each failure, first match first; anything else is an internal error.
+_EXIT_STATUSES: tuple[tuple[type[Exception], int], ...] = (
+    (config_lib.UsageError, EXIT_USAGE),
+    (train.NonFiniteLossError, EXIT_TRAINING_FAILED),
+    (train.CheckpointSaveError, EXIT_TRAINING_FAILED),
+    (data.DatasetNotPreparedError, EXIT_BAD_INPUT),
+    (data.CorruptDatasetError, EXIT_BAD_INPUT),
+    # The library's bad-input error, raised naming the key, path or value.
+    (ValueError, EXIT_BAD_INPUT),
+    # The filesystem: a path that cannot be read or written.
+    (OSError, EXIT_BAD_INPUT),
+)
 
 
 def define_flags(argv: Sequence[str]) -> flags.FlagValues:
@@ -39,11 +66,12 @@ def define_flags(argv: Sequence[str]) -> flags.FlagValues:
   flags.DEFINE_multi_string("set", [], "KEY=VALUE: override a config key after the --config.KEY overrides",
                             flag_values=flag_values)
   flags.DEFINE_bool("fresh", False, "archive the workdir's earlier run and start again", flag_values=flag_values)
+  flags.DEFINE_bool("debug", False, f"on an error, the full traceback instead of one line (also: {DEBUG_ENV}=1)",
+                    flag_values=flag_values)
   flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process)",
                       flag_values=flag_values)
   flags.DEFINE_integer("num_processes", None, "number of processes (multi-process)", flag_values=flag_values)
   flags.DEFINE_integer("process_id", None, "this process's index (multi-process)", flag_values=flag_values)
-  flags.mark_flags_as_required([config_lib.CONFIG_FLAG, "workdir"], flag_values=flag_values)
   return flag_values
 
 
@@ -54,16 +82,28 @@ def parse_command_line(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, 
     argv: the command line, program name first.
 
   Raises:
+    UsageError: no ``--config`` or ``--workdir``, an unknown flag, an argument that is not a flag.
     ValueError: one line naming what is wrong (see :func:`mtcl_jax.train.config.parse_flags`).
   """
   flag_values = define_flags(argv)
   config_lib.parse_flags(flag_values, argv)
+  if flag_values.workdir is None:
+    raise config_lib.UsageError("--workdir DIR is required: where the run writes its outputs (or resumes)")
   config = config_lib.apply_overrides(flag_values[config_lib.CONFIG_FLAG].value, flag_values.set)
   return config, flag_values
 
 
+def _error_line(error: Exception) -> tuple[int, str]:
+  """The exit status and the one line that report ``error``."""
+  status = next((code for kind, code in _EXIT_STATUSES if isinstance(error, kind)), EXIT_INTERNAL_ERROR)
+  message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+  if status == EXIT_INTERNAL_ERROR:
+    message = f"internal error: {type(error).__name__}: {message}; rerun with --debug for the traceback"
+  return status, message
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-  """Runs the command; returns the exit status (0 done, 1 bad input or a failed run).
+  """Runs the command; returns the exit status (see the module docstring).
 
   Args:
     argv: the arguments after the program name (default: ``sys.argv[1:]``).
@@ -71,21 +111,23 @@ def main(argv: Sequence[str] | None = None) -> int:
   argv = [PROGRAM, *(sys.argv[1:] if argv is None else argv)]
   if any(argument in _HELP_FLAGS for argument in argv[1:]):
     print(__doc__, define_flags(argv).get_help(include_special_flags=False), sep="\n")
-    return 0
+    return EXIT_OK
+  # Before the flags parse, so that an error in parsing them shows its traceback too.
+  debug = os.environ.get(DEBUG_ENV, "0") not in ("", "0") or "--debug" in argv
   try:
     config, flag_values = parse_command_line(argv)
+    debug = debug or flag_values.debug
     # Parsing imported JAX but computed nothing; jax.distributed must start before the first computation.
     parallel.initialize_distributed(flag_values.coordinator_address, flag_values.num_processes,
                                     flag_values.process_id)
-    result = train.train_and_evaluate(config, flag_values.workdir, fresh=flag_values.fresh)
-  except (ValueError, train.NonFiniteLossError, data.DatasetNotPreparedError) as error:
-    print(f"{PROGRAM}: error: {error}", file=sys.stderr)
-    return 1
-  for name, scores in result["tasks"].items():
-    print(f"{name}: accuracy {scores['accuracy']:.2f}%, macro-F1 {scores['macro_f1']:.2f}%")
-  if result["tasks"]:
-    print(f"Report: {flag_values.workdir}/report.json and report.md")
-  return 0
+    train.train_and_evaluate(config, flag_values.workdir, fresh=flag_values.fresh)
+  except Exception as error:  # every failure ends in one line and its exit status, or with --debug a traceback
+    if debug:
+      raise
+    status, message = _error_line(error)
+    print(f"{PROGRAM}: error: {message}", file=sys.stderr, flush=True)
+    return status
+  return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -106,6 +106,42 @@ def test_validation_names_the_bad_value():
     invalid("classification.task_weights.digitz=2.0", task_names=["digits"])
   with pytest.raises(ValueError, match="train.num_steps"):
     invalid("train.num_steps=0")
+  with pytest.raises(ValueError, match=r"'optimizer.name' is 'adam'; expected one of \('adamw', 'sgd', 'lars'\)"):
+    invalid("optimizer.name=adam")
+  with pytest.raises(ValueError, match=r"'train.eval_every' must be >= 0 \(0: only at the end\); got -1"):
+    invalid("train.eval_every=-1")
+  with pytest.raises(ValueError, match=r"'model.trunk_widths' is \('\(64,x\)',\); expected a tuple of int"):
+    invalid("model.trunk_widths=(64,x)")
+  with pytest.raises(ValueError, match=r"'eval.probes' is \(1,\); expected a tuple of str"):
+    invalid("eval.probes=(1,)")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.num_steps=20", "optimizer.warmup_steps=20"],
+     "config key 'optimizer.warmup_steps' is 20, but its cosine learning-rate schedule spans train.num_steps = 20 "
+     "steps and takes a warmup of 0 to 19 steps: lower optimizer.warmup_steps or raise train.num_steps"),
+    (["train.num_steps=20", "optimizer.warmup_steps=21", "optimizer.schedule=constant"],
+     "'optimizer.warmup_steps' is 21, but its constant learning-rate schedule spans train.num_steps = 20 steps and "
+     "takes a warmup of 0 to 20 steps"),
+    (["train.schedule=two_stage", "train.num_steps=20", "train.pretrain_steps=10", "optimizer.warmup_steps=10"],
+     "'optimizer.warmup_steps' is 10, but its cosine learning-rate schedule spans train.pretrain_steps = 10 steps"),
+    (["train.schedule=two_stage", "train.num_steps=20", "train.pretrain_steps=15", "head_optimizer.warmup_steps=5"],
+     "'head_optimizer.warmup_steps' is 5, but its cosine learning-rate schedule spans train.num_steps - "
+     "train.pretrain_steps = 5 steps and takes a warmup of 0 to 4 steps: lower head_optimizer.warmup_steps or raise "
+     "train.num_steps"),
+    (["optimizer.warmup_steps=-1"], "'optimizer.warmup_steps' is -1"),
+], ids=["joint_cosine", "joint_constant", "pretrain", "heads", "negative"])
+def test_a_warmup_longer_than_its_stage_is_named_before_the_run(overrides, message):
+  config = config_lib.apply_overrides(config_lib.base_config(), overrides)
+  with pytest.raises(ValueError) as raised:
+    config_lib.validate_config(config)
+  assert message in str(raised.value)
+
+
+def test_warmups_that_fit_and_intervals_past_the_run_are_valid():
+  config_lib.validate_config(config_lib.apply_overrides(config_lib.base_config(), [
+      "train.num_steps=20", "optimizer.warmup_steps=19", "head_optimizer.warmup_steps=50", "train.log_every=50",
+      "train.eval_every=250", "train.checkpoint_every=500"]))
 
 
 # ------------------------------------------------------------------------------------------- TFDS mocks

@@ -12,12 +12,15 @@ when the run starts, and the balancing method's options (``mtl.options``), check
 from __future__ import annotations
 
 import ast
+import contextlib
 import difflib
+import logging
 import os
 import pathlib
 import re
 import sys
-from collections.abc import Collection, Iterable, Mapping, Sequence
+import traceback
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import ml_collections
@@ -25,6 +28,7 @@ from absl import flags
 from ml_collections import config_dict, config_flags
 
 from mtcl_jax import mtl
+from mtcl_jax.train import optim
 from mtcl_jax.train import rules
 
 CONTRASTIVE_RULES: tuple[str, ...] = (*rules.RULES, rules.NO_RULE)
@@ -35,6 +39,13 @@ DTYPES: tuple[str, ...] = ("float32", "bfloat16")
 TASK_SECTIONS: tuple[str, ...] = ("classification.task_weights", "data.task_batch_sizes")
 # Open maps: the task-keyed sections, and the balancing method's hyper-parameters (checked by mtcl_jax.mtl.make).
 OPEN_SECTIONS: tuple[str, ...] = (*TASK_SECTIONS, "mtl.options")
+# The keys whose values give the steps of each stage of optim.schedule_stages, for messages.
+_STAGE_STEPS_KEYS = {"joint": "train.num_steps", "pretrain": "train.pretrain_steps",
+                     "heads": "train.num_steps - train.pretrain_steps"}
+
+
+class UsageError(ValueError):
+  """A command line the command does not take: a missing or unknown flag, an argument that is not a flag."""
 
 
 def _optimizer_section(**overrides: object) -> ml_collections.ConfigDict:
@@ -239,34 +250,76 @@ def parse_flags(flag_values: flags.FlagValues, argv: Sequence[str]) -> None:
     argv: the command line, program name first.
 
   Raises:
+    UsageError: no ``--config``, an unknown flag, an argument that is not a flag.
     ValueError: one line naming what is wrong, where absl and config_flags would raise a traceback or a
-      multi-line message: a missing config file, one without ``get_config()`` or that sets a key the schema lacks,
-      an override of an unknown key (with close matches) or with a value of the wrong type, an unknown or missing
-      flag, an argument that is not a flag.
+      multi-line message: a config file that is missing or unreadable, that fails to load or run (its syntax, or
+      an exception in ``get_config()``: type, message and line), that defines no ``get_config()``, whose
+      ``get_config()`` returns something else than a ``ConfigDict``, or that sets a key the schema lacks; an
+      override of an unknown key (with close matches) or with a value of the wrong type; a flag's bad value.
   """
   # config_flags reports a missing file only where the config is first used, in several lines, and an unknown key
   # as a bare KeyError: both are checked first. FILE:ARGUMENT calls get_config(ARGUMENT).
   path = _config_file_argument(argv)
-  if path is not None and not pathlib.Path(path.split(":", 1)[0]).is_file():
+  if path is None:
+    raise UsageError(f"--{CONFIG_FLAG} FILE is required, e.g. --{CONFIG_FLAG} experiments/configs/smoke.py")
+  file = pathlib.Path(path.split(":", 1)[0])
+  if not file.is_file():
     raise ValueError(f"config file {path!r} does not exist")
+  try:
+    file.read_bytes()
+  except OSError as error:
+    raise ValueError(f"config file {path!r} cannot be read: {error.strerror}") from error
   known = flat_keys(base_config())
   for key in _override_keys(argv):
     _check_override_key(key, known)
   sys.modules.pop(_CONFIG_MODULE, None)
   try:
-    arguments = flag_values(argv)[1:]
+    with _absl_errors_only():
+      arguments = flag_values(argv)[1:]
   except AttributeError as error:  # the file lacks get_config, or sets a key that its locked config lacks
     if error.name == "get_config":
       raise ValueError(f"config file {path!r} defines no get_config()") from None
     raise ValueError(f"config file {path!r}: {error}") from None
   except flags.Error as error:
-    if path is not None and str(error).startswith(f"flag --{CONFIG_FLAG}={path}:"):
+    if str(error).startswith(f"flag --{CONFIG_FLAG}={path}:"):
       # config_flags re-raises the file's TypeError or ValueError with the traceback as the message.
-      raise ValueError(f"config file {path!r}: {error.__context__.__context__}") from None
-    raise ValueError("; ".join(str(error).splitlines())) from None  # absl gives a line per missing flag
+      raise _config_file_error(path, file, error.__context__.__context__) from error
+    message = "; ".join(str(error).splitlines())  # absl gives a line per bad flag
+    raise (ValueError if isinstance(error, flags.IllegalFlagValueError) else UsageError)(message) from None
+  except Exception as error:  # anything else the file raises while it loads or runs get_config()
+    raise _config_file_error(path, file, error) from error
   if arguments:
-    raise ValueError(f"unexpected arguments {arguments}")
-  check_known_keys(flag_values[CONFIG_FLAG].value)
+    raise UsageError(f"unexpected arguments {arguments}")
+  config = flag_values[CONFIG_FLAG].value
+  if not isinstance(config, ml_collections.ConfigDict):
+    returned = "None (is its return statement missing?)" if config is None else type(config).__name__
+    raise ValueError(f"config file {path!r}: get_config() returned {returned}, not an ml_collections.ConfigDict; "
+                     "return mtcl_jax.train.config.base_config() with the experiment's changes")
+  check_known_keys(config)
+
+
+@contextlib.contextmanager
+def _absl_errors_only() -> Iterator[None]:
+  """Hides absl warnings while flags parse: config_flags warns of a get_config() that returns None, an error here."""
+  logger = logging.getLogger("absl")
+  level = logger.level
+  logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
+def _config_file_error(path: str, file: pathlib.Path, error: BaseException) -> ValueError:
+  """One line for an exception raised by a config file: its type, message and the file's line that raised it."""
+  if isinstance(error, SyntaxError):
+    message, line = error.msg, error.lineno
+  else:
+    lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__)
+             if pathlib.Path(frame.filename).resolve() == file.resolve()]
+    message, line = str(error), lines[-1] if lines else None
+  where = f" (line {line})" if line is not None else ""
+  return ValueError(f"config file {path!r}: {type(error).__name__}: {message}{where}")
 
 
 def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
@@ -330,18 +383,46 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
   return config
 
 
+def _check_tuple_items(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming a tuple key whose items are not of its default's type.
+
+  config_flags reads a tuple override that is not a Python literal, such as ``model.trunk_widths=(64,x)``, as a
+  tuple of one string, which would otherwise fail deep inside the model.
+  """
+  defaults = flatten(base_config().to_dict())
+  for key, value in flatten(config.to_dict()).items():
+    default = defaults.get(key)
+    if not (isinstance(default, tuple) and default and isinstance(value, tuple)):
+      continue
+    kinds = {type(item) for item in default}
+    if any(type(item) not in kinds for item in value):
+      expected = " or ".join(sorted(kind.__name__ for kind in kinds))
+      raise ValueError(f"config key {key!r} is {value!r}; expected a tuple of {expected}, e.g. {default!r}")
+
+
 def validate_config(config: ml_collections.ConfigDict, task_names: Sequence[str] | None = None) -> None:
-  """Checks choices and ranges, and (given the run's task names) the task-keyed sections.
+  """Checks choices, types and ranges, the keys that constrain each other, and (given the run's task names) the
+  task-keyed sections.
+
+  Keys that constrain each other: each optimizer's ``warmup_steps`` fits in the steps of the stage it trains
+  (``train.num_steps``, or for two-stage training ``train.pretrain_steps`` and the rest); ``train.stop_at_step``
+  and ``train.pretrain_steps`` lie within ``train.num_steps``. ``train.log_every``, ``eval_every`` and
+  ``checkpoint_every`` may exceed ``train.num_steps``: the run logs, evaluates and saves at its end anyway.
 
   Raises:
-    ValueError: naming the offending key and value.
+    ValueError: naming the offending keys and values.
   """
   check_known_keys(config)
+  _check_tuple_items(config)
   choices = {
       "contrastive.rule": CONTRASTIVE_RULES,
       "contrastive.distributed": DISTRIBUTED_MODES,
       "train.schedule": SCHEDULES,
       "model.dtype": DTYPES,
+      "optimizer.name": optim.OPTIMIZERS,
+      "optimizer.schedule": optim.SCHEDULES,
+      "head_optimizer.name": optim.OPTIMIZERS,
+      "head_optimizer.schedule": optim.SCHEDULES,
   }
   for key, allowed in choices.items():
     value = _lookup(config, key)
@@ -353,6 +434,8 @@ def validate_config(config: ml_collections.ConfigDict, task_names: Sequence[str]
     value = _lookup(config, key)
     if value < 1:
       raise ValueError(f"config key {key!r} must be >= 1; got {value}")
+  if train.eval_every < 0:
+    raise ValueError(f"config key 'train.eval_every' must be >= 0 (0: only at the end); got {train.eval_every}")
   if train.schedule == "two_stage" and config.mtl.method != "static":
     raise ValueError(f"mtl.method={config.mtl.method!r} balances the joint objectives; train.schedule='two_stage' "
                      "trains one kind of objective per stage and needs mtl.method='static'")
@@ -361,6 +444,15 @@ def validate_config(config: ml_collections.ConfigDict, task_names: Sequence[str]
         f"train.schedule='two_stage' needs 0 < train.pretrain_steps < train.num_steps; got "
         f"pretrain_steps={train.pretrain_steps}, num_steps={train.num_steps}"
     )
+  for stage, section, first, stop in optim.schedule_stages(train):
+    warmup, schedule = _lookup(config, f"{section}.warmup_steps"), _lookup(config, f"{section}.schedule")
+    longest = optim.max_warmup_steps(stop - first, schedule)
+    if not 0 <= warmup <= longest:
+      steps_keys = _STAGE_STEPS_KEYS[stage]
+      raise ValueError(
+          f"config key '{section}.warmup_steps' is {warmup}, but its {schedule} learning-rate schedule spans "
+          f"{steps_keys} = {stop - first} steps and takes a warmup of 0 to {longest} steps: lower "
+          f"{section}.warmup_steps or raise {steps_keys.partition(' ')[0]}")
   if train.stop_at_step is not None and not 0 < train.stop_at_step <= train.num_steps:
     raise ValueError(f"train.stop_at_step must be in [1, train.num_steps]; got {train.stop_at_step}")
   if config.contrastive.temperature <= 0:
