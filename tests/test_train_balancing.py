@@ -190,3 +190,19 @@ def test_a_method_whose_state_repeats_an_array_trains_with_the_donated_state(tas
   for _ in range(3):
     state, metrics = train_step(state, batch)
   assert int(state.step) == 3 and np.isfinite(float(metrics["mtl/contrastive/weight"]))
+
+
+def test_a_run_started_before_the_mtl_keys_existed_resumes(tmp_path):
+  import json
+
+  from mtcl_jax.train import workdir as workdir_lib
+
+  config = _config()
+  record = {key: value for key, value in workdir_lib._config_record(config).items() if not key.startswith("mtl.")}
+  (tmp_path / workdir_lib.CONFIG_FILE).write_text(json.dumps(record))
+  workdir_lib._check_resumable(tmp_path, config)
+  with pytest.raises(ValueError, match="mtl.method: 'static' -> 'pcgrad'"):
+    workdir_lib._check_resumable(tmp_path, _config("mtl.method=pcgrad"))
+  config.contrastive.temperature = float("inf")
+  with pytest.raises(ValueError, match="finite and > 0; got inf"):
+    config_lib.validate_config(config)

@@ -455,8 +455,8 @@ def validate_config(config: ml_collections.ConfigDict, task_names: Sequence[str]
           f"{section}.warmup_steps or raise {steps_keys.partition(' ')[0]}")
   if train.stop_at_step is not None and not 0 < train.stop_at_step <= train.num_steps:
     raise ValueError(f"train.stop_at_step must be in [1, train.num_steps]; got {train.stop_at_step}")
-  if config.contrastive.temperature <= 0:
-    raise ValueError(f"contrastive.temperature must be > 0; got {config.contrastive.temperature}")
+  if not 0 < config.contrastive.temperature < float("inf"):
+    raise ValueError(f"contrastive.temperature must be finite and > 0; got {config.contrastive.temperature}")
   mtl.make(config.mtl.method, **config.mtl.options)
   if task_names is not None:
     for section in TASK_SECTIONS:

@@ -85,7 +85,8 @@ def _check_resumable(workdir: pathlib.Path, config: ml_collections.ConfigDict) -
   saved_path = workdir / CONFIG_FILE
   if not saved_path.exists():
     return
-  saved = json.loads(saved_path.read_text())
+  # A key the schema gained after the run started (mtl.*, train.debug_checks) was at its default then.
+  saved = {**_config_record(config_lib.base_config()), **json.loads(saved_path.read_text())}
   current = _config_record(config)
   differing = sorted(key for key in set(saved) | set(current)
                      if saved.get(key) != current.get(key) and key not in _RESUMABLE_CHANGES)
