@@ -35,7 +35,7 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "experiments"))
 
-from bench_train import _matmul_rate, _seconds  # noqa: E402
+from bench_train import _matmul_rate, _seconds, setup  # noqa: E402
 
 CONFIG = REPO / "experiments/configs/default.py"
 
@@ -51,20 +51,13 @@ def _temp_bytes(compiled) -> int | None:
 
 def build(method: str, representation: bool, *, batch_size: int | None, steps: int) -> dict[str, Any]:
   """Compiles one method's train step; returns it with its state, batches and static facts."""
-  from mtcl_jax import data, mtl, parallel, train
-  from mtcl_jax.train import loop, steps as steps_lib
+  from mtcl_jax import mtl, parallel, train
+  from mtcl_jax.train import steps as steps_lib
 
   config = train.load_config(str(CONFIG))
   config.mtl.method = method
   config.mtl.representation = representation
-  if batch_size is not None:
-    config.data.batch_size = batch_size
-  tasks = data.load_tasks(config.data.tasks, data_dir=config.data.data_dir)
-  mesh = parallel.make_mesh()
-  batch_sizes = {t.task.name: int(config.data.task_batch_sizes.get(t.task.name, config.data.batch_size)) for t in tasks}
-  batcher = data.MultiTaskBatcher(tasks, batch_sizes=batch_sizes, seed=0)
-  model = train.build_model(config, tasks)
-  optimizer, _ = loop.build_optimizer(config)
+  mesh, batcher, examples_per_step, model, optimizer, _ = setup(config, batch_size)
   state = train.create_train_state(model, optimizer, batcher.batch(0), seed=0,
                                    mtl_state=steps_lib.init_mtl_state(model, config))
   state = parallel.replicate(state, mesh)
@@ -90,7 +83,7 @@ def build(method: str, representation: bool, *, batch_size: int | None, steps: i
       "num_objectives": num_objectives,
       "shared_parameters": _parameter_count(shared),
       "parameters": _parameter_count(state.params),
-      "examples_per_step": sum(batch_sizes.values()),
+      "examples_per_step": examples_per_step,
   }
 
 

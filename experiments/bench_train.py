@@ -73,23 +73,29 @@ def _flops(compiled) -> float | None:
   return float(analysis["flops"])
 
 
-def bench(workload: str, *, batch_size: int | None, steps: int, windows: int, matmul_size: int) -> dict[str, Any]:
+def setup(config, batch_size: int | None) -> tuple[Any, Any, int, Any, Any, Any]:
+  """The config's mesh over every device, batcher (seed 0), examples per step, model, optimizer and stages."""
   from mtcl_jax import data, parallel, train
+
+  if batch_size is not None:
+    config.data.batch_size = batch_size
+  tasks = data.load_tasks(config.data.tasks, data_dir=config.data.data_dir)
+  batch_sizes = {t.task.name: int(config.data.task_batch_sizes.get(t.task.name, config.data.batch_size)) for t in tasks}
+  batcher = data.MultiTaskBatcher(tasks, batch_sizes=batch_sizes, seed=0)
+  optimizer, stages = train.build_optimizer(config)
+  return (parallel.make_mesh(), batcher, sum(batch_sizes.values()), train.build_model(config, tasks), optimizer,
+          stages)
+
+
+def bench(workload: str, *, batch_size: int | None, steps: int, windows: int, matmul_size: int) -> dict[str, Any]:
+  from mtcl_jax import parallel, train
 
   config = train.load_config(str(CONFIGS[workload]))
   if workload == "cifar10":
     rows = max(config.data.batch_size if batch_size is None else batch_size, 64)
     _register_generated_cifar(4 * rows, seed=0)
     config.data.tasks = CIFAR_TASK
-  if batch_size is not None:
-    config.data.batch_size = batch_size
-  tasks = data.load_tasks(config.data.tasks, data_dir=config.data.data_dir)
-  mesh = parallel.make_mesh()
-  batch_sizes = {t.task.name: int(config.data.task_batch_sizes.get(t.task.name, config.data.batch_size)) for t in tasks}
-  batcher = data.MultiTaskBatcher(tasks, batch_sizes=batch_sizes, seed=0)
-  examples_per_step = sum(batch_sizes.values())
-  model = train.build_model(config, tasks)
-  optimizer, stages = train.build_optimizer(config)
+  mesh, batcher, examples_per_step, model, optimizer, stages = setup(config, batch_size)
   state = train.create_train_state(model, optimizer, batcher.batch(0), seed=0)
   state = parallel.replicate(state, mesh)
   train_step = train.make_train_step(model, optimizer, config, mesh, stage=stages[0][0])
