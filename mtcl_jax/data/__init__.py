@@ -17,9 +17,13 @@ Your own arrays become a task in one call, then compose like any dataset::
 
     data.register_task("wine", x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te, modality="tabular")
     tasks = data.load_tasks("digits+wine")           # normalised with wine's train statistics
+
+Label scarcity: ``data.hide_labels(tasks, 0.05, seed=0, keep_unlabelled=True)`` keeps a stratified 5% of each
+task's training labels and the other inputs as ``TaskData.unlabelled`` (see ``scarcity``).
 """
 
 from mtcl_jax.data import augment
+from mtcl_jax.data.batching import HIDDEN_LABEL
 from mtcl_jax.data.batching import MultiTaskBatcher
 from mtcl_jax.data.batching import batch_sizes_from_weights
 from mtcl_jax.data.batching import iterate_split
@@ -37,10 +41,13 @@ from mtcl_jax.data.tasks import COMPOSITIONS
 from mtcl_jax.data.tasks import Task
 from mtcl_jax.data.tasks import TaskData
 from mtcl_jax.data.tasks import load_tasks
+from mtcl_jax.data.scarcity import hide_labels
+from mtcl_jax.data.scarcity import labelled_rows
 from mtcl_jax.data.tasks import register_task
 
 __all__ = [
     "augment",
+    "HIDDEN_LABEL",
     "MultiTaskBatcher",
     "batch_sizes_from_weights",
     "iterate_split",
@@ -59,4 +66,6 @@ __all__ = [
     "TaskData",
     "load_tasks",
     "register_task",
+    "hide_labels",
+    "labelled_rows",
 ]

@@ -17,6 +17,13 @@ a step is one fancy-index per task: 8 µs for a 256-row digits batch, against 21
 decoding and prefetch for data that does not fit in memory; the multi-task mix, the per-task epochs and the
 (seed, step) purity would still have to be written on top of it. Placement onto devices is
 :func:`mtcl_jax.parallel.shard_batch`.
+
+Semi-supervised runs (tasks with ``TaskData.unlabelled`` inputs, :func:`mtcl_jax.data.hide_labels`) add a second
+stream per task: ``unlabelled_batch_sizes[task]`` rows of its unlabelled inputs, walked through a permutation of
+their own, follow its labelled rows in ``x`` (and ``mask``) with ``y = -1`` (:data:`HIDDEN_LABEL`). A step thus
+sees a fixed number of labelled rows however few labels there are, as semi-supervised methods sample them. With
+several processes each process holds its share of both streams (labelled rows first), so the global batch is the
+same rows in another order; the losses are means over rows and do not depend on it.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from mtcl_jax import parallel
 from mtcl_jax.data.tasks import TaskData
 
 Batch = dict[str, dict[str, np.ndarray]]
+HIDDEN_LABEL = -1  # the ``y`` of a row whose label is hidden (an unlabelled input)
 
 
 @functools.lru_cache(maxsize=64)
@@ -88,6 +96,8 @@ class MultiTaskBatcher:
     batch_sizes: rows per task per step: one int for all, or task name -> int (every task named).
     seed: a non-negative int; the same seed gives the same batches everywhere.
     split: ``"train"`` or ``"test"``.
+    unlabelled_batch_sizes: task name -> rows of its unlabelled inputs per step (train split only; tasks with
+      ``TaskData.unlabelled``). Tasks not named, or with no unlabelled inputs, get labelled rows only.
 
   Examples:
     >>> batcher = MultiTaskBatcher(load_tasks("digits+japanese_vowels"), batch_sizes=64, seed=0)  # doctest: +SKIP
@@ -103,6 +113,7 @@ class MultiTaskBatcher:
       batch_sizes: Mapping[str, int] | int,
       seed: int,
       split: str = "train",
+      unlabelled_batch_sizes: Mapping[str, int] | None = None,
   ):
     if not tasks:
       raise ValueError("MultiTaskBatcher needs at least one task")
@@ -139,8 +150,20 @@ class MultiTaskBatcher:
       self._arrays[name] = arrays
       self._steps_per_task[name] = num_rows // int(sizes[name])
       self._dataset_keys[name] = zlib.crc32(task_data.task.dataset.encode())
+    self._unlabelled: dict[str, tuple[Mapping[str, np.ndarray], int]] = {}
+    for task_data in tasks:
+      name = task_data.task.name
+      size = (unlabelled_batch_sizes or {}).get(name, 0)
+      if split != "train" or task_data.unlabelled is None or not size:
+        continue
+      num_rows = task_data.unlabelled["x"].shape[0]
+      if not isinstance(size, (int, np.integer)) or not 1 <= size <= num_rows:
+        raise ValueError(f"unlabelled batch size of task {name!r} must be an int in [1, {num_rows}] (its unlabelled "
+                         f"inputs); got {size!r}")
+      self._unlabelled[name] = (task_data.unlabelled, int(size))
     self.tasks = tuple(tasks)
     self.batch_sizes: dict[str, int] = {name: int(size) for name, size in sizes.items()}
+    self.unlabelled_batch_sizes: dict[str, int] = {name: size for name, (_, size) in self._unlabelled.items()}
     self.seed = int(seed)
     self.split = split
 
@@ -164,27 +187,52 @@ class MultiTaskBatcher:
     permutation = _permutation(self.seed, self._dataset_keys[task_name], num_rows, epoch)
     return permutation[position * batch_size : (position + 1) * batch_size]
 
-  def _gather(self, rows_of_task: Mapping[str, np.ndarray]) -> Batch:
+  def unlabelled_indices(self, task_name: str, step: int) -> np.ndarray:
+    """The unlabelled rows ``task_name`` gets at ``step`` (``[unlabelled batch size]``; empty without a stream)."""
+    if task_name not in self._unlabelled:
+      return np.zeros((0,), np.int64)
+    arrays, size = self._unlabelled[task_name]
+    num_rows = arrays["x"].shape[0]
+    epoch, position = divmod(int(step), num_rows // size)
+    # Its own permutation stream (the dataset key flipped), so the labelled rows' batches do not change.
+    permutation = _permutation(self.seed, self._dataset_keys[task_name] ^ 0x5A5A5A5A, num_rows, epoch)
+    return permutation[position * size : (position + 1) * size]
+
+  def _gather(self, rows_of_task: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> Batch:
     batch = {}
     for task_data in self.tasks:
       name = task_data.task.name
-      rows = rows_of_task[name]
+      rows, unlabelled_rows = rows_of_task[name]
       arrays = self._arrays[name]
       task_batch = {key: arrays[key][rows] for key in ("x", "y", "mask") if key in arrays}
-      task_batch["task_id"] = np.full(rows.shape[0], task_data.task_id, np.int32)
+      if unlabelled_rows.size:
+        pool = self._unlabelled[name][0]
+        for key in ("x", "mask"):
+          if key in task_batch:
+            task_batch[key] = np.concatenate([task_batch[key], pool[key][unlabelled_rows]])
+        hidden = np.full(unlabelled_rows.shape[0], HIDDEN_LABEL, task_batch["y"].dtype)
+        task_batch["y"] = np.concatenate([task_batch["y"], hidden])
+      task_batch["task_id"] = np.full(task_batch["y"].shape[0], task_data.task_id, np.int32)
       batch[name] = task_batch
     return batch
 
   def batch(self, step: int) -> Batch:
     """The global batch at ``step`` as NumPy: ``{task: {"x", "y", "task_id", "mask"?}}``."""
-    return self._gather({name: self.indices(name, step) for name in self.batch_sizes})
+    return self._gather({name: (self.indices(name, step), self.unlabelled_indices(name, step))
+                         for name in self.batch_sizes})
 
   def local_batch(self, step: int) -> Batch:
     """This process's rows of :meth:`batch` (all of it with one process); gathers only those rows."""
     return self._gather({
-        name: self.indices(name, step)[parallel.process_batch_slice(size)]
+        name: (self.indices(name, step)[parallel.process_batch_slice(size)],
+               self.unlabelled_indices(name, step)[
+                   parallel.process_batch_slice(self.unlabelled_batch_sizes.get(name, 0))])
         for name, size in self.batch_sizes.items()
     })
+
+  def rows_per_step(self, task_name: str) -> int:
+    """Rows of ``task_name`` in each global batch: its labelled plus its unlabelled batch size."""
+    return self.batch_sizes[task_name] + self.unlabelled_batch_sizes.get(task_name, 0)
 
   def place(self, local_batch: Batch, mesh: jax.sharding.Mesh) -> dict[str, dict[str, jax.Array]]:
     """Puts this process's rows onto ``mesh`` as global arrays sharded on ``"data"``.
@@ -194,7 +242,8 @@ class MultiTaskBatcher:
         this process's share of it.
     """
     num_devices = mesh.devices.size
-    for name, size in self.batch_sizes.items():
+    for name in self.batch_sizes:
+      size = self.rows_per_step(name)
       if size % num_devices:
         raise ValueError(
             f"batch size {size} of task {name!r} is not divisible by the {num_devices} devices of the mesh; "

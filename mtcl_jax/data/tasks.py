@@ -85,12 +85,15 @@ class TaskData:
     train: ``{"x": [n, *input_shape] float32 normalised, "y": [n] int32, "mask": [n, T] bool}`` (``mask``
       only for sequence tasks: True on real frames).
     test: the same for the held-out split, normalised with the train statistics.
+    unlabelled: ``{"x", "mask"?}``: training inputs whose labels are hidden (:func:`mtcl_jax.data.hide_labels`),
+      for self-supervised terms only; None when every training label is used.
   """
 
   task: Task
   task_id: int
   train: Mapping[str, np.ndarray]
   test: Mapping[str, np.ndarray]
+  unlabelled: Mapping[str, np.ndarray] | None = None
 
 
 def _mask_from_lengths(lengths: np.ndarray, max_length: int) -> np.ndarray:

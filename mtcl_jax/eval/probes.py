@@ -12,6 +12,10 @@ Every probe follows one protocol:
    regularisation first. Test labels are never an input of fitting.
 3. **Refit** on all training rows with the chosen value.
 
+With so few rows that no class can spare one for validation (under label scarcity, e.g. two labelled rows per
+class), the linear, svm and knn probes fit :data:`FEW_ROWS_DEFAULTS` (scikit-learn's defaults C = 1, and k = 1)
+and say so in ``hparams["chosen_by"]``; the mlp probe, which needs held-out rows for early stopping, raises.
+
 Each family fits its whole grid in one compiled program per task shape, with the grid as a traced array, so
 nothing compiles per hyper-parameter. The linear and SVM probes minimise every grid value's objective at once
 (a batched L-BFGS in a bounded loop, whose iterations are a few large products over the shared design matrix)
@@ -49,6 +53,9 @@ DEFAULT_GRIDS: Mapping[str, tuple[float, ...] | tuple[int, ...]] = {
     "mlp": (1.0, 1e-1, 1e-2),
     "knn": (20, 10, 5, 1),
 }
+
+# What the linear, svm and knn probes fit when no row can be held out to choose (scikit-learn's C = 1; 1-NN).
+FEW_ROWS_DEFAULTS: Mapping[str, float | int] = {"linear": 1.0, "svm": 1.0, "knn": 1}
 
 # Training rows are padded with weight-0 rows, and classes with masked classes to a multiple of CLASS_BUCKET,
 # so that tasks of different sizes share one compiled program. On 2 CPU cores compiling the linear program
@@ -196,6 +203,19 @@ def _check_grid(kind: str, grid: Sequence[float] | None) -> tuple:
   return tuple(float(value) for value in grid)
 
 
+def _validation_rows(labels: ArrayLike, *, val_fraction: float, seed: int) -> np.ndarray:
+  labels = np.asarray(labels)
+  if not 0.0 < val_fraction < 1.0:
+    raise ValueError(f"val_fraction must lie in (0, 1); got {val_fraction}")
+  generator = np.random.default_rng(seed)
+  is_validation = np.zeros(labels.shape[0], dtype=bool)
+  for label in np.unique(labels):
+    rows = generator.permutation(np.flatnonzero(labels == label))
+    num_validation = min(int(np.floor(val_fraction * rows.size + 0.5)), rows.size - 1)
+    is_validation[rows[:num_validation]] = True
+  return is_validation
+
+
 def validation_split(labels: ArrayLike, *, val_fraction: float, seed: int) -> np.ndarray:
   """Stratified, seeded choice of validation rows among the training rows.
 
@@ -210,15 +230,7 @@ def validation_split(labels: ArrayLike, *, val_fraction: float, seed: int) -> np
   Returns:
     ``[N]`` bool, True for validation rows.
   """
-  labels = np.asarray(labels)
-  if not 0.0 < val_fraction < 1.0:
-    raise ValueError(f"val_fraction must lie in (0, 1); got {val_fraction}")
-  generator = np.random.default_rng(seed)
-  is_validation = np.zeros(labels.shape[0], dtype=bool)
-  for label in np.unique(labels):
-    rows = generator.permutation(np.flatnonzero(labels == label))
-    num_validation = min(int(np.floor(val_fraction * rows.size + 0.5)), rows.size - 1)
-    is_validation[rows[:num_validation]] = True
+  is_validation = _validation_rows(labels, val_fraction=val_fraction, seed=seed)
   if not is_validation.any():
     raise ValueError(
         f"the validation split of {labels.shape[0]} rows at val_fraction={val_fraction} is empty; "
@@ -907,7 +919,8 @@ def fit_probe(
     val_fraction: share of each class's training rows held out to choose the hyper-parameter.
     grid: candidate values of the kind's hyper-parameter (``HPARAM_NAMES[kind]``); ``None`` uses
       ``DEFAULT_GRIDS[kind]``. A single value is used as given, without a validation split (the mlp
-      probe still holds out ``val_fraction`` for early stopping).
+      probe still holds out ``val_fraction`` for early stopping). With too few rows to hold any out, the
+      linear, svm and knn probes use ``FEW_ROWS_DEFAULTS[kind]`` (see the module docstring).
 
   Returns:
     The probe refit on all ``N`` rows with the chosen value.
@@ -927,6 +940,10 @@ def fit_probe(
   family = _FAMILIES[kind]
   if len(grid) == 1 and family.fit is not None:
     return family.fit(kind, features, labels, grid[0], num_classes=int(num_classes), seed=seed)
+  if family.fit is not None and not _validation_rows(labels, val_fraction=val_fraction, seed=seed).any():
+    probe = family.fit(kind, features, labels, FEW_ROWS_DEFAULTS[kind], num_classes=int(num_classes), seed=seed)
+    chosen_by = f"default: {features.shape[0]} rows, too few to hold any out at val_fraction={val_fraction}"
+    return dataclasses.replace(probe, hparams={**probe.hparams, "chosen_by": chosen_by})
   is_validation = validation_split(labels, val_fraction=val_fraction, seed=seed)
   return family.select(kind, features, labels, is_validation, grid, num_classes=int(num_classes), seed=seed)
 

@@ -32,6 +32,7 @@ from mtcl_jax.train import optim
 from mtcl_jax.train import rules
 
 CONTRASTIVE_RULES: tuple[str, ...] = (*rules.RULES, rules.NO_RULE)
+UNLABELLED_MODES: tuple[str, ...] = ("drop", "views")
 DISTRIBUTED_MODES: tuple[str, ...] = ("replicate", "all_gather", "ring")
 SCHEDULES: tuple[str, ...] = ("joint", "two_stage")
 DTYPES: tuple[str, ...] = ("float32", "bfloat16")
@@ -81,6 +82,14 @@ def base_config() -> ml_collections.ConfigDict:
       "data_dir": config_dict.placeholder(str),  # default: $MTCL_DATA_DIR or mtcl_jax's cache directory
       "batch_size": 64,  # rows per task per step (global, over all devices)
       "task_batch_sizes": ml_collections.ConfigDict(),  # task -> rows, overriding batch_size
+      # Label scarcity (mtcl_jax.data.hide_labels): each task keeps a stratified fraction of its training labels,
+      # at least one per class; its batch is capped at its labelled rows.
+      "label_fraction": 1.0,
+      "label_seed": config_dict.placeholder(int),  # the labelled subset's seed; default: seed
+      # The other training inputs: "drop" them, or keep them for a rule with augmented views ("views": SimCLR or
+      # supcon_views see them, with hidden labels; cross-entropy and the probes never do).
+      "unlabelled": "drop",
+      "unlabelled_batch_size": config_dict.placeholder(int),  # unlabelled rows per task per step; default batch_size
   })
 
   config.model = ml_collections.ConfigDict({
@@ -417,6 +426,7 @@ def validate_config(config: ml_collections.ConfigDict, task_names: Sequence[str]
   choices = {
       "contrastive.rule": CONTRASTIVE_RULES,
       "contrastive.distributed": DISTRIBUTED_MODES,
+      "data.unlabelled": UNLABELLED_MODES,
       "train.schedule": SCHEDULES,
       "model.dtype": DTYPES,
       "optimizer.name": optim.OPTIMIZERS,
@@ -455,6 +465,18 @@ def validate_config(config: ml_collections.ConfigDict, task_names: Sequence[str]
           f"{section}.warmup_steps or raise {steps_keys.partition(' ')[0]}")
   if train.stop_at_step is not None and not 0 < train.stop_at_step <= train.num_steps:
     raise ValueError(f"train.stop_at_step must be in [1, train.num_steps]; got {train.stop_at_step}")
+  label_fraction = config.data.label_fraction
+  if isinstance(label_fraction, bool) or not isinstance(label_fraction, (int, float)) or not 0 < label_fraction <= 1:
+    raise ValueError(f"data.label_fraction must be in (0, 1] (1: every label); got {label_fraction!r}")
+  for key in ("data.label_seed", "data.unlabelled_batch_size"):
+    value = _lookup(config, key)
+    if value is not None and value < (0 if key == "data.label_seed" else 1):
+      raise ValueError(f"config key {key!r} must be >= {0 if key == 'data.label_seed' else 1}; got {value}")
+  if config.data.unlabelled == "views" and not (config.contrastive.rule in rules.RULES
+                                                 and rules.RULES[config.contrastive.rule].views):
+    with_views = [name for name, rule in rules.RULES.items() if rule.views]
+    raise ValueError(f"data.unlabelled='views' feeds the unlabelled inputs to a rule with augmented views "
+                     f"{with_views}; contrastive.rule is {config.contrastive.rule!r}")
   if not 0 < config.contrastive.temperature < float("inf"):
     raise ValueError(f"contrastive.temperature must be finite and > 0; got {config.contrastive.temperature}")
   mtl.make(config.mtl.method, **config.mtl.options)

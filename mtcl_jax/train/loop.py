@@ -43,6 +43,28 @@ def _mean_metrics(window: Sequence[Mapping[str, float]]) -> dict[str, float]:
   return {key: float(np.mean([row[key] for row in window])) for key in window[0]}
 
 
+def _scarce_labels_and_batcher(config: ml_collections.ConfigDict, tasks: Sequence[data.TaskData]
+                               ) -> tuple[list[data.TaskData], data.MultiTaskBatcher]:
+  """The tasks with ``data.label_fraction`` of their labels (``data.unlabelled`` says what becomes of the other
+  inputs) and their batcher; a task's labelled batch is capped at its labelled rows, its unlabelled one at its
+  unlabelled inputs."""
+  section = config.data
+  label_seed = config.seed if section.label_seed is None else section.label_seed
+  tasks = data.hide_labels(tasks, section.label_fraction, seed=label_seed,
+                           keep_unlabelled=section.unlabelled == "views")
+  capped = section.label_fraction < 1
+  batch_sizes, unlabelled_sizes = {}, {}
+  for task_data in tasks:
+    name = task_data.task.name
+    size = int(section.task_batch_sizes.get(name, section.batch_size))
+    batch_sizes[name] = min(size, task_data.train["y"].shape[0]) if capped else size
+    if task_data.unlabelled is not None:
+      wanted = size if section.unlabelled_batch_size is None else section.unlabelled_batch_size
+      unlabelled_sizes[name] = min(wanted, task_data.unlabelled["x"].shape[0])
+  return tasks, data.MultiTaskBatcher(tasks, batch_sizes=batch_sizes, seed=config.seed,
+                                      unlabelled_batch_sizes=unlabelled_sizes)
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, fresh: bool = False
 ) -> dict[str, Any]:
@@ -82,9 +104,8 @@ def train_and_evaluate(
   task_names = [task_data.task.name for task_data in tasks]
   config_lib.validate_config(config, task_names)
   mesh = parallel.make_mesh(config.train.num_devices)
-  batch_sizes = {name: int(config.data.task_batch_sizes.get(name, config.data.batch_size)) for name in task_names}
-  batcher = data.MultiTaskBatcher(tasks, batch_sizes=batch_sizes, seed=config.seed)
-  examples_per_step = sum(batch_sizes.values())
+  tasks, batcher = _scarce_labels_and_batcher(config, tasks)
+  examples_per_step = sum(batcher.rows_per_step(name) for name in task_names)
 
   # --- Workdir: resume or start.
   workdir_lib.create_workdir(workdir)
@@ -185,6 +206,7 @@ def train_and_evaluate(
       "num_devices": int(mesh.devices.size),
       "num_processes": jax.process_count(),
       "examples_per_step": examples_per_step,
+      "labelled_train_rows": {task_data.task.name: int(task_data.train["y"].shape[0]) for task_data in tasks},
       "resumed_from_step": start_step if resume else None,
       "train_seconds_this_process": round(train_seconds, 2),
       "final_loss": next((row["loss"] for row in reversed(history) if "loss" in row), None),

@@ -15,6 +15,9 @@ rule                loss      positives of a row
                               (:func:`item_labels`)
 ``task_contrastive``  supcon  rows of the same task (group): the classic rule
 ``ntxent``          ntxent    the other augmented views of the same item (``pairs.view_labels``; self-supervised)
+``supcon_views``    supcon    the item's other views and, for a labelled item, every view of the items of its
+                              task × class (Khosla et al.'s SupCon over views); an item whose label is hidden
+                              (``y = -1``, semi-supervised runs) has only its own views, as in SimCLR
 ``clip``            clip      its partner: rows of two tasks paired by class (:func:`class_paired_rows`)
 ``binary_infonce``  binary    one sampled row of the same task against one of another task
                     infonce   (``pairs.sample_triplets``)
@@ -243,6 +246,23 @@ def _view_rows(inputs: RuleInputs) -> Rows:
   return Rows(*view_rows(inputs.view_projections, order=tuple(inputs.groups)))
 
 
+def _supcon_view_rows(inputs: RuleInputs) -> Rows:
+  order = tuple(inputs.groups)
+  columns = {rep: inputs.gather([inputs.batch[name]["y"] for name in members]) for rep, members in inputs.groups.items()}
+  # A hidden label (-1) is hidden in every task of its input (mtcl_jax.data.hide_labels keeps rows per input).
+  hidden = concat_groups({rep: columns[rep][0] < 0 for rep in order}, order)
+  labels = {rep: item_labels([jnp.maximum(column, 0) for column in columns[rep]]) for rep in order}
+  label_bound = max(inputs.num_classes[rep] if len(members) == 1 else inputs.batch[rep]["y"].shape[0]
+                    for rep, members in inputs.groups.items())
+  ids = concat_groups(_group_ids(inputs), order)
+  known = pairs.task_class_labels(ids, concat_groups(labels, order), num_classes=label_bound)
+  # Task ids lie below the task count, so labels from here up are free: one per item whose label is hidden.
+  first_free = label_bound * sum(len(members) for members in inputs.groups.values())
+  item = jnp.where(hidden, first_free + jnp.arange(known.shape[0], dtype=known.dtype), known)
+  rows, _ = view_rows(inputs.view_projections, order=order)
+  return Rows(rows, jnp.tile(item, len(inputs.view_projections)))
+
+
 def _clip_rows(inputs: RuleInputs) -> Rows:
   task_a, task_b = inputs.clip_tasks
   batch_a, batch_b = inputs.batch[task_a], inputs.batch[task_b]
@@ -264,6 +284,7 @@ RULES: dict[str, Rule] = {
     "supcon": Rule("supcon", _supcon_rows),
     "task_contrastive": Rule("supcon", _task_rows, min_inputs=2),
     "ntxent": Rule("ntxent", _view_rows, views=True),
+    "supcon_views": Rule("supcon", _supcon_view_rows, views=True),
     "clip": Rule("clip", _clip_rows, min_inputs=2),
     "binary_infonce": Rule("binary_infonce", _triplet_rows, min_inputs=2),
 }

@@ -123,6 +123,8 @@ def make_objectives(model: MultiTaskModel, config: ml_collections.ConfigDict, me
   task_weights = {name: config.classification.weight * float(config.classification.task_weights.get(name, 1.0))
                   for name in names if name != CONTRASTIVE}
   use_views = use_contrastive and rule.views
+  # Semi-supervised runs carry rows whose label is hidden (y = -1): cross-entropy and accuracy skip them.
+  hidden_labels = config.data.unlabelled == "views" and config.data.label_fraction < 1
   replicated = parallel.replicated(mesh)
   # [num_views, batch, ...]: each view keeps the batch's row sharding, so the stems run data-parallel on the views.
   views_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, parallel.DATA_AXIS))
@@ -190,11 +192,19 @@ def make_objectives(model: MultiTaskModel, config: ml_collections.ConfigDict, me
       logits = model.apply(params, head_input, method=MultiTaskModel.classify)
       for name, weight in task_weights.items():
         labels = batch[name]["y"]
-        task_loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits[name], labels))
+        correct = (jnp.argmax(logits[name], axis=-1) == labels).astype(jnp.float32)
+        if hidden_labels:
+          known = (labels >= 0).astype(jnp.float32)
+          count = jnp.maximum(jnp.sum(known), 1.0)
+          per_row = optax.softmax_cross_entropy_with_integer_labels(logits[name], jnp.maximum(labels, 0))
+          task_loss = jnp.sum(per_row * known) / count
+          accuracy = jnp.sum(correct * known) / count
+        else:
+          task_loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits[name], labels))
+          accuracy = jnp.mean(correct)
         entries[name] = weight * task_loss
         metrics[f"{name}/ce_loss"] = task_loss
-        metrics[f"train/{name}/accuracy"] = 100.0 * jnp.mean(
-            (jnp.argmax(logits[name], axis=-1) == labels).astype(jnp.float32))
+        metrics[f"train/{name}/accuracy"] = 100.0 * accuracy
       metrics["classification_loss"] = functools.reduce(jnp.add, entries.values())
     if use_contrastive:
       projections = model.apply(params, features["batch"], method=MultiTaskModel.project)

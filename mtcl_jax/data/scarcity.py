@@ -1,0 +1,98 @@
+"""Label scarcity: keep a stratified fraction of each task's training labels, optionally keeping the other inputs.
+
+The label-scarcity benchmarks (``experiments/reproduce.py --tables scarcity``) train every method on the same
+labelled rows: :func:`labelled_rows` keeps ``round(fraction * n_c)`` rows of each class ``c``, at least one, drawn
+with a seeded generator, so the subset is a pure function of (labels, fraction, seed) and a smaller fraction's
+rows are *not* required to be inside a larger one's. :func:`hide_labels` applies it to a composition: the kept
+rows stay the task's ``train`` split (what its head, its supervised contrastive terms and the probes see), and
+the rest become ``unlabelled`` inputs without labels, which only self-supervised terms may read (the trainer's
+``data.unlabelled="views"``). Tasks reading one input (``multi_digits``) keep the same rows, stratified by the
+first task's classes, so an item is labelled in every task or in none.
+
+Normalisation statistics stay those of all training inputs: they use no label.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+
+from mtcl_jax.data.tasks import TaskData
+
+
+def _check_fraction(fraction: float) -> float:
+  if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
+    raise ValueError(f"label fraction must be a number in (0, 1]; got {fraction!r}")
+  return float(fraction)
+
+
+def labelled_rows(labels: np.ndarray, fraction: float, *, seed: int) -> np.ndarray:
+  """The sorted row indices of a stratified ``fraction`` of ``labels``: ``max(1, round(fraction * n_c))`` per class.
+
+  Args:
+    labels: ``[n]`` integer classes.
+    fraction: in ``(0, 1]``; 1 keeps every row.
+    seed: a non-negative int; the same (labels, fraction, seed) give the same rows.
+
+  Returns:
+    ``[k]`` int64 indices into ``labels``, ascending.
+
+  Examples:
+    >>> labelled_rows(np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1]), 0.5, seed=0).size
+    5
+    >>> labelled_rows(np.array([0, 0, 1]), 0.01, seed=0).size  # at least one row of each class
+    2
+  """
+  fraction = _check_fraction(fraction)
+  labels = np.asarray(labels)
+  if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f"labels must be a 1-D integer array; got {labels.dtype} {labels.shape}")
+  if not isinstance(seed, (int, np.integer)) or seed < 0:
+    raise ValueError(f"seed must be a non-negative int; got {seed!r}")
+  if fraction == 1.0:
+    return np.arange(labels.size)
+  rng = np.random.default_rng([int(seed), zlib.crc32(b"labelled_rows")])
+  kept = []
+  for label in np.unique(labels):
+    rows = np.flatnonzero(labels == label)
+    count = max(1, math.floor(fraction * rows.size + 0.5))
+    kept.append(rng.choice(rows, size=count, replace=False))
+  return np.sort(np.concatenate(kept))
+
+
+def hide_labels(tasks: Sequence[TaskData], fraction: float, *, seed: int, keep_unlabelled: bool) -> list[TaskData]:
+  """Each task with only a stratified ``fraction`` of its training labels (see the module docstring).
+
+  Args:
+    tasks: e.g. from :func:`mtcl_jax.data.load_tasks`.
+    fraction: in ``(0, 1]``; 1 returns the tasks unchanged.
+    seed: the subset's seed (per dataset: the dataset's name is mixed in, so two datasets get unrelated draws).
+    keep_unlabelled: keep the other training inputs as ``TaskData.unlabelled`` (semi-supervised runs); False
+      drops them.
+
+  Returns:
+    New :class:`TaskData` with ``train`` the labelled rows; the test split is untouched.
+  """
+  fraction = _check_fraction(fraction)
+  if fraction == 1.0:
+    return list(tasks)
+  kept_of_dataset: dict[str, np.ndarray] = {}
+  hidden = []
+  for task_data in tasks:
+    dataset = task_data.task.dataset
+    if dataset not in kept_of_dataset:
+      dataset_seed = [int(seed), zlib.crc32(dataset.encode())]
+      kept_of_dataset[dataset] = labelled_rows(task_data.train["y"], fraction,
+                                               seed=int(np.random.default_rng(dataset_seed).integers(2**31)))
+    kept = kept_of_dataset[dataset]
+    rest = np.setdiff1d(np.arange(task_data.train["y"].shape[0]), kept)
+    train = {key: value[kept] for key, value in task_data.train.items()}
+    unlabelled = None
+    if keep_unlabelled and rest.size:
+      unlabelled = {key: task_data.train[key][rest] for key in ("x", "mask") if key in task_data.train}
+    hidden.append(dataclasses.replace(task_data, train=train, unlabelled=unlabelled))
+  return hidden
