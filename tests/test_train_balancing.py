@@ -206,3 +206,15 @@ def test_a_run_started_before_the_mtl_keys_existed_resumes(tmp_path):
   config.contrastive.temperature = float("inf")
   with pytest.raises(ValueError, match="finite and > 0; got inf"):
     config_lib.validate_config(config)
+
+
+@pytest.mark.parametrize("name", ["uw", "famo", "gls"])
+def test_every_metric_a_method_reports_is_a_scalar_the_loop_can_log(tasks, name):
+  # UW's log-variances and FAMO's task probabilities are [T]: they reach the log per objective.
+  config = _config(f"mtl.method={name}")
+  _, metrics, objectives, _, _ = _gradients(config, tasks, steps.make_method(config))
+  assert all(np.ndim(value) == 0 for value in metrics.values()), {k: np.shape(v) for k, v in metrics.items()}
+  for objective in objectives.names:
+    assert np.isfinite(metrics[f"mtl/{objective}/weight"])
+  if name == "uw":
+    assert {f"mtl/{objective}/log_variance" for objective in objectives.names} <= set(metrics)

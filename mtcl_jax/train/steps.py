@@ -289,8 +289,9 @@ def make_gradient_fn(
       instead of those of the shared parameters.
 
   Returns:
-    The gradient function; the direction has ``trainable``'s structure, and the metrics add
-    ``mtl/<objective>/weight`` where the method reports weights.
+    The gradient function; the direction has ``trainable``'s structure, and the metrics add the method's:
+    ``mtl/<objective>/weight`` where it reports weights, ``mtl/<objective>/<name>`` for its other per-objective
+    values (UW's ``log_variance``, FAMO's ``task_probabilities``), ``mtl/<name>`` for its scalars.
   """
   num_objectives = len(objectives.names)
   basis = jnp.eye(num_objectives, dtype=jnp.float32)
@@ -302,7 +303,7 @@ def make_gradient_fn(
                                                     key=jax.random.fold_in(key, _MTL_STREAM))
     # The VJP at the weights is the gradient of sum_t weights_t * objective_t, in one backward pass.
     (grads,) = vjp(jax.lax.stop_gradient(weights))
-    return grads, mtl_state, {**metrics, **mtl_metrics}
+    return grads, mtl_state, metrics, mtl_metrics
 
   def parameter_balanced(trainable, mtl_state, key, batch):
     params, log_temperature = trainable
@@ -333,7 +334,7 @@ def make_gradient_fn(
     direction, mtl_state, mtl_metrics = _combine(method, shared_by_objective, vector, mtl_state,
                                                  jax.random.fold_in(key, _MTL_STREAM))
     grads = (_merge(direction, _sum_objectives(rest_by_objective)), _sum_objectives(temperature_by_objective))
-    return grads, mtl_state, {**metrics, **mtl_metrics}
+    return grads, mtl_state, metrics, mtl_metrics
 
   def representation_balanced(trainable, mtl_state, key, batch):
     params, log_temperature = trainable
@@ -350,7 +351,7 @@ def make_gradient_fn(
                                                          jax.random.fold_in(key, _MTL_STREAM))
     (shared_grads,) = encoder_vjp(feature_direction)
     grads = (_merge(shared_grads, _sum_objectives(rest_by_objective)), _sum_objectives(temperature_by_objective))
-    return grads, mtl_state, {**metrics, **mtl_metrics}
+    return grads, mtl_state, metrics, mtl_metrics
 
   if method.kind == "loss":
     balanced = loss_balanced
@@ -358,10 +359,16 @@ def make_gradient_fn(
     balanced = representation_balanced if representation else parameter_balanced
 
   def grad_fn(trainable, mtl_state, key, batch):
-    grads, mtl_state, metrics = balanced(trainable, mtl_state, key, batch)
-    weights = metrics.pop("weights", None)
-    if weights is not None:
-      metrics.update({f"mtl/{name}/weight": weights[index] for index, name in enumerate(objectives.names)})
+    grads, mtl_state, metrics, method_metrics = balanced(trainable, mtl_state, key, batch)
+    # The method's own metrics: one per objective ([T]: mtl/<objective>/<metric>, "weights" as "weight") or
+    # scalars (mtl/<metric>), so the loop logs plain numbers.
+    metrics = dict(metrics)
+    for name, value in method_metrics.items():
+      if jnp.ndim(value) == 0:
+        metrics[f"mtl/{name}"] = value
+      else:
+        label = "weight" if name == "weights" else name
+        metrics.update({f"mtl/{objective}/{label}": value[index] for index, objective in enumerate(objectives.names)})
     return grads, mtl_state, metrics
 
   return grad_fn
