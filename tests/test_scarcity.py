@@ -175,3 +175,17 @@ def test_a_probe_without_rows_to_hold_out_fits_its_default_and_says_so():
   assert probe.validation_accuracy is None
   with pytest.raises(ValueError, match="validation split of 6 rows"):
     probes.fit_probe("mlp", features, labels, num_classes=3)
+
+
+def test_the_validation_split_is_held_out_of_the_training_rows_and_replaces_test(tasks):
+  split = data.holdout_validation(tasks, 0.2, seed=0)
+  for before, after in zip(tasks, split):
+    n, held = before.train["y"].shape[0], after.test["y"].shape[0]
+    assert after.train["y"].shape[0] + held == n
+    for label in np.unique(before.train["y"]):
+      assert np.sum(after.test["y"] == label) == max(1, int(np.floor(0.2 * np.sum(before.train["y"] == label) + 0.5)))
+    rows = lambda arrays: {row.tobytes() for row in arrays["x"].reshape(arrays["x"].shape[0], -1)}
+    assert not rows(after.train) & rows(after.test)
+    assert not rows(after.test) & rows(before.test)
+  with pytest.raises(ValueError, match="leaves a class with no training row"):
+    data.holdout_validation(data.hide_labels(tasks, 0.005, seed=0, keep_unlabelled=False), 0.5, seed=0)

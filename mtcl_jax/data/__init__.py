@@ -42,6 +42,7 @@ from mtcl_jax.data.tasks import Task
 from mtcl_jax.data.tasks import TaskData
 from mtcl_jax.data.tasks import load_tasks
 from mtcl_jax.data.scarcity import hide_labels
+from mtcl_jax.data.scarcity import holdout_validation
 from mtcl_jax.data.scarcity import labelled_rows
 from mtcl_jax.data.tasks import register_task
 
@@ -67,5 +68,6 @@ __all__ = [
     "load_tasks",
     "register_task",
     "hide_labels",
+    "holdout_validation",
     "labelled_rows",
 ]

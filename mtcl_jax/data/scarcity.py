@@ -10,6 +10,9 @@ the rest become ``unlabelled`` inputs without labels, which only self-supervised
 first task's classes, so an item is labelled in every task or in none.
 
 Normalisation statistics stay those of all training inputs: they use no label.
+
+:func:`holdout_validation` makes the split that choices are made on (a method, a hyper-parameter): a stratified
+part of each task's training rows becomes its evaluation split, so the test split is never read for a choice.
 """
 
 from __future__ import annotations
@@ -96,3 +99,36 @@ def hide_labels(tasks: Sequence[TaskData], fraction: float, *, seed: int, keep_u
       unlabelled = {key: task_data.train[key][rest] for key in ("x", "mask") if key in task_data.train}
     hidden.append(dataclasses.replace(task_data, train=train, unlabelled=unlabelled))
   return hidden
+
+
+def holdout_validation(tasks: Sequence[TaskData], fraction: float, *, seed: int) -> list[TaskData]:
+  """Each task with a stratified ``fraction`` of its training rows as its ``test`` split, trained on the rest.
+
+  Args:
+    tasks: e.g. from :func:`mtcl_jax.data.load_tasks` (before :func:`hide_labels`).
+    fraction: in ``(0, 1)``: the share of each class held out (at least one row; the rest keeps at least one).
+    seed: the split's seed (mixed with each dataset's name; tasks reading one input hold out the same items).
+
+  Returns:
+    New :class:`TaskData`; the real test split is not in them.
+  """
+  fraction = _check_fraction(fraction)
+  if fraction == 1.0:
+    raise ValueError("a validation fraction must be below 1 (some rows must stay for training)")
+  held_of_dataset: dict[str, np.ndarray] = {}
+  split = []
+  for task_data in tasks:
+    dataset = task_data.task.dataset
+    labels = task_data.train["y"]
+    if dataset not in held_of_dataset:
+      dataset_seed = [int(seed), zlib.crc32(dataset.encode()), zlib.crc32(b"validation")]
+      held = labelled_rows(labels, fraction, seed=int(np.random.default_rng(dataset_seed).integers(2**31)))
+      held_of_dataset[dataset] = held
+    held = held_of_dataset[dataset]
+    rest = np.setdiff1d(np.arange(labels.shape[0]), held)
+    if rest.size == 0 or np.unique(labels[rest]).size < np.unique(labels).size:
+      raise ValueError(f"task {task_data.task.name!r}: holding out {fraction} of its {labels.shape[0]} training "
+                       "rows leaves a class with no training row; use a smaller validation fraction")
+    split.append(dataclasses.replace(task_data, train={key: value[rest] for key, value in task_data.train.items()},
+                                     test={key: value[held] for key, value in task_data.train.items()}))
+  return split

@@ -210,3 +210,41 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     raise ValueError(f"mean_std needs a non-empty 1-D sequence of numbers; got shape {array.shape}")
   std = float(np.std(array, ddof=1)) if array.size >= 2 else 0.0
   return float(np.mean(array)), std
+
+
+def paired_p_value(values: Sequence[float], baseline: Sequence[float]) -> float | None:
+  """Two-sided p-value of a paired t-test (``scipy.stats.ttest_rel``) of a metric against a baseline over seeds.
+
+  Seed ``i`` of both runs shares its data order, initialisation and labelled subset, so the differences are
+  paired. With three seeds the test has little power: a large p-value says the difference is inside the
+  seed-to-seed noise, not that there is none.
+
+  Args:
+    values: the metric of each seed.
+    baseline: the baseline's metric at the same seeds, in the same order.
+
+  Returns:
+    The p-value; 1.0 when every difference is 0; None with fewer than two seeds.
+
+  Examples:
+    >>> round(paired_p_value([91.0, 92.5, 90.0], [90.0, 91.0, 89.5]), 3)
+    0.074
+  """
+  from scipy import stats  # scipy comes with scikit-learn, in the "data" extra
+
+  values, baseline = np.asarray(values, np.float64), np.asarray(baseline, np.float64)
+  if values.shape != baseline.shape or values.ndim != 1:
+    raise ValueError(f"paired_p_value needs two 1-D sequences of one length; got {values.shape} and {baseline.shape}")
+  if values.size < 2:
+    return None
+  differences = values - baseline
+  if np.all(differences == differences[0]):
+    # A constant difference: no spread to test against (scipy returns NaN); equal runs are no evidence of change.
+    return 1.0 if differences[0] == 0 else 0.0
+  return float(stats.ttest_rel(values, baseline).pvalue)
+
+
+def one_sample_p_value(values: Sequence[float]) -> float | None:
+  """Two-sided p-value of a t-test that the mean of ``values`` (e.g. Δm over seeds) is 0; None for < 2 values."""
+  values = np.asarray(values, np.float64)
+  return paired_p_value(values, np.zeros_like(values))

@@ -6,7 +6,8 @@ A results file is JSON, ``{"rows": [row, ...]}``, one row per (dataset, method, 
    "seeds": [0, 1, 2]}
 
 Scores are in percent; ``std`` is the sample standard deviation over ``seeds`` (0 for one seed, see
-``metrics.mean_std``).
+``metrics.mean_std``). A row may also carry ``"p_value"``: a paired test across the same seeds against the
+table's baseline (``metrics.paired_p_value``; for Δm, against 0), shown beside the number as ``(p=0.03)``.
 """
 
 from __future__ import annotations
@@ -22,14 +23,16 @@ from typing import Any
 METRICS: tuple[str, ...] = ("accuracy", "macro_f1", "delta_m")
 _METRIC_HEADERS = {"accuracy": "accuracy", "macro_f1": "macro-F1", "delta_m": "Δm"}
 _ROW_KEYS = frozenset({"dataset", "method", "metric", "mean", "std", "seeds"})
+_OPTIONAL_KEYS = frozenset({"p_value"})
 _MISSING = "—"
 
 
 def _check_row(index: int, row: Any) -> dict[str, Any]:
   if not isinstance(row, Mapping):
     raise ValueError(f"results row {index} must be a mapping; got {type(row).__name__}")
-  if set(row) != _ROW_KEYS:
-    raise ValueError(f"results row {index} must have exactly the keys {sorted(_ROW_KEYS)}; got {sorted(row)}")
+  if not _ROW_KEYS <= set(row) <= _ROW_KEYS | _OPTIONAL_KEYS:
+    raise ValueError(f"results row {index} must have the keys {sorted(_ROW_KEYS)} (and optionally "
+                     f"{sorted(_OPTIONAL_KEYS)}); got {sorted(row)}")
   for key in ("dataset", "method"):
     if not isinstance(row[key], str) or not row[key]:
       raise ValueError(f"results row {index}: {key} must be a non-empty string; got {row[key]!r}")
@@ -46,8 +49,14 @@ def _check_row(index: int, row: Any) -> dict[str, Any]:
       or not all(isinstance(seed, int) and not isinstance(seed, bool) for seed in seeds)
       or len(set(seeds)) != len(seeds)):
     raise ValueError(f"results row {index}: seeds must be a non-empty list of distinct ints; got {seeds!r}")
-  return {"dataset": row["dataset"], "method": row["method"], "metric": row["metric"],
-          "mean": float(row["mean"]), "std": float(row["std"]), "seeds": list(seeds)}
+  checked = {"dataset": row["dataset"], "method": row["method"], "metric": row["metric"],
+             "mean": float(row["mean"]), "std": float(row["std"]), "seeds": list(seeds)}
+  if "p_value" in row:
+    p_value = row["p_value"]
+    if isinstance(p_value, bool) or not isinstance(p_value, (int, float)) or not 0.0 <= p_value <= 1.0:
+      raise ValueError(f"results row {index}: p_value must be a number in [0, 1]; got {p_value!r}")
+    checked["p_value"] = float(p_value)
+  return checked
 
 
 def validate_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -147,7 +156,10 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], *, anchors: Mapping[str, s
       line = [dataset, method]
       for metric in metric_columns:
         cell = cells.get(metric)
-        line.append(f"{cell['mean']:.2f} ± {cell['std']:.2f}" if cell else _MISSING)
+        text = f"{cell['mean']:.2f} ± {cell['std']:.2f}" if cell else _MISSING
+        if cell and "p_value" in cell:
+          text += f" (p={cell['p_value']:.2f})"
+        line.append(text)
       line.append(_seed_count(cells))
       if anchors is not None:
         line.append(anchors.get(dataset, "") if position == 0 else "")

@@ -90,6 +90,9 @@ def base_config() -> ml_collections.ConfigDict:
       # supcon_views see them, with hidden labels; cross-entropy and the probes never do).
       "unlabelled": "drop",
       "unlabelled_batch_size": config_dict.placeholder(int),  # unlabelled rows per task per step; default batch_size
+      # Hold out this stratified fraction of each task's training rows and evaluate on it instead of the test
+      # split: the split to make choices on (mtcl_jax.data.holdout_validation). Default: evaluate on test.
+      "validation_fraction": config_dict.placeholder(float),
   })
 
   config.model = ml_collections.ConfigDict({
@@ -468,6 +471,10 @@ def validate_config(config: ml_collections.ConfigDict, task_names: Sequence[str]
   label_fraction = config.data.label_fraction
   if isinstance(label_fraction, bool) or not isinstance(label_fraction, (int, float)) or not 0 < label_fraction <= 1:
     raise ValueError(f"data.label_fraction must be in (0, 1] (1: every label); got {label_fraction!r}")
+  validation_fraction = config.data.validation_fraction
+  if validation_fraction is not None and not 0 < validation_fraction < 1:
+    raise ValueError(f"data.validation_fraction must be in (0, 1) (None: evaluate on the test split); "
+                     f"got {validation_fraction!r}")
   for key in ("data.label_seed", "data.unlabelled_batch_size"):
     value = _lookup(config, key)
     if value is not None and value < (0 if key == "data.label_seed" else 1):

@@ -46,13 +46,16 @@ def _mean_metrics(window: Sequence[Mapping[str, float]]) -> dict[str, float]:
 def _scarce_labels_and_batcher(config: ml_collections.ConfigDict, tasks: Sequence[data.TaskData]
                                ) -> tuple[list[data.TaskData], data.MultiTaskBatcher]:
   """The tasks with ``data.label_fraction`` of their labels (``data.unlabelled`` says what becomes of the other
-  inputs) and their batcher; a task's labelled batch is capped at its labelled rows, its unlabelled one at its
-  unlabelled inputs."""
+  inputs), evaluated on a validation split of their training rows if ``data.validation_fraction`` is set, and
+  their batcher; a task's labelled batch is capped at its labelled rows, its unlabelled one at its unlabelled
+  inputs."""
   section = config.data
   label_seed = config.seed if section.label_seed is None else section.label_seed
+  if section.validation_fraction is not None:
+    tasks = data.holdout_validation(tasks, section.validation_fraction, seed=label_seed)
   tasks = data.hide_labels(tasks, section.label_fraction, seed=label_seed,
                            keep_unlabelled=section.unlabelled == "views")
-  capped = section.label_fraction < 1
+  capped = section.label_fraction < 1 or section.validation_fraction is not None
   batch_sizes, unlabelled_sizes = {}, {}
   for task_data in tasks:
     name = task_data.task.name
@@ -206,6 +209,8 @@ def train_and_evaluate(
       "num_devices": int(mesh.devices.size),
       "num_processes": jax.process_count(),
       "examples_per_step": examples_per_step,
+      "evaluated_on": ("test" if config.data.validation_fraction is None else
+                       f"validation: {config.data.validation_fraction} of the training rows, held out"),
       "labelled_train_rows": {task_data.task.name: int(task_data.train["y"].shape[0]) for task_data in tasks},
       "resumed_from_step": start_step if resume else None,
       "train_seconds_this_process": round(train_seconds, 2),
