@@ -1,0 +1,271 @@
+"""The regime tables of ``experiments/reproduce.py``: when does contrastive learning help multi-task learning?
+
+The saturated tables (every method at 98.5-99.3% on the full offline datasets) cannot answer that, so these
+tables train where the answer is not saturated:
+
+* ``scarcity``: the three-modality joint model (digits images, JapaneseVowels speech frames, MNIST-1D signals;
+  one shared encoder) when each task keeps 1%, 5%, 10% or 100% of its training labels (stratified, at least
+  one per class, the subset drawn from the run's seed: ``data.label_fraction``). Methods: single-task CE, the
+  multi-task CE baseline (static weights), + SupCon over task × class, + the classic task-only pairs, SimCLR on
+  all inputs then a linear probe on the labelled rows, semi-supervised SupCon over views of all inputs + CE on
+  the labelled rows (``data.unlabelled=views``, rule ``supcon_views``), and the two balancing methods
+  ``balancing_selection`` picks, with and without SupCon, at :data:`BALANCING_FRACTIONS`.
+* ``interference``: ``multi_digits`` (left and right digit of one 8x12 canvas, two heads on one input), all
+  labels: single-task CE per head, multi-task CE, + SupCon over the items' joint classes, and the two balancing
+  methods with and without SupCon.
+* ``balancing_selection``: every balancing method with SupCon at 10% labels, seed 0, scored on a validation
+  split held out of the training rows (``data.validation_fraction=0.2``): the test split is never read for the
+  choice. The two best by mean validation head accuracy are the balancing methods of the tables above.
+
+Every run uses :data:`REGIME_BUDGET` (300 steps of 64 labelled rows per task: the 2-core budget of the whole
+reproduction, BUILD.md); per-task accuracy and macro-F1 are reported as mean ± std over the seeds, each with the
+p-value of a paired t-test across seeds against multi-task CE at the same fraction, and Δm (accuracy, against
+single-task CE at the same fraction) with the p-value of a t-test of Δm against 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from mtcl_jax import mtl
+from mtcl_jax.eval import metrics
+
+REGIME_BUDGET = ("train.num_steps=300", "train.log_every=100", "train.checkpoint_every=300", "eval.probes=()",
+                 "train.eval_every=0", "eval.plots=False")
+FRACTIONS = (0.01, 0.05, 0.1, 1.0)
+BALANCING_FRACTIONS = (0.1,)
+SELECTION_FRACTION = 0.1
+SELECTION_SEEDS = (0,)
+SELECTION_CANDIDATES: tuple[str, ...] | None = None  # None: every method in mtcl_jax.mtl.METHODS but static
+NUM_SELECTED = 2
+JOINT_TASKS = ("digits", "japanese_vowels", "mnist1d")
+INTERFERENCE_TASKS = ("left_digit", "right_digit")
+BASELINE = "multi-task CE (static)"
+SINGLE = "single-task CE"
+
+TABLE_NAMES = ("balancing_selection", "scarcity", "interference")
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """One line of a regime table: its config overrides and which evaluator scores it."""
+  name: str
+  overrides: tuple[str, ...]
+  evaluator: str = "head"  # "head", or "linear" for the linear probe on frozen features
+  single: bool = False  # one model per task
+
+
+@dataclasses.dataclass(frozen=True)
+class RegimeRun:
+  """One trained model: the cache key, the data spec and the overrides (after the regime budget)."""
+  key: str
+  tasks: str
+  overrides: tuple[str, ...]
+
+
+CE = ("contrastive.rule=none",)
+SUPCON = ("contrastive.rule=supcon",)
+SEMI = ("contrastive.rule=supcon_views", "data.unlabelled=views")
+SIMCLR = ("contrastive.rule=ntxent", "classification.weight=0.0", "data.unlabelled=views",
+          "eval.probes=('linear',)")
+
+
+def core_methods(several_inputs: bool, with_self_supervised: bool) -> list[Method]:
+  methods = [Method(SINGLE, CE, single=True), Method(BASELINE, CE),
+             Method("multi-task CE + SupCon (task × class)", SUPCON)]
+  if several_inputs:
+    methods.append(Method("multi-task CE + classic task pairs", ("contrastive.rule=task_contrastive",)))
+  if with_self_supervised:
+    methods += [Method("SimCLR on all inputs, then linear probe", SIMCLR, evaluator="linear"),
+                Method("semi-supervised: SupCon over views of all inputs + CE", SEMI)]
+  return methods
+
+
+def balancing_methods(names: Sequence[str]) -> list[Method]:
+  methods = []
+  for name in names:
+    methods += [Method(f"{name} (CE only)", (*CE, f"mtl.method={name}")),
+                Method(f"{name} + SupCon", (*SUPCON, f"mtl.method={name}"))]
+  return methods
+
+
+def _slug(text: str) -> str:
+  return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+
+
+def _percent(fraction: float) -> str:
+  return f"{fraction * 100:g}%"
+
+
+def _spec(tasks: Sequence[str]) -> str:
+  return "multi_digits" if tuple(tasks) == INTERFERENCE_TASKS else "+".join(tasks)
+
+
+def _runs_of(table: str, method: Method, fraction: float, tasks: Sequence[str]) -> dict[str | None, RegimeRun]:
+  """``{task: run}`` for a single-task method, ``{None: run}`` otherwise."""
+  overrides = (*REGIME_BUDGET, *method.overrides, f"data.label_fraction={fraction}")
+  stem = f"{table}_{_slug(method.name)}_f{fraction:g}"
+  if not method.single:
+    return {None: RegimeRun(stem, _spec(tasks), overrides)}
+  if tuple(tasks) == INTERFERENCE_TASKS:
+    # One head of the two-head dataset: the other head's cross-entropy is weighted 0 (same input, same encoder).
+    return {task: RegimeRun(f"{stem}_{task}", "multi_digits",
+                            (*overrides, *(f"classification.task_weights.{other}=0.0"
+                                           for other in tasks if other != task)))
+            for task in tasks}
+  return {task: RegimeRun(f"{stem}_{task}", task, overrides) for task in tasks}
+
+
+def use_mini_plan() -> None:
+  """The CI miniature (``reproduce.py --mini``): two fractions, and two balancing candidates to select from."""
+  global FRACTIONS, SELECTION_CANDIDATES
+  FRACTIONS, SELECTION_CANDIDATES = (0.05, 1.0), ("ew", "uw")
+
+
+def selection_runs() -> list[RegimeRun]:
+  names = SELECTION_CANDIDATES or [name for name in mtl.METHODS if name != "static"]
+  return [RegimeRun(f"balancing_selection_{name}", _spec(JOINT_TASKS),
+                    (*REGIME_BUDGET, *SUPCON, f"mtl.method={name}", f"data.label_fraction={SELECTION_FRACTION}",
+                     "data.validation_fraction=0.2")) for name in names]
+
+
+def selected_methods(scores: Mapping[tuple[str, int], Mapping[str, Any]]) -> list[str]:
+  """The :data:`NUM_SELECTED` balancing methods with the best mean validation head accuracy (ties: name order)."""
+  ranked = []
+  for run in selection_runs():
+    name = run.key.removeprefix("balancing_selection_")
+    accuracy = np.mean([np.mean([task["accuracy"] for task in scores[(run.key, seed)].values()])
+                        for seed in SELECTION_SEEDS])
+    ranked.append((-accuracy, name))
+  return [name for _, name in sorted(ranked)[:NUM_SELECTED]]
+
+
+def table_plan(table: str, selected: Sequence[str]) -> list[tuple[Method, float, dict[str | None, RegimeRun]]]:
+  """``(method, fraction, runs)`` for every line of a table (``selected``: the chosen balancing methods)."""
+  if table == "scarcity":
+    plan = [(method, fraction, _runs_of(table, method, fraction, JOINT_TASKS))
+            for fraction in FRACTIONS for method in core_methods(True, True)]
+    plan += [(method, fraction, _runs_of(table, method, fraction, JOINT_TASKS))
+             for fraction in BALANCING_FRACTIONS for method in balancing_methods(selected)]
+    return plan
+  if table == "interference":
+    methods = [*core_methods(False, False), *balancing_methods(selected)]
+    return [(method, 1.0, _runs_of(table, method, 1.0, INTERFERENCE_TASKS)) for method in methods]
+  raise ValueError(f"unknown regime table {table!r}")
+
+
+def _accuracy(scores: Mapping[str, Any], task: str, evaluator: str, metric: str = "accuracy") -> float:
+  task_scores = scores[task]
+  return float(task_scores[metric] if evaluator == "head" else task_scores["probes"][evaluator][metric])
+
+
+def table_rows(table: str, scores: Mapping[tuple[str, int], Mapping[str, Any]], seeds: Sequence[int],
+               selected: Sequence[str]) -> list[dict[str, Any]]:
+  """Results rows (``mtcl_jax.eval.tables`` format, with paired p-values) of a regime table."""
+  if table == "balancing_selection":
+    rows = []
+    for run in selection_runs():
+      name = run.key.removeprefix("balancing_selection_")
+      for task in JOINT_TASKS:
+        values = [_accuracy(scores[(run.key, seed)], task, "head") for seed in SELECTION_SEEDS]
+        rows.append(_row(f"{task} @ {_percent(SELECTION_FRACTION)} labels, validation split",
+                         f"{name} + SupCon{' (selected)' if name in selected else ''}", "accuracy", values,
+                         SELECTION_SEEDS))
+    return rows
+
+  plan = table_plan(table, selected)
+  tasks = INTERFERENCE_TASKS if table == "interference" else JOINT_TASKS
+
+  def per_seed(method: Method, runs: Mapping[str | None, RegimeRun], task: str, metric: str) -> list[float]:
+    run = runs[task] if method.single else runs[None]
+    return [_accuracy(scores[(run.key, seed)], task, method.evaluator, metric) for seed in seeds]
+
+  baseline_of = {fraction: runs for method, fraction, runs in plan if method.name == BASELINE}
+  single_of = {fraction: runs for method, fraction, runs in plan if method.name == SINGLE}
+  baseline_method = next(method for method, _, _ in plan if method.name == BASELINE)
+  single_method = next(method for method, _, _ in plan if method.name == SINGLE)
+  rows = []
+  for method, fraction, runs in plan:
+    label = f"{method.name}{' — linear probe' if method.evaluator == 'linear' else ''}"
+    for task in tasks:
+      dataset = f"{task} @ {_percent(fraction)} labels"
+      for metric in ("accuracy", "macro_f1"):
+        values = per_seed(method, runs, task, metric)
+        p_value = None
+        if method.name != BASELINE:
+          p_value = metrics.paired_p_value(values, per_seed(baseline_method, baseline_of[fraction], task, metric))
+        rows.append(_row(dataset, label, metric, values, seeds, p_value))
+    if method.name != SINGLE:
+      deltas = []
+      for index in range(len(seeds)):
+        multi = {task: per_seed(method, runs, task, "accuracy")[index] for task in tasks}
+        single = {task: per_seed(single_method, single_of[fraction], task, "accuracy")[index] for task in tasks}
+        deltas.append(metrics.delta_m(multi, single))
+      rows.append(_row(f"Δm vs single-task CE @ {_percent(fraction)} labels", label, "delta_m", deltas, seeds,
+                       metrics.one_sample_p_value(deltas)))
+  return rows
+
+
+def _row(dataset: str, method: str, metric: str, values: Sequence[float], seeds: Sequence[int],
+         p_value: float | None = None) -> dict[str, Any]:
+  mean, std = metrics.mean_std(values)
+  row = {"dataset": dataset, "method": method, "metric": metric, "mean": round(mean, 2), "std": round(std, 2),
+         "seeds": list(seeds)}
+  if p_value is not None:
+    row["p_value"] = round(p_value, 4)
+  return row
+
+
+def runs_needed(tables: Sequence[str], selected: Sequence[str] | None) -> list[RegimeRun]:
+  """Every run the tables need; the balancing lines only once ``selected`` is known."""
+  runs: dict[str, RegimeRun] = {}
+  for table in tables:
+    if table == "balancing_selection":
+      plan_runs = selection_runs()
+    else:
+      plan_runs = [run for method, _, by_task in table_plan(table, selected or ()) for run in by_task.values()]
+    for run in plan_runs:
+      runs.setdefault(run.key, run)
+  return list(runs.values())
+
+
+def plot_label_fractions(rows: Sequence[Mapping[str, Any]], path: pathlib.Path,
+                         keep: Callable[[str], bool] = lambda method: True) -> pathlib.Path:
+  """Accuracy against the fraction of labels, one panel per task, one line per method with its ±std band."""
+  pattern = re.compile(r"(?P<task>.+) @ (?P<percent>[0-9.]+)% labels$")
+  series: dict[str, dict[str, list[tuple[float, float, float]]]] = {}
+  for row in rows:
+    match = pattern.match(row["dataset"])
+    if row["metric"] != "accuracy" or not match or not keep(row["method"]):
+      continue
+    series.setdefault(match["task"], {}).setdefault(row["method"], []).append(
+        (float(match["percent"]), row["mean"], row["std"]))
+  figure = Figure(figsize=(5.0 * len(series), 4.2), layout="constrained")
+  axes = figure.subplots(1, len(series), squeeze=False)[0]
+  for axis, (task, methods) in zip(axes, series.items()):
+    for method, points in methods.items():
+      points = sorted(points)
+      if len(points) < 2:
+        continue
+      x, mean, std = (np.array(column) for column in zip(*points))
+      (line,) = axis.plot(x, mean, marker="o", label=method)
+      axis.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    axis.set_xscale("log")
+    axis.set_xticks([1, 5, 10, 100], labels=["1%", "5%", "10%", "100%"])
+    axis.set_xlabel("training labels kept")
+    axis.set_ylabel("test accuracy (%)")
+    axis.set_title(task)
+    axis.grid(alpha=0.3)
+  axes[0].legend(fontsize=7, loc="lower right")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  FigureCanvasAgg(figure)
+  figure.savefig(path, dpi=110)
+  return path
