@@ -5,7 +5,9 @@ import json
 import pathlib
 import sys
 
+import numpy as np
 import pytest
+from scipy import stats
 
 from mtcl_jax.eval import tables
 
@@ -56,3 +58,94 @@ def test_one_cache_key_means_one_config():
   for runs in reproduce.TABLES.values():
     for run in runs:
       assert runs_by_key.setdefault(run.key, run) == run, run.key
+
+
+def _regimes_module():
+  _reproduce_module()  # puts experiments/ on sys.path
+  import regimes
+
+  return regimes
+
+
+def _fake_report(accuracy: dict[str, float], probe: bool = False) -> dict:
+  return {task: {"accuracy": value, "macro_f1": value - 1.0,
+                 **({"probes": {"linear": {"accuracy": value + 0.5, "macro_f1": value - 0.5}}} if probe else {})}
+          for task, value in accuracy.items()}
+
+
+def test_regime_rows_are_means_paired_tests_and_delta_m_of_the_runs(tmp_path):
+  regimes = _regimes_module()
+  seeds = [0, 1, 2]
+  selected = ["uw", "famo"]
+  rng = np.random.default_rng(0)
+  scores = {}
+  for method, fraction, runs in regimes.table_plan("scarcity", selected):
+    for task, run in runs.items():
+      for seed in seeds:
+        tasks = regimes.JOINT_TASKS if task is None else (task,)
+        scores[(run.key, seed)] = _fake_report({name: float(rng.uniform(50, 99)) for name in tasks},
+                                               probe=method.evaluator == "linear")
+  rows = regimes.table_rows("scarcity", scores, seeds, selected)
+  tables.validate_rows(rows)
+
+  def cell(dataset, method, metric):
+    return next(row for row in rows if (row["dataset"], row["method"], row["metric"]) == (dataset, method, metric))
+
+  plan = regimes.table_plan("scarcity", selected)
+  by_name = {(method.name, fraction): runs for method, fraction, runs in plan}
+  supcon = "multi-task CE + SupCon (task × class)"
+  values = [scores[(by_name[(supcon, 0.05)][None].key, seed)]["digits"]["accuracy"] for seed in seeds]
+  baseline = [scores[(by_name[(regimes.BASELINE, 0.05)][None].key, seed)]["digits"]["accuracy"] for seed in seeds]
+  row = cell("digits @ 5% labels", supcon, "accuracy")
+  assert row["mean"] == pytest.approx(np.mean(values), abs=0.01)
+  assert row["std"] == pytest.approx(np.std(values, ddof=1), abs=0.01)
+  assert row["p_value"] == pytest.approx(stats.ttest_rel(values, baseline).pvalue, abs=1e-4)
+  assert "p_value" not in cell("digits @ 5% labels", regimes.BASELINE, "accuracy")
+
+  # Δm against the single-task runs of the same fraction, by hand; SimCLR is scored by its probe.
+  simclr = "SimCLR on all inputs, then linear probe"
+  deltas = []
+  for seed in seeds:
+    relative = []
+    for task in regimes.JOINT_TASKS:
+      single = scores[(by_name[(regimes.SINGLE, 0.01)][task].key, seed)][task]["accuracy"]
+      probe = scores[(by_name[(simclr, 0.01)][None].key, seed)][task]["probes"]["linear"]["accuracy"]
+      relative.append((probe - single) / single)
+    deltas.append(100 * np.mean(relative))
+  delta_row = cell("Δm vs single-task CE @ 1% labels", f"{simclr} — linear probe", "delta_m")
+  assert delta_row["mean"] == pytest.approx(np.mean(deltas), abs=0.01)
+  assert delta_row["p_value"] == pytest.approx(stats.ttest_1samp(deltas, 0.0).pvalue, abs=1e-4)
+  # The balancing lines exist only at their fractions; the figure has one panel per task.
+  assert {row["dataset"] for row in rows if row["method"] == "uw + SupCon"} == {
+      f"{task} @ 10% labels" for task in regimes.JOINT_TASKS} | {"Δm vs single-task CE @ 10% labels"}
+  assert regimes.plot_label_fractions(rows, tmp_path / "figure.png").stat().st_size > 10_000
+
+
+def test_the_balancing_methods_are_the_best_on_validation_and_every_regime_key_is_one_config():
+  regimes = _regimes_module()
+  runs = regimes.selection_runs()
+  assert all("data.validation_fraction=0.2" in run.overrides for run in runs)
+  accuracy = {run.key: 80.0 + index for index, run in enumerate(runs)}
+  scores = {(run.key, 0): _fake_report({task: accuracy[run.key] for task in regimes.JOINT_TASKS}) for run in runs}
+  best = [run.key.removeprefix("balancing_selection_") for run in runs[::-1][:2]]
+  assert regimes.selected_methods(scores) == best
+  seen = {}
+  for run in regimes.runs_needed(regimes.TABLE_NAMES, best):
+    assert seen.setdefault(run.key, run) == run, run.key
+  # Single-task lines of the two-head dataset silence the other head.
+  single = regimes.table_plan("interference", best)[0][2]
+  assert "classification.task_weights.right_digit=0.0" in single["left_digit"].overrides
+
+
+@pytest.mark.slow
+def test_mini_regime_table_trains_selects_and_writes_its_rows(tmp_path):
+  reproduce = _reproduce_module()
+  assert reproduce.main(["--mini", "--tables", "interference", "--workdir", str(tmp_path)]) == 0
+  rows = tables.load_results(tmp_path / "results" / "interference.json")
+  methods = {row["method"] for row in rows}
+  assert {"single-task CE", "multi-task CE (static)", "ew + SupCon", "uw + SupCon"} <= methods
+  assert {row["dataset"] for row in rows if row["metric"] == "accuracy"} == {
+      "left_digit @ 100% labels", "right_digit @ 100% labels"}
+  assert all("p_value" not in row for row in rows)  # one seed: no test
+  report = json.loads((tmp_path / "balancing_selection_uw_seed0" / "report.json").read_text())
+  assert report["run"]["evaluated_on"].startswith("validation")
