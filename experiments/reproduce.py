@@ -105,11 +105,15 @@ def run_once(run: Run | regimes.RegimeRun, seed: int, *, base_config: pathlib.Pa
   """Trains (or loads the cached report of) one run at one seed."""
   run_dir = workdir / f"{run.key}_seed{seed}"
   report_path = run_dir / "report.json"
-  if report_path.exists():
-    return json.loads(report_path.read_text())
   config = config_lib.load_config(base_config)
   config_lib.apply_overrides(config, [f"data.tasks={run.tasks}", f"seed={seed}", *COMMON_OVERRIDES,
                                       *run.overrides, *extra])
+  if report_path.exists():
+    cached = json.loads(report_path.read_text())
+    # A cached run counts only if it was trained with this config (a changed budget or override retrains it).
+    if cached.get("config") == json.loads(json.dumps(config.to_dict())):
+      return cached
+    print(f"[reproduce] {run.key} seed {seed}: the cached report has another config; training again", flush=True)
   start = time.perf_counter()
   report = train_and_evaluate(config, run_dir, fresh=True)
   print(f"[reproduce] {run.key} seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
