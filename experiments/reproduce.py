@@ -252,8 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     regime_reports = run_all(selection, extra=regime_extra, **run_kwargs)
     selected = regimes.selected_methods({key: report["tasks"] for key, report in regime_reports.items()})
     print(f"[reproduce] balancing methods selected on the validation split: {selected}", flush=True)
-    jobs = [(run, seed) for run in regimes.runs_needed(new_tables, selected) for seed in args.seeds
-            if (run.key, seed) not in regime_reports]
+    lines = [name for name in new_tables if name != "balancing_selection"]  # selection ran above, at its seeds
+    jobs = [(run, seed) for run in regimes.runs_needed(lines, selected) for seed in args.seeds]
     regime_reports.update(run_all(jobs, extra=regime_extra, **run_kwargs))
     regime_scores = {key: report["tasks"] for key, report in regime_reports.items()}
   for name in new_tables:
