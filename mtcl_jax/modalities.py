@@ -44,7 +44,7 @@ class Modality:
 TABLE: tuple[Modality, ...] = (
     Modality("image", example_rank=3, frame_mask=False, stem="image", augmentation="image"),
     Modality("signal", example_rank=2, frame_mask=False, stem="sequence", augmentation="signal"),
-    Modality("sequence", example_rank=2, frame_mask=True, stem="sequence", augmentation="signal"),
+    Modality("sequence", example_rank=2, frame_mask=True, stem="sequence", augmentation="sequence"),
     Modality("tabular", example_rank=1, frame_mask=False, stem="tabular", augmentation="tabular"),
 )
 NAMES: tuple[str, ...] = tuple(modality.name for modality in TABLE)

@@ -288,3 +288,71 @@ def test_default_views_stay_classifiable(spec, floor, data_dir):
   classifier = SVC().fit(np.asarray(train_views).reshape(2 * len(train["y"]), -1), np.tile(train["y"], 2))
   accuracy = np.mean(classifier.predict(np.asarray(test_view).reshape(len(test["y"]), -1)) == test["y"])
   assert accuracy > floor
+
+
+def _line_fit(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Per-row least-squares offset (mean) and slope per frame of ``values [B, T]``."""
+  time = np.arange(values.shape[1]) - (values.shape[1] - 1) / 2
+  return values.mean(axis=1), (values * time).sum(axis=1) / (time**2).sum()
+
+
+def test_detrend_removes_each_items_offset_and_trend_and_keeps_the_rest():
+  rng = np.random.default_rng(10)
+  wiggle = np.sin(np.linspace(0, 6 * np.pi, 40))[None, :] * rng.uniform(0.5, 2.0, (8, 1))
+  time = np.arange(40) - 19.5
+  lines = rng.normal(size=(8, 1)) + rng.normal(size=(8, 1)) * 0.1 * time
+  x = jnp.asarray((wiggle + lines)[:, :, None], jnp.float32)
+  out = np.asarray(augment.augment_signal(jax.random.key(10), x, **{**SIGNAL_OFF, "detrend": True}))[..., 0]
+  offsets, slopes = _line_fit(out)
+  np.testing.assert_allclose(offsets, 0.0, atol=1e-5)
+  np.testing.assert_allclose(slopes, 0.0, atol=1e-6)
+  wiggle_offsets, wiggle_slopes = _line_fit(wiggle)
+  np.testing.assert_allclose(out, wiggle - wiggle_offsets[:, None] - wiggle_slopes[:, None] * time, atol=1e-5)
+
+
+def test_detrend_fits_only_the_real_frames():
+  lengths = np.array([7, 29, 12, 20, 9, 29, 15, 10])
+  mask = _prefix_mask(lengths, 29)
+  ramp = jnp.broadcast_to(3.0 + 0.5 * jnp.arange(29.0)[None, :, None], (8, 29, 12))
+  out = augment.augment_signal(jax.random.key(11), ramp, mask, **{**SIGNAL_OFF, "detrend": True})
+  np.testing.assert_allclose(out, 0.0, atol=1e-5)  # a line is all offset and trend
+
+
+def test_random_offset_and_trend_are_lines_of_the_requested_size():
+  x = jnp.zeros((512, 40, 1), jnp.float32)
+  params = {**SIGNAL_OFF, "offset_std": 0.3, "trend_std": 1.56}
+  out = np.asarray(augment.augment_signal(jax.random.key(12), x, **params))[..., 0]
+  np.testing.assert_allclose(np.diff(out, n=2, axis=1), 0.0, atol=1e-5)  # each item is a straight line
+  offsets, slopes = _line_fit(out)
+  assert abs(offsets.std() - 0.3) < 0.03
+  assert abs((slopes * 39).std() - 1.56) < 0.15  # the rise from the first to the last frame
+
+
+def _detrended(values: np.ndarray) -> np.ndarray:
+  """``values [B, T]`` less each row's least-squares line."""
+  time = np.arange(values.shape[1]) - (values.shape[1] - 1) / 2
+  offsets, slopes = _line_fit(values)
+  return values - offsets[:, None] - slopes[:, None] * time
+
+
+def test_signal_views_replace_the_line_and_rotate_the_signal():
+  """MNIST-1D's views (SIGNAL_VIEWS): the line is replaced, the rest of the signal is rotated circularly."""
+  time = np.arange(40) - 19.5
+  bump = np.exp(-((np.arange(40) - 10.0) ** 2) / 4.0)
+  x = jnp.asarray(np.stack([2.0 + 0.05 * time + bump] * 8)[:, :, None], jnp.float32)
+  views = np.asarray(augment.make_views(jax.random.key(13), x, modality="signal", num_views=2))[..., 0]
+  assert views.shape == (2, 8, 40)
+  # The views de-trend first, then rotate (the line's sawtooth goes round too), then add their own line.
+  flat_bump = _detrended(bump[None])[0]
+  rotated_bumps = _detrended(np.stack([np.roll(flat_bump, s) for s in range(40)]))
+  rolls = []
+  for residual in _detrended(views.reshape(16, 40)):
+    matches = [s for s in range(40) if np.allclose(residual, rotated_bumps[s], atol=1e-4)]
+    assert matches, "a view is not the signal rotated, up to a line"
+    rolls.append(matches[0])
+  assert len(set(rolls)) > 4  # rotations differ between views and items
+  _, slopes = _line_fit(views.reshape(16, 40))
+  assert np.ptp(slopes) > 0.01  # and each view has its own trend
+  # The sequence modality keeps the speech defaults (no de-trending): a constant stays near constant.
+  speech = augment.make_views(jax.random.key(13), jnp.full((8, 29, 12), 2.0), modality="sequence")
+  assert float(jnp.mean(speech)) > 1.0
