@@ -9,7 +9,7 @@ tables train where the answer is not saturated:
   multi-task CE baseline (static weights), + SupCon over task × class, + the classic task-only pairs, SimCLR on
   all inputs then a linear probe on the labelled rows, semi-supervised SupCon over views of all inputs + CE on
   the labelled rows (``data.unlabelled=views``, rule ``supcon_views``), and the two balancing methods
-  ``balancing_selection`` picks, with and without SupCon, at :data:`BALANCING_FRACTIONS`.
+  ``balancing_selection`` picks, with and without SupCon, at ``Plan.balancing_fractions`` (10%).
 * ``interference``: ``multi_digits`` (left and right digit of one 8x12 canvas, two heads on one input), all
   labels: single-task CE per head, multi-task CE, + SupCon over the items' joint classes, and the two balancing
   methods with and without SupCon.
@@ -41,11 +41,8 @@ from mtcl_jax.eval import metrics
 
 REGIME_BUDGET = ("train.num_steps=200", "train.log_every=100", "train.checkpoint_every=200", "eval.probes=()",
                  "train.eval_every=0", "eval.plots=False")
-FRACTIONS = (0.01, 0.05, 0.1, 1.0)
-BALANCING_FRACTIONS = (0.1,)
 SELECTION_FRACTION = 0.1
 SELECTION_SEEDS = (0,)
-SELECTION_CANDIDATES: tuple[str, ...] | None = None  # None: every method in mtcl_jax.mtl.METHODS but static
 NUM_SELECTED = 2
 JOINT_TASKS = ("digits", "japanese_vowels", "mnist1d")
 INTERFERENCE_TASKS = ("left_digit", "right_digit")
@@ -53,6 +50,18 @@ BASELINE = "multi-task CE (static)"
 SINGLE = "single-task CE"
 
 TABLE_NAMES = ("balancing_selection", "scarcity", "interference")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """The label fractions of ``scarcity``, those with balancing lines, and the balancing candidates."""
+  fractions: tuple[float, ...] = (0.01, 0.05, 0.1, 1.0)
+  balancing_fractions: tuple[float, ...] = (0.1,)
+  selection_candidates: tuple[str, ...] | None = None  # None: every method in mtcl_jax.mtl.METHODS but static
+
+
+FULL = Plan()
+MINI = Plan(fractions=(0.05, 1.0), balancing_fractions=(0.05,), selection_candidates=("ew", "uw"))  # --mini
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,23 +134,17 @@ def _runs_of(table: str, method: Method, fraction: float, tasks: Sequence[str]) 
   return {task: RegimeRun(f"{stem}_{task}", task, overrides) for task in tasks}
 
 
-def use_mini_plan() -> None:
-  """The CI miniature (``reproduce.py --mini``): two fractions, and two balancing candidates to select from."""
-  global FRACTIONS, SELECTION_CANDIDATES
-  FRACTIONS, SELECTION_CANDIDATES = (0.05, 1.0), ("ew", "uw")
-
-
-def selection_runs() -> list[RegimeRun]:
-  names = SELECTION_CANDIDATES or [name for name in mtl.METHODS if name != "static"]
+def selection_runs(plan: Plan = FULL) -> list[RegimeRun]:
+  names = plan.selection_candidates or [name for name in mtl.METHODS if name != "static"]
   return [RegimeRun(f"balancing_selection_{name}", _spec(JOINT_TASKS),
                     (*REGIME_BUDGET, *SUPCON, f"mtl.method={name}", f"data.label_fraction={SELECTION_FRACTION}",
                      "data.validation_fraction=0.2")) for name in names]
 
 
-def selected_methods(scores: Mapping[tuple[str, int], Mapping[str, Any]]) -> list[str]:
+def selected_methods(scores: Mapping[tuple[str, int], Mapping[str, Any]], plan: Plan = FULL) -> list[str]:
   """The :data:`NUM_SELECTED` balancing methods with the best mean validation head accuracy (ties: name order)."""
   ranked = []
-  for run in selection_runs():
+  for run in selection_runs(plan):
     name = run.key.removeprefix("balancing_selection_")
     accuracy = np.mean([np.mean([task["accuracy"] for task in scores[(run.key, seed)].values()])
                         for seed in SELECTION_SEEDS])
@@ -149,14 +152,15 @@ def selected_methods(scores: Mapping[tuple[str, int], Mapping[str, Any]]) -> lis
   return [name for _, name in sorted(ranked)[:NUM_SELECTED]]
 
 
-def table_plan(table: str, selected: Sequence[str]) -> list[tuple[Method, float, dict[str | None, RegimeRun]]]:
+def table_plan(table: str, selected: Sequence[str], plan: Plan = FULL
+               ) -> list[tuple[Method, float, dict[str | None, RegimeRun]]]:
   """``(method, fraction, runs)`` for every line of a table (``selected``: the chosen balancing methods)."""
   if table == "scarcity":
-    plan = [(method, fraction, _runs_of(table, method, fraction, JOINT_TASKS))
-            for fraction in FRACTIONS for method in core_methods(True, True)]
-    plan += [(method, fraction, _runs_of(table, method, fraction, JOINT_TASKS))
-             for fraction in BALANCING_FRACTIONS for method in balancing_methods(selected)]
-    return plan
+    lines = [(method, fraction, _runs_of(table, method, fraction, JOINT_TASKS))
+             for fraction in plan.fractions for method in core_methods(True, True)]
+    lines += [(method, fraction, _runs_of(table, method, fraction, JOINT_TASKS))
+              for fraction in plan.balancing_fractions for method in balancing_methods(selected)]
+    return lines
   if table == "interference":
     methods = [*core_methods(False, False), *balancing_methods(selected)]
     return [(method, 1.0, _runs_of(table, method, 1.0, INTERFERENCE_TASKS)) for method in methods]
@@ -169,11 +173,11 @@ def _accuracy(scores: Mapping[str, Any], task: str, evaluator: str, metric: str 
 
 
 def table_rows(table: str, scores: Mapping[tuple[str, int], Mapping[str, Any]], seeds: Sequence[int],
-               selected: Sequence[str]) -> list[dict[str, Any]]:
+               selected: Sequence[str], plan: Plan = FULL) -> list[dict[str, Any]]:
   """Results rows (``mtcl_jax.eval.tables`` format, with paired p-values) of a regime table."""
   if table == "balancing_selection":
     rows = []
-    for run in selection_runs():
+    for run in selection_runs(plan):
       name = run.key.removeprefix("balancing_selection_")
       for task in JOINT_TASKS:
         values = [_accuracy(scores[(run.key, seed)], task, "head") for seed in SELECTION_SEEDS]
@@ -182,19 +186,19 @@ def table_rows(table: str, scores: Mapping[tuple[str, int], Mapping[str, Any]], 
                          SELECTION_SEEDS))
     return rows
 
-  plan = table_plan(table, selected)
+  lines = table_plan(table, selected, plan)
   tasks = INTERFERENCE_TASKS if table == "interference" else JOINT_TASKS
 
   def per_seed(method: Method, runs: Mapping[str | None, RegimeRun], task: str, metric: str) -> list[float]:
     run = runs[task] if method.single else runs[None]
     return [_accuracy(scores[(run.key, seed)], task, method.evaluator, metric) for seed in seeds]
 
-  baseline_of = {fraction: runs for method, fraction, runs in plan if method.name == BASELINE}
-  single_of = {fraction: runs for method, fraction, runs in plan if method.name == SINGLE}
-  baseline_method = next(method for method, _, _ in plan if method.name == BASELINE)
-  single_method = next(method for method, _, _ in plan if method.name == SINGLE)
+  baseline_of = {fraction: runs for method, fraction, runs in lines if method.name == BASELINE}
+  single_of = {fraction: runs for method, fraction, runs in lines if method.name == SINGLE}
+  baseline_method = next(method for method, _, _ in lines if method.name == BASELINE)
+  single_method = next(method for method, _, _ in lines if method.name == SINGLE)
   rows = []
-  for method, fraction, runs in plan:
+  for method, fraction, runs in lines:
     label = f"{method.name}{' — linear probe' if method.evaluator == 'linear' else ''}"
     for task in tasks:
       dataset = f"{task} @ {_percent(fraction)} labels"
@@ -225,14 +229,14 @@ def _row(dataset: str, method: str, metric: str, values: Sequence[float], seeds:
   return row
 
 
-def runs_needed(tables: Sequence[str], selected: Sequence[str] | None) -> list[RegimeRun]:
+def runs_needed(tables: Sequence[str], selected: Sequence[str] | None, plan: Plan = FULL) -> list[RegimeRun]:
   """Every run the tables need; the balancing lines only once ``selected`` is known."""
   runs: dict[str, RegimeRun] = {}
   for table in tables:
     if table == "balancing_selection":
-      plan_runs = selection_runs()
+      plan_runs = selection_runs(plan)
     else:
-      plan_runs = [run for method, _, by_task in table_plan(table, selected or ()) for run in by_task.values()]
+      plan_runs = [run for _, _, by_task in table_plan(table, selected or (), plan) for run in by_task.values()]
     for run in plan_runs:
       runs.setdefault(run.key, run)
   return list(runs.values())

@@ -230,9 +230,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.mini:
     base, extra, args.seeds = SMOKE_CONFIG, args.overrides, args.seeds[:1]
     regime_extra = [*MINI_REGIME_OVERRIDES, *args.overrides]
-    regimes.use_mini_plan()
     args.results_dir, args.readme = args.workdir / "results", None
   run_kwargs = {"workers": args.jobs, "base_config": base, "workdir": args.workdir}
+  plan = regimes.MINI if args.mini else regimes.FULL
 
   start = time.perf_counter()
   old_tables = [name for name in args.tables if name in TABLES]
@@ -248,17 +248,17 @@ def main(argv: Sequence[str] | None = None) -> int:
   selected: list[str] = []
   regime_scores: dict[tuple[str, int], dict] = {}
   if any(name in ("scarcity", "interference") for name in new_tables) or "balancing_selection" in new_tables:
-    selection = [(run, seed) for run in regimes.selection_runs() for seed in regimes.SELECTION_SEEDS]
+    selection = [(run, seed) for run in regimes.selection_runs(plan) for seed in regimes.SELECTION_SEEDS]
     regime_reports = run_all(selection, extra=regime_extra, **run_kwargs)
-    selected = regimes.selected_methods({key: report["tasks"] for key, report in regime_reports.items()})
+    selected = regimes.selected_methods({key: report["tasks"] for key, report in regime_reports.items()}, plan)
     print(f"[reproduce] balancing methods selected on the validation split: {selected}", flush=True)
     lines = [name for name in new_tables if name != "balancing_selection"]  # selection ran above, at its seeds
-    jobs = [(run, seed) for run in regimes.runs_needed(lines, selected) for seed in args.seeds]
+    jobs = [(run, seed) for run in regimes.runs_needed(lines, selected, plan) for seed in args.seeds]
     regime_reports.update(run_all(jobs, extra=regime_extra, **run_kwargs))
     regime_scores = {key: report["tasks"] for key, report in regime_reports.items()}
   for name in new_tables:
     seeds = list(regimes.SELECTION_SEEDS) if name == "balancing_selection" else args.seeds
-    rows = regimes.table_rows(name, regime_scores, seeds, selected)
+    rows = regimes.table_rows(name, regime_scores, seeds, selected, plan)
     _publish(name, rows, args)
     if name == "scarcity":
       figure = regimes.plot_label_fractions(rows, args.results_dir / "scarcity_accuracy.png")
