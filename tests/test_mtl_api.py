@@ -22,7 +22,7 @@ CHECKPOINTABLE = (jnp.float32, jnp.int32)
 def _run(method: mtl.Method, losses, grads, state, step: int):
   key = jax.random.key(step)
   if method.kind == "loss":
-    return jax.jit(lambda l, s, k: method.update(l, s, key=k))(losses, state, key)
+    return jax.jit(lambda l, s, k: method.update(None, l, s, key=k))(losses, state, key)
   return jax.jit(lambda g, l, s, k: method.update(g, l, s, key=k))(grads, losses, state, key)
 
 

@@ -26,7 +26,7 @@ def _run(method, losses_sequence, state=None):
   state = method.init(len(losses_sequence[0])) if state is None else state
   results = []
   for step, losses in enumerate(losses_sequence):
-    weights, state, metrics = update(jnp.asarray(losses, jnp.float32), state, key=jax.random.fold_in(KEY, step))
+    weights, state, metrics = update(None, jnp.asarray(losses, jnp.float32), state, key=jax.random.fold_in(KEY, step))
     results.append((weights, state, metrics))
   return results
 
@@ -102,7 +102,7 @@ def test_uw_log_variance_converges_to_log_loss():
   assert state.params[0] < 0 < state.params[1]
 
   def step(state, _):
-    weights, state, _ = method.update(jnp.asarray(losses), state, key=KEY)
+    weights, state, _ = method.update(None, jnp.asarray(losses), state, key=KEY)
     return state, weights
 
   state, weights = jax.jit(lambda s: jax.lax.scan(step, s, None, length=2000))(method.init(2))
@@ -140,13 +140,13 @@ def test_dwa_weights_follow_the_formula_period_by_period():
 def test_rlw_weights_are_the_softmax_of_a_standard_normal_draw():
   method = _loss_based.rlw()
   keys = jax.random.split(KEY, 4000)
-  weights = jax.vmap(lambda k: method.update(jnp.ones(3), (), key=k)[0])(keys)
+  weights = jax.vmap(lambda k: method.update(None, jnp.ones(3), (), key=k)[0])(keys)
   np.testing.assert_allclose(weights.sum(axis=1), 1.0, rtol=1e-6)
   # log(w_0 / w_1) = z_0 − z_1 ~ N(0, 2) for independent standard normal z.
   log_ratio = np.log(weights[:, 0]) - np.log(weights[:, 1])
   assert abs(log_ratio.mean()) < 0.1
   assert abs(log_ratio.var() - 2.0) < 0.2
-  same, _, _ = method.update(jnp.ones(3), (), key=keys[0])
+  same, _, _ = method.update(None, jnp.ones(3), (), key=keys[0])
   np.testing.assert_array_equal(same, weights[0])
 
 

@@ -486,7 +486,7 @@ def test_shape_mismatches_raise():
   method = mtl.make("upgrad", pref_vector=(0.5, 0.5))
   with pytest.raises(ValueError, match="pref_vector has 2 entries for 3 objectives"):
     method.init(3)
-  with pytest.raises(ValueError, match="expected grads"):
+  with pytest.raises(ValueError, match="every Jacobian leaf must be"):
     mtl.make("mgda").update(jnp.zeros((3, 4), jnp.float32), jnp.zeros((2,), jnp.float32), (), key=KEY)
   nash = mtl.make("nash_mtl")
   with pytest.raises(ValueError, match="state for 2 objectives"):

@@ -1,31 +1,63 @@
 """The one interface every balancing method implements, optax-style: ``init`` and ``update``, state a pytree.
 
 A training step computes a vector of ``T`` per-objective losses (each task's cross-entropy, and the contrastive
-term as its own entry) and hands it to a :class:`Method`:
+term as its own entry) and hands it to a :class:`Method`. Every method is called the same way,
 
-* a **loss** method (``kind == "loss"``) returns weights: ``update(losses [T], state, *, key) -> (weights [T],
-  state, metrics)``, and the update direction is the gradient of ``sum_t weights_t * losses_t`` (the weights
-  are treated as constants);
-* a **gradient** method (``kind == "gradient"``) sees the per-objective gradients of the shared parameters,
-  flattened: ``update(grads [T, D], losses [T], state, *, key) -> (direction [D], state, metrics)``; the
-  direction replaces the gradient of the shared parameters (or, with ``representation=True`` in the trainer,
-  the gradient of the shared representation, the "-UB" variants), and a parameter that serves one objective
-  only gets that objective's plain gradient (as in LibMTL).
+    ``update(grads, losses [T], state, *, key) -> (output, state, metrics)``,
 
-Every function is pure and jit-safe: no host round-trips, inner solvers with a fixed iteration budget.
-``metrics`` maps names to float32 arrays (scalars or ``[T]``, e.g. ``"weights"``); the trainer logs them.
+where ``grads`` is the **Jacobian** of the objectives with respect to the shared parameters (or the shared
+features): a pytree whose every leaf has a leading objective axis ``[T, ...]`` — a plain ``[T, D]`` array is the
+one-leaf case. What ``output`` is depends on :attr:`Method.kind`:
+
+* a **loss** method (``kind == "loss"``) ignores ``grads`` (pass ``None``) and returns weights ``[T]``; the update
+  direction is the gradient of ``sum_t weights_t * losses_t`` with the weights held constant, one backward pass;
+* a **gradient** method (``kind == "gradient"``) returns the direction, a pytree of ``grads``' structure without
+  the objective axis; it replaces the gradient of the shared parameters (or of the shared features, the "-UB"
+  variants, whose direction is then back-propagated once), and a parameter that serves one objective only gets
+  that objective's plain gradient (as in LibMTL).
+
+:func:`mtcl_jax.mtl.balanced_grad` builds the Jacobian and applies the output; a method can also be called
+directly on a Jacobian one already has. Every function is pure and jit-safe: no host round-trips, inner solvers
+with a fixed iteration budget. ``metrics`` maps names to float32 arrays (scalars or ``[T]``, e.g. ``"weights"``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, NamedTuple
+import math
+import numbers
+from typing import Any, NamedTuple, Protocol
 
 import jax
 
 State = Any
 Metrics = dict[str, jax.Array]
+# A pytree whose leaves all have the leading objective axis [T, ...].
+Jacobian = Any
 KINDS: tuple[str, ...] = ("loss", "gradient")
+
+
+class InitFn(Protocol):
+  """``init(num_objectives) -> state``: a pytree of arrays of fixed shapes and dtypes (``()`` when stateless)."""
+
+  def __call__(self, num_objectives: int) -> State: ...
+
+
+class UpdateFn(Protocol):
+  """``update(grads, losses, state, *, key) -> (output, state, metrics)``, pure and jit-safe.
+
+  Args:
+    grads: the Jacobian, leaves ``[T, ...]``; ``None`` for a loss method, which ignores it.
+    losses: ``[T]`` the objectives' values.
+    state: the method's state.
+    key: a PRNG key (RLW's weights, PCGrad's orders, GradDrop's draws).
+
+  Returns:
+    ``(weights [T], state, metrics)`` for a loss method, ``(direction, state, metrics)`` for a gradient method,
+    the direction having ``grads``' structure without the objective axis.
+  """
+
+  def __call__(self, grads: Jacobian | None, losses: jax.Array, state: State, *, key: jax.Array
+               ) -> tuple[Any, State, Metrics]: ...
 
 
 class Method(NamedTuple):
@@ -33,12 +65,59 @@ class Method(NamedTuple):
 
   Attributes:
     name: the registry name (``mtl.method`` in a config).
-    kind: ``"loss"`` or ``"gradient"`` (see the module docstring for ``update``'s signature of each).
-    init: ``init(num_objectives) -> state``, a pytree of arrays (``()`` when stateless).
-    update: the step's balancing, pure and jit-safe.
+    kind: ``"loss"`` or ``"gradient"`` (what :attr:`update` returns, see the module docstring).
+    init: :class:`InitFn`.
+    update: :class:`UpdateFn`.
   """
 
   name: str
   kind: str
-  init: Callable[[int], State]
-  update: Callable[..., tuple[jax.Array, State, Metrics]]
+  init: InitFn
+  update: UpdateFn
+
+
+def stateless_init(num_objectives: int) -> tuple[()]:
+  """The ``init`` of a method without state."""
+  del num_objectives
+  return ()
+
+
+def check_number(
+    method: str,
+    name: str,
+    value: object,
+    *,
+    minimum: float = -math.inf,
+    maximum: float = math.inf,
+    exclusive_minimum: bool = False,
+) -> float:
+  """``value`` as a float, if it is a finite real number in ``[minimum, maximum]`` (``(minimum, ...`` if exclusive).
+
+  Raises:
+    ValueError: naming the method, the hyper-parameter and the bad value, in one line.
+  """
+  bounds = [f"<= {maximum:g}"] if maximum < math.inf else []
+  if minimum > -math.inf:
+    bounds.insert(0, f"{'>' if exclusive_minimum else '>='} {minimum:g}")
+  allowed = " ".join(["a finite number", " and ".join(bounds)]).strip()
+  valid = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+  if not valid or value > maximum or value < minimum or (exclusive_minimum and value == minimum):
+    raise ValueError(f"{method}: {name} must be {allowed}; got {value!r}")
+  return float(value)
+
+
+def check_positive_int(method: str, name: str, value: object) -> int:
+  """``value`` if it is an integer >= 1.
+
+  Raises:
+    ValueError: naming the method, the hyper-parameter and the bad value, in one line.
+  """
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    raise ValueError(f"{method}: {name} must be an integer >= 1; got {value!r}")
+  return int(value)
+
+
+def check_choice(method: str, name: str, value: object, choices: tuple) -> None:
+  """Raises a one-line ValueError naming the method and the choices unless ``value`` is one of them (same type)."""
+  if type(value) not in {type(choice) for choice in choices} or value not in choices:
+    raise ValueError(f"{method}: {name} must be one of {choices}; got {value!r}")

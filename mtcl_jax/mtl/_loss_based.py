@@ -1,21 +1,19 @@
 """Loss-based balancing: each method turns the per-objective losses into weights (kind ``"loss"``).
 
-This module also holds what the gradient methods of :mod:`mtcl_jax.mtl._projection` share with these: the checks
-of a factory's hyper-parameters, and :class:`Learned`, parameters trained by their own optax optimizer inside a
-method's state (UW's log-variances, FAMO's logits, GradNorm's weights, IMTL's loss scales).
+This module also holds what the gradient methods of :mod:`mtcl_jax.mtl._projection` share with these:
+:class:`Learned`, parameters trained by their own optax optimizer inside a method's state (UW's log-variances,
+FAMO's logits, GradNorm's weights, IMTL's loss scales).
 """
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from mtcl_jax.mtl._base import Method
+from mtcl_jax.mtl._base import Jacobian, Method, check_number, check_positive_int, stateless_init
 
 # Keeps logarithms of and divisions by losses finite at 0: FAMO's epsilon, the floor of DWA's period means, GLS's
 # and GradNorm's floors.
@@ -23,41 +21,6 @@ EPSILON = 1e-8
 
 
 # ------------------------------------------------------------------------------------------- shared helpers
-
-
-def check_number(
-    method: str,
-    name: str,
-    value: object,
-    *,
-    minimum: float = -math.inf,
-    maximum: float = math.inf,
-    exclusive_minimum: bool = False,
-) -> float:
-  """``value`` as a float, if it is a finite real number in ``[minimum, maximum]`` (``(minimum, ...`` if exclusive).
-
-  Raises:
-    ValueError: naming the method, the hyper-parameter and the bad value, in one line.
-  """
-  bounds = [f"<= {maximum:g}"] if maximum < math.inf else []
-  if minimum > -math.inf:
-    bounds.insert(0, f"{'>' if exclusive_minimum else '>='} {minimum:g}")
-  allowed = " ".join(["a finite number", " and ".join(bounds)]).strip()
-  valid = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
-  if not valid or value > maximum or value < minimum or (exclusive_minimum and value == minimum):
-    raise ValueError(f"{method}: {name} must be {allowed}; got {value!r}")
-  return float(value)
-
-
-def check_positive_int(method: str, name: str, value: object) -> int:
-  """``value`` if it is an integer >= 1.
-
-  Raises:
-    ValueError: naming the method, the hyper-parameter and the bad value, in one line.
-  """
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-    raise ValueError(f"{method}: {name} must be an integer >= 1; got {value!r}")
-  return int(value)
 
 
 class Learned(NamedTuple):
@@ -111,12 +74,6 @@ def learned_step(
   return jax.tree.map(lambda new, old: jnp.where(active, new, old), stepped, learned)
 
 
-def stateless_init(num_objectives: int) -> tuple[()]:
-  """The ``init`` of a method without state."""
-  del num_objectives
-  return ()
-
-
 # ---------------------------------------------------------------------------------------------- methods
 
 
@@ -128,13 +85,15 @@ def static() -> Method:
 
   Examples:
     >>> method = static()
-    >>> weights, state, metrics = method.update(jnp.array([1.0, 2.0]), method.init(2), key=jax.random.key(0))
+    >>> weights, state, metrics = method.update(None, jnp.array([1.0, 2.0]), method.init(2),
+    ...                                         key=jax.random.key(0))
     >>> weights
     Array([1., 1.], dtype=float32)
   """
 
-  def update(losses: jax.Array, state: tuple[()], *, key: jax.Array) -> tuple[jax.Array, tuple[()], dict]:
-    del key
+  def update(grads: Jacobian | None, losses: jax.Array, state: tuple[()], *, key: jax.Array
+             ) -> tuple[jax.Array, tuple[()], dict]:
+    del grads, key
     weights = jnp.ones(losses.shape, jnp.float32)
     return weights, state, {"weights": weights}
 
@@ -164,7 +123,7 @@ def uw(*, learning_rate: float = 1e-3) -> Method:
 
   Examples:
     >>> method = uw(learning_rate=0.1)
-    >>> weights, state, _ = method.update(jnp.array([0.5, 4.0]), method.init(2), key=jax.random.key(0))
+    >>> weights, state, _ = method.update(None, jnp.array([0.5, 4.0]), method.init(2), key=jax.random.key(0))
     >>> print(weights, [f"{s:.3f}" for s in state.params])  # s moves toward log L = [-0.69, 1.39]
     [1. 1.] ['-0.100', '0.100']
 
@@ -177,8 +136,9 @@ def uw(*, learning_rate: float = 1e-3) -> Method:
   def init(num_objectives: int) -> Learned:
     return learned_init(optimizer, jnp.zeros(num_objectives, jnp.float32))
 
-  def update(losses: jax.Array, state: Learned, *, key: jax.Array) -> tuple[jax.Array, Learned, dict]:
-    del key
+  def update(grads: Jacobian | None, losses: jax.Array, state: Learned, *, key: jax.Array
+             ) -> tuple[jax.Array, Learned, dict]:
+    del grads, key
     weights = jnp.exp(-state.params)
     new_state = learned_step(optimizer, state, 1.0 - weights * losses)
     return weights, new_state, {"weights": weights, "log_variance": state.params}
@@ -222,7 +182,7 @@ def dwa(*, temperature: float = 2.0, period: int = 100) -> Method:
     >>> method = dwa(period=1)
     >>> state = method.init(2)
     >>> for losses in ([1.0, 1.0], [1.0, 1.0], [2.0, 1.0]):
-    ...   weights, state, _ = method.update(jnp.array(losses), state, key=jax.random.key(0))
+    ...   weights, state, _ = method.update(None, jnp.array(losses), state, key=jax.random.key(0))
     >>> weights  # still equal: the ratio uses the two complete periods, both [1, 1]
     Array([1., 1.], dtype=float32)
 
@@ -236,8 +196,9 @@ def dwa(*, temperature: float = 2.0, period: int = 100) -> Method:
     zeros = jnp.zeros(num_objectives, jnp.float32)
     return DWAState(jnp.zeros((), jnp.int32), zeros, zeros, zeros)
 
-  def update(losses: jax.Array, state: DWAState, *, key: jax.Array) -> tuple[jax.Array, DWAState, dict]:
-    del key
+  def update(grads: Jacobian | None, losses: jax.Array, state: DWAState, *, key: jax.Array
+             ) -> tuple[jax.Array, DWAState, dict]:
+    del grads, key
     num_objectives = losses.shape[0]
     ratio = state.last / jnp.maximum(state.before, EPSILON)
     balanced = num_objectives * jax.nn.softmax(ratio / temperature)
@@ -265,7 +226,7 @@ def rlw() -> Method:
 
   Examples:
     >>> method = rlw()
-    >>> weights, _, _ = method.update(jnp.ones(3), method.init(3), key=jax.random.key(0))
+    >>> weights, _, _ = method.update(None, jnp.ones(3), method.init(3), key=jax.random.key(0))
     >>> print(f"{float(weights.sum()):.3f}")
     1.000
 
@@ -274,7 +235,9 @@ def rlw() -> Method:
     <https://arxiv.org/abs/2111.10603>`_, TMLR 2022.
   """
 
-  def update(losses: jax.Array, state: tuple[()], *, key: jax.Array) -> tuple[jax.Array, tuple[()], dict]:
+  def update(grads: Jacobian | None, losses: jax.Array, state: tuple[()], *, key: jax.Array
+             ) -> tuple[jax.Array, tuple[()], dict]:
+    del grads
     weights = jax.nn.softmax(jax.random.normal(key, losses.shape, jnp.float32))
     return weights, state, {"weights": weights}
 
@@ -295,7 +258,7 @@ def gls() -> Method:
 
   Examples:
     >>> method = gls()
-    >>> weights, _, _ = method.update(jnp.array([1.0, 4.0]), method.init(2), key=jax.random.key(0))
+    >>> weights, _, _ = method.update(None, jnp.array([1.0, 4.0]), method.init(2), key=jax.random.key(0))
     >>> weights  # G = 2: [2 / (2 · 1), 2 / (2 · 4)]
     Array([1.  , 0.25], dtype=float32)
 
@@ -304,8 +267,9 @@ def gls() -> Method:
     Learning <https://arxiv.org/abs/1904.08492>`_, CVPR Workshops 2019.
   """
 
-  def update(losses: jax.Array, state: tuple[()], *, key: jax.Array) -> tuple[jax.Array, tuple[()], dict]:
-    del key
+  def update(grads: Jacobian | None, losses: jax.Array, state: tuple[()], *, key: jax.Array
+             ) -> tuple[jax.Array, tuple[()], dict]:
+    del grads, key
     log_losses = jnp.log(jnp.maximum(losses, EPSILON))
     log_mean = jnp.mean(log_losses)
     weights = jnp.exp(log_mean - log_losses) / losses.shape[0]
@@ -354,7 +318,7 @@ def famo(*, learning_rate: float = 0.025, gamma: float = 1e-3) -> Method:
 
   Examples:
     >>> method = famo()
-    >>> weights, _, _ = method.update(jnp.array([1.0, 3.0]), method.init(2), key=jax.random.key(0))
+    >>> weights, _, _ = method.update(None, jnp.array([1.0, 3.0]), method.init(2), key=jax.random.key(0))
     >>> weights  # z uniform: w ∝ 1 / L
     Array([0.75, 0.25], dtype=float32)
 
@@ -369,8 +333,9 @@ def famo(*, learning_rate: float = 0.025, gamma: float = 1e-3) -> Method:
     logits = learned_init(optimizer, jnp.zeros(num_objectives, jnp.float32))
     return FAMOState(logits, jnp.zeros(num_objectives, jnp.float32), jnp.zeros((), jnp.int32))
 
-  def update(losses: jax.Array, state: FAMOState, *, key: jax.Array) -> tuple[jax.Array, FAMOState, dict]:
-    del key
+  def update(grads: Jacobian | None, losses: jax.Array, state: FAMOState, *, key: jax.Array
+             ) -> tuple[jax.Array, FAMOState, dict]:
+    del grads, key
     shifted = jnp.maximum(losses, 0.0) + EPSILON
     decrease = jnp.log(jnp.maximum(state.previous, 0.0) + EPSILON) - jnp.log(shifted)
     probabilities = jax.nn.softmax(state.logits.params)

@@ -1,16 +1,18 @@
-"""Gradient balancing by re-weighting and projection: per-objective gradients ``[T, D]`` in, one direction out.
+"""Gradient balancing by re-weighting and projection: a Jacobian (leaves ``[T, ...]``) in, one direction out.
 
 Every method here but GradDrop returns ``d = w @ G`` for a coefficient vector ``w`` (``metrics["weights"]``) that
-it finds in ``T × T`` space: the Gram matrix ``G Gᵀ`` (or just the gradient norms) is computed once, the
-surgery or solve runs on it, and one ``w @ G`` forms the direction. With T ≈ 4 and D ≈ 1e6 that is two passes
-over the gradients. Every product runs at full float32 precision (``Precision.HIGHEST``): on GPUs the default
-would round to TF32, and the signs of small inner products decide PCGrad's and GradVac's projections.
+it finds in ``T × T`` space: the Gram matrix ``G Gᵀ`` (or just the gradient norms) is computed once, scaled to
+be free of the gradients' magnitude (:func:`~mtcl_jax.mtl._jacobian.scaled_gram`), the surgery or solve runs on
+it, and one ``w @ G`` forms the direction (a ``tree_map``). With T ≈ 4 and D ≈ 1e6 that is two passes over the
+gradients, at full float32 precision (the signs of small inner products decide PCGrad's and GradVac's
+projections).
 
-GradDrop works elementwise on ``G``, which is its definition.
+GradDrop works elementwise on each leaf of ``G``, which is its definition.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -18,46 +20,16 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from mtcl_jax.mtl._base import Method
-from mtcl_jax.mtl._loss_based import (
-    EPSILON,
-    Learned,
-    adam,
-    check_number,
-    learned_init,
-    learned_step,
-    stateless_init,
-)
+from mtcl_jax.mtl import _jacobian, _solvers
+from mtcl_jax.mtl._base import Jacobian, Method, check_number, stateless_init
+from mtcl_jax.mtl._jacobian import TINY, combine, dot, scaled_gram
+from mtcl_jax.mtl._loss_based import EPSILON, Learned, adam, learned_init, learned_step
 
-# Floor of divisors that are exactly 0 only when what they divide is 0 too (a zero gradient's norm): the smallest
-# normal float32, so no scale of gradient is distorted (unlike LibMTL's additive 1e-8).
-_TINY = float(jnp.finfo(jnp.float32).tiny)
 # GradNorm's weights stay above this before renormalising, so that they stay positive and their sum nonzero.
 _WEIGHT_FLOOR = 1e-6
 
 
 # ------------------------------------------------------------------------------------------- shared helpers
-
-
-def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
-  """``jnp.dot`` in full float32, whatever the backend's default (TF32 on recent GPUs)."""
-  return jnp.dot(a, b, precision=lax.Precision.HIGHEST)
-
-
-def _gram(grads: jax.Array) -> jax.Array:
-  """``[T, T]`` inner products of the ``[T, D]`` gradients."""
-  return _dot(grads, grads.T)
-
-
-def _combine(weights: jax.Array, grads: jax.Array) -> jax.Array:
-  """The direction ``Σ_t weights_t grads_t``, ``[D]``."""
-  return _dot(weights, grads)
-
-
-def _inverse_norms(squared_norms: jax.Array) -> jax.Array:
-  """``1 / ‖g_t‖``, and 0 for a zero gradient (whose unit vector is taken to be 0)."""
-  norms = jnp.sqrt(squared_norms)
-  return jnp.where(norms > 0, 1.0 / jnp.maximum(norms, _TINY), 0.0)
 
 
 # One surgery step on task i's coefficient row against task j: (i, j, coefficients [T], side row [T], gram) ->
@@ -94,26 +66,6 @@ def _surgery(key: jax.Array, gram: jax.Array, rule: SurgeryRule, side: jax.Array
     return lax.fori_loop(0, num_objectives, meet, (start, side_row))
 
   return jax.vmap(one_task)(jnp.arange(num_objectives), orders, side)
-
-
-def _impartial_weights(gram: jax.Array) -> jax.Array:
-  """IMTL-G's coefficients: ``w`` summing to 1 with ``(w @ G) · u_t`` equal for every unit gradient ``u_t``.
-
-  ``(w @ G) · g_t = λ ‖g_t‖`` for all t is ``Gram w = λ n``; with ``Gram = N C N`` (``N = diag(n)``, ``C`` the
-  cosines), ``w ∝ N⁻¹ C⁺ 1``. Solving with the cosine matrix keeps the conditioning free of the gradients'
-  scales. The pseudo-inverse (relative cutoff 1e-5 on C's eigenvalues) extends the paper's closed form to
-  linearly dependent gradients, as torchjd's IMTL-G: a zero gradient gets coefficient 0 and the others are
-  balanced among themselves; all-zero gradients give all-zero coefficients.
-  """
-  inverse_norms = _inverse_norms(jnp.diagonal(gram))
-  cosines = gram * inverse_norms[:, None] * inverse_norms[None, :]
-  ones = jnp.ones(gram.shape[0], jnp.float32)
-  with jax.default_matmul_precision("highest"):
-    pseudo_inverse = jnp.linalg.pinv(cosines, rtol=1e-5, hermitian=True)
-  unnormalised = _dot(pseudo_inverse, ones) * inverse_norms
-  total = jnp.sum(unnormalised)
-  nonzero = jnp.abs(total) > _TINY
-  return jnp.where(nonzero, unnormalised / jnp.where(nonzero, total, 1.0), 0.0)
 
 
 # ---------------------------------------------------------------------------------------------- methods
@@ -173,14 +125,17 @@ def gradnorm(*, alpha: float = 1.5, learning_rate: float = 1e-3) -> Method:
     return GradNormState(weights, jnp.zeros(num_objectives, jnp.float32), jnp.zeros((), jnp.int32))
 
   def update(
-      grads: jax.Array, losses: jax.Array, state: GradNormState, *, key: jax.Array
-  ) -> tuple[jax.Array, GradNormState, dict]:
+      grads: Jacobian, losses: jax.Array, state: GradNormState, *, key: jax.Array
+  ) -> tuple[Jacobian, GradNormState, dict]:
     del key
+    grads, losses = _jacobian.check("gradnorm", grads, losses)
     num_objectives = losses.shape[0]
+    gram, _ = scaled_gram(grads)
     initial_losses = jnp.where(state.step == 0, losses, state.initial_losses)
     loss_ratios = jnp.maximum(losses, 0.0) / jnp.maximum(initial_losses, EPSILON)
     inverse_rates = loss_ratios / jnp.maximum(jnp.mean(loss_ratios), EPSILON)
-    norms = jnp.sqrt(jnp.sum(jnp.square(grads), axis=1))
+    # The norms in units of the Jacobian's scale: the weights' Adam step does not depend on it.
+    norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
     weights = state.weights.params
     weighted_norms = weights * norms
     target = jnp.mean(weighted_norms) * inverse_rates**alpha
@@ -189,7 +144,7 @@ def gradnorm(*, alpha: float = 1.5, learning_rate: float = 1e-3) -> Method:
     stepped = stepped._replace(params=floored * (num_objectives / jnp.sum(floored)))
     new_state = GradNormState(stepped, initial_losses, state.step + 1)
     metrics = {"weights": weights, "inverse_training_rate": inverse_rates}
-    return _combine(weights, grads), new_state, metrics
+    return combine(weights, grads), new_state, metrics
 
   return Method("gradnorm", "gradient", init, update)
 
@@ -199,8 +154,8 @@ def _project_conflicting(
 ) -> tuple[jax.Array, jax.Array]:
   """PCGrad's rule: if task i's current gradient conflicts with g_j, remove its component along g_j."""
   del i
-  inner = _dot(coefficients, gram[:, j])
-  step = jnp.where(inner < 0, inner / jnp.maximum(gram[j, j], _TINY), 0.0)
+  inner = dot(coefficients, gram[:, j])
+  step = jnp.where(inner < 0, inner / jnp.maximum(gram[j, j], TINY), 0.0)
   return coefficients.at[j].add(-step), side_row
 
 
@@ -228,13 +183,14 @@ def pcgrad() -> Method:
   """
 
   def update(
-      grads: jax.Array, losses: jax.Array, state: tuple[()], *, key: jax.Array
-  ) -> tuple[jax.Array, tuple[()], dict]:
+      grads: Jacobian, losses: jax.Array, state: tuple[()], *, key: jax.Array
+  ) -> tuple[Jacobian, tuple[()], dict]:
+    grads, losses = _jacobian.check("pcgrad", grads, losses)
     num_objectives = losses.shape[0]
     unused = jnp.zeros((num_objectives, num_objectives), jnp.float32)
-    coefficients, _ = _surgery(key, _gram(grads), _project_conflicting, unused)
+    coefficients, _ = _surgery(key, scaled_gram(grads)[0], _project_conflicting, unused)
     weights = jnp.sum(coefficients, axis=0)
-    return _combine(weights, grads), state, {"weights": weights}
+    return combine(weights, grads), state, {"weights": weights}
 
   return Method("pcgrad", "gradient", stateless_init, update)
 
@@ -277,9 +233,9 @@ def gradvac(*, beta: float = 0.01) -> Method:
       i: jax.Array, j: jax.Array, coefficients: jax.Array, targets: jax.Array, gram: jax.Array
   ) -> tuple[jax.Array, jax.Array]:
     del i
-    norm = jnp.sqrt(jnp.maximum(_dot(coefficients, _dot(gram, coefficients)), 0.0))
+    norm = jnp.sqrt(jnp.maximum(dot(coefficients, dot(gram, coefficients)), 0.0))
     norm_j = jnp.sqrt(gram[j, j])
-    cosine = jnp.clip(_dot(coefficients, gram[:, j]) / jnp.maximum(norm * norm_j, _TINY), -1.0, 1.0)
+    cosine = jnp.clip(dot(coefficients, gram[:, j]) / jnp.maximum(norm * norm_j, TINY), -1.0, 1.0)
     target = targets[j]
     target_sine = jnp.sqrt(1.0 - jnp.square(target))
     lift = norm * (target * jnp.sqrt(1.0 - jnp.square(cosine)) - cosine * target_sine)
@@ -292,12 +248,12 @@ def gradvac(*, beta: float = 0.01) -> Method:
     return jnp.zeros((num_objectives, num_objectives), jnp.float32)
 
   def update(
-      grads: jax.Array, losses: jax.Array, state: jax.Array, *, key: jax.Array
-  ) -> tuple[jax.Array, jax.Array, dict]:
-    del losses
-    coefficients, targets = _surgery(key, _gram(grads), vaccinate, state)
+      grads: Jacobian, losses: jax.Array, state: jax.Array, *, key: jax.Array
+  ) -> tuple[Jacobian, jax.Array, dict]:
+    grads, losses = _jacobian.check("gradvac", grads, losses)
+    coefficients, targets = _surgery(key, scaled_gram(grads)[0], vaccinate, state)
     weights = jnp.sum(coefficients, axis=0)
-    return _combine(weights, grads), targets, {"weights": weights}
+    return combine(weights, grads), targets, {"weights": weights}
 
   return Method("gradvac", "gradient", init, update)
 
@@ -336,15 +292,26 @@ def graddrop(*, leak: float = 0.0) -> Method:
   leak = check_number("graddrop", "leak", leak, minimum=0.0, maximum=1.0)
 
   def update(
-      grads: jax.Array, losses: jax.Array, state: tuple[()], *, key: jax.Array
-  ) -> tuple[jax.Array, tuple[()], dict]:
-    del losses
-    purity = 0.5 * (1.0 + jnp.sum(grads, axis=0) / jnp.maximum(jnp.sum(jnp.abs(grads), axis=0), _TINY))
-    keep_positive = jax.random.uniform(key, purity.shape, jnp.float32) < purity
-    kept = jnp.where(keep_positive[None, :], grads > 0, grads < 0)
-    direction = jnp.sum(jnp.where(kept, grads, leak * grads), axis=0)
-    nonzero = jnp.sum(grads != 0, axis=1)
-    fraction = jnp.sum(kept, axis=1).astype(jnp.float32) / jnp.maximum(nonzero, 1).astype(jnp.float32)
+      grads: Jacobian, losses: jax.Array, state: tuple[()], *, key: jax.Array
+  ) -> tuple[Jacobian, tuple[()], dict]:
+    grads, losses = _jacobian.check("graddrop", grads, losses)
+    leaves, treedef = jax.tree.flatten(grads)
+    ones = jnp.ones(losses.shape, jnp.float32)
+
+    def drop(leaf_key: jax.Array, leaf: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+      rows = jnp.reshape(leaf, (leaf.shape[0], -1)).astype(jnp.float32)
+      # Sums over the objective axis as products with ones (XLA:CPU reduces a leading axis ~100x slower).
+      purity = 0.5 * (1.0 + dot(ones, rows) / jnp.maximum(dot(ones, jnp.abs(rows)), TINY))
+      keep_positive = jax.random.uniform(leaf_key, purity.shape, jnp.float32) < purity
+      kept = jnp.where(keep_positive[None, :], rows > 0, rows < 0)
+      direction = dot(ones, jnp.where(kept, rows, leak * rows)).reshape(leaf.shape[1:]).astype(leaf.dtype)
+      return direction, jnp.sum(kept, axis=1), jnp.sum(rows != 0, axis=1)
+
+    dropped = [drop(jax.random.fold_in(key, index), leaf) for index, leaf in enumerate(leaves)]
+    direction = jax.tree.unflatten(treedef, [leaf_direction for leaf_direction, _, _ in dropped])
+    kept = functools.reduce(jnp.add, [count for _, count, _ in dropped])
+    nonzero = functools.reduce(jnp.add, [count for _, _, count in dropped])
+    fraction = kept.astype(jnp.float32) / jnp.maximum(nonzero, 1).astype(jnp.float32)
     return direction, state, {"kept": fraction}
 
   return Method("graddrop", "gradient", stateless_init, update)
@@ -372,11 +339,12 @@ def imtl_g() -> Method:
   """
 
   def update(
-      grads: jax.Array, losses: jax.Array, state: tuple[()], *, key: jax.Array
-  ) -> tuple[jax.Array, tuple[()], dict]:
-    del losses, key
-    weights = _impartial_weights(_gram(grads))
-    return _combine(weights, grads), state, {"weights": weights}
+      grads: Jacobian, losses: jax.Array, state: tuple[()], *, key: jax.Array
+  ) -> tuple[Jacobian, tuple[()], dict]:
+    del key
+    grads, losses = _jacobian.check("imtl_g", grads, losses)
+    weights = _solvers.impartial_weights(scaled_gram(grads)[0])
+    return combine(weights, grads), state, {"weights": weights}
 
   return Method("imtl_g", "gradient", stateless_init, update)
 
@@ -410,14 +378,15 @@ def imtl(*, learning_rate: float = 1e-3) -> Method:
     return learned_init(optimizer, jnp.zeros(num_objectives, jnp.float32))
 
   def update(
-      grads: jax.Array, losses: jax.Array, state: Learned, *, key: jax.Array
-  ) -> tuple[jax.Array, Learned, dict]:
+      grads: Jacobian, losses: jax.Array, state: Learned, *, key: jax.Array
+  ) -> tuple[Jacobian, Learned, dict]:
     del key
+    grads, losses = _jacobian.check("imtl", grads, losses)
     scales = jnp.exp(state.params)
-    scaled_gram = _gram(grads) * scales[:, None] * scales[None, :]
-    weights = _impartial_weights(scaled_gram) * scales
+    rescaled_gram = scaled_gram(grads)[0] * scales[:, None] * scales[None, :]
+    weights = _solvers.impartial_weights(rescaled_gram) * scales
     new_state = learned_step(optimizer, state, scales * losses - 1.0)
-    return _combine(weights, grads), new_state, {"weights": weights, "scales": scales}
+    return combine(weights, grads), new_state, {"weights": weights, "scales": scales}
 
   return Method("imtl", "gradient", init, update)
 

@@ -1,10 +1,10 @@
 """Solver-based balancing: each method solves a small problem on the Gram matrix of the gradients (kind ``"gradient"``).
 
-Every ``update`` here computes the ``[T, T]`` Gram matrix of the ``[T, D]`` per-objective gradients once, finds the
-coefficients ``w`` in that T-dimensional space (:mod:`mtcl_jax.mtl._solvers`), and returns the direction
-``w @ grads``, which replaces the gradient of the shared parameters (LibMTL's semantics; the trainer's
-``representation`` option makes these the "-UB" variants). ``metrics["weights"]`` is that ``w``; the solvers'
-iteration counts are reported as ``metrics["mtl/solver_iterations"]`` (the largest, where there are several).
+Every ``update`` here computes the ``[T, T]`` Gram matrix of the per-objective gradients (a Jacobian pytree,
+leaves ``[T, ...]``) once, finds the coefficients ``w`` in that T-dimensional space (:mod:`mtcl_jax.mtl._solvers`),
+and returns the direction ``w @ grads``, which replaces the gradient of the shared parameters (LibMTL's
+semantics; balancing the shared features instead makes these the "-UB" variants). ``metrics["weights"]`` is that ``w``; the solvers'
+iteration counts are reported as ``metrics["solver_iterations"]`` (the largest, where there are several).
 
 Results for degenerate inputs (all finite): zero gradients give a zero direction; identical gradients give that
 gradient times a positive factor (the method's); T = 1 gives the gradient times a positive factor; see each method.
@@ -12,7 +12,6 @@ gradient times a positive factor (the method's); T = 1 gives the gradient times 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -20,8 +19,16 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from mtcl_jax.mtl import _solvers
-from mtcl_jax.mtl._base import Method
+from mtcl_jax.mtl import _jacobian, _solvers
+from mtcl_jax.mtl._base import (
+    Jacobian,
+    Method,
+    check_choice,
+    check_number,
+    check_positive_int,
+    stateless_init,
+)
+from mtcl_jax.mtl._jacobian import combine, scaled_gram
 
 Metrics = dict[str, jax.Array]
 
@@ -29,40 +36,11 @@ Metrics = dict[str, jax.Array]
 # ------------------------------------------------------------------------------------------------- shared
 
 
-def _checked(grads: jax.Array, losses: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """``grads [T, D]`` and ``losses [T]`` as float32, or a ValueError naming the shapes (static under jit)."""
-  grads, losses = jnp.asarray(grads), jnp.asarray(losses)
-  if grads.ndim != 2 or losses.shape != (grads.shape[0],):
-    raise ValueError(f"expected grads [T, D] and losses [T]; got shapes {grads.shape} and {losses.shape}")
-  return grads.astype(jnp.float32), losses.astype(jnp.float32)
-
-
-def _stateless(num_objectives: int) -> tuple[()]:
-  del num_objectives
-  return ()
-
-
 def _metrics(weights: jax.Array, iterations: jax.Array | None = None) -> Metrics:
   """``weights``, and the largest of the solver iteration counts if there is a solver."""
   if iterations is None:
     return {"weights": weights}
-  return {"weights": weights, "mtl/solver_iterations": jnp.max(iterations).astype(jnp.float32)}
-
-
-def _check_number(
-    method: str, name: str, value: object, *, minimum: float, exclusive: bool = False, integer: bool = False
-) -> None:
-  """Raises a one-line ValueError unless ``value`` is a finite (integer) number ≥ ``minimum`` (> if exclusive)."""
-  kinds = (int,) if integer else (int, float)
-  valid = not isinstance(value, bool) and isinstance(value, kinds) and math.isfinite(value)
-  if not valid or value < minimum or (exclusive and value == minimum):
-    kind = "an integer" if integer else "a finite number"
-    raise ValueError(f"{method}: {name} must be {kind} {'>' if exclusive else '>='} {minimum}; got {value!r}")
-
-
-def _check_choice(method: str, name: str, value: object, choices: tuple) -> None:
-  if value not in choices:
-    raise ValueError(f"{method}: {name} must be one of {choices}; got {value!r}")
+  return {"weights": weights, "solver_iterations": jnp.max(iterations).astype(jnp.float32)}
 
 
 # ------------------------------------------------------------------------------------------------- MGDA
@@ -97,22 +75,25 @@ def mgda(*, normalization: str = "none") -> Method:
     Sener & Koltun, `Multi-Task Learning as Multi-Objective Optimization
     <https://arxiv.org/abs/1810.04650>`_, NeurIPS 2018.
   """
-  _check_choice("mgda", "normalization", normalization, _NORMALIZATIONS)
+  check_choice("mgda", "normalization", normalization, _NORMALIZATIONS)
 
-  def update(grads: jax.Array, losses: jax.Array, state: tuple[()], *, key: jax.Array
-             ) -> tuple[jax.Array, tuple[()], Metrics]:
+  def update(grads: Jacobian, losses: jax.Array, state: tuple[()], *, key: jax.Array
+             ) -> tuple[Jacobian, tuple[()], Metrics]:
     del key
-    grads, losses = _checked(grads, losses)
-    gram = _solvers.gram(grads)
+    grads, losses = _jacobian.check("mgda", grads, losses)
+    gram, scale = scaled_gram(grads)
+    # Norms in units of the Jacobian's scale s; the true normalisers of "l2" and "loss+" are s times these.
     norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
     options = {"none": jnp.ones_like(losses), "l2": norms, "loss": losses, "loss+": losses * norms}
     normalizers = options[normalization]
     normalizers = jnp.where(normalizers > 0.0, normalizers, 1.0)
     simplex, iterations = _solvers.min_norm_weights(gram / (normalizers[:, None] * normalizers[None, :]))
     weights = simplex / normalizers
-    return _solvers.combine(weights, grads), state, _metrics(weights, iterations)
+    if normalization in ("l2", "loss+"):
+      weights = weights / scale
+    return combine(weights, grads), state, _metrics(weights, iterations)
 
-  return Method("mgda", "gradient", _stateless, update)
+  return Method("mgda", "gradient", stateless_init, update)
 
 
 # ----------------------------------------------------------------------------------------------- CAGrad
@@ -148,26 +129,25 @@ def cagrad(*, c: float = 0.4, rescale: int = 1) -> Method:
     Liu et al., `Conflict-Averse Gradient Descent for Multi-task Learning <https://arxiv.org/abs/2110.14048>`_,
     NeurIPS 2021, Algorithm 1.
   """
-  _check_number("cagrad", "c", c, minimum=0.0)
-  _check_number("cagrad", "rescale", rescale, minimum=0, integer=True)
-  _check_choice("cagrad", "rescale", rescale, _RESCALES)
+  check_number("cagrad", "c", c, minimum=0.0)
+  check_choice("cagrad", "rescale", rescale, _RESCALES)
   c = float(c)
   divisor = (1.0, 1.0 + c**2, 1.0 + c)[rescale]
 
-  def update(grads: jax.Array, losses: jax.Array, state: tuple[()], *, key: jax.Array
-             ) -> tuple[jax.Array, tuple[()], Metrics]:
+  def update(grads: Jacobian, losses: jax.Array, state: tuple[()], *, key: jax.Array
+             ) -> tuple[Jacobian, tuple[()], Metrics]:
     del key
-    grads, _ = _checked(grads, losses)
-    num = grads.shape[0]
+    grads, losses = _jacobian.check("cagrad", grads, losses)
+    num = losses.shape[0]
     mean = jnp.full((num,), 1.0 / num, jnp.float32)
     if c == 0.0:
       weights = mean / divisor
-      return _solvers.combine(weights, grads), state, _metrics(weights, jnp.int32(0))
-    dual, multiplier, iterations = _solvers.cagrad_weights(_solvers.gram(grads), c)
+      return combine(weights, grads), state, _metrics(weights, jnp.int32(0))
+    dual, multiplier, iterations = _solvers.cagrad_weights(scaled_gram(grads)[0], c)
     weights = (mean + multiplier * dual) / divisor
-    return _solvers.combine(weights, grads), state, _metrics(weights, iterations)
+    return combine(weights, grads), state, _metrics(weights, iterations)
 
-  return Method("cagrad", "gradient", _stateless, update)
+  return Method("cagrad", "gradient", stateless_init, update)
 
 
 # --------------------------------------------------------------------------------------------- Nash-MTL
@@ -214,36 +194,37 @@ def nash_mtl(*, update_weights_every: int = 1, max_norm: float = 1.0, max_iterat
   References:
     Navon et al., `Multi-Task Learning as a Bargaining Game <https://arxiv.org/abs/2202.01017>`_, ICML 2022.
   """
-  _check_number("nash_mtl", "update_weights_every", update_weights_every, minimum=1, integer=True)
-  _check_number("nash_mtl", "max_norm", max_norm, minimum=0.0)
-  _check_number("nash_mtl", "max_iterations", max_iterations, minimum=1, integer=True)
+  check_positive_int("nash_mtl", "update_weights_every", update_weights_every)
+  check_number("nash_mtl", "max_norm", max_norm, minimum=0.0)
+  check_positive_int("nash_mtl", "max_iterations", max_iterations)
   max_norm = float(max_norm)
 
   def init(num_objectives: int) -> NashState:
     return NashState(jnp.zeros((), jnp.int32), jnp.ones((num_objectives,), jnp.float32))
 
-  def update(grads: jax.Array, losses: jax.Array, state: NashState, *, key: jax.Array
-             ) -> tuple[jax.Array, NashState, Metrics]:
+  def update(grads: Jacobian, losses: jax.Array, state: NashState, *, key: jax.Array
+             ) -> tuple[Jacobian, NashState, Metrics]:
     del key
-    grads, _ = _checked(grads, losses)
-    if state.alpha.shape != (grads.shape[0],):
-      raise ValueError(f"nash_mtl: state for {state.alpha.shape[0]} objectives, got gradients of {grads.shape[0]}")
+    grads, losses = _jacobian.check("nash_mtl", grads, losses)
+    if state.alpha.shape != losses.shape:
+      raise ValueError(f"nash_mtl: state for {state.alpha.shape[0]} objectives, got gradients of {losses.shape[0]}")
+    # J Jᵀ = s² A: the α of the unit-scale gradients, divided by s, are those of the gradients (α scales as 1/‖g‖).
+    gram, scale = scaled_gram(grads)
 
     def solve():
-      return _solvers.nash_weights(_solvers.gram(grads), max_iterations=max_iterations)
+      unit_alpha, iterations, residual = _solvers.nash_weights(gram, max_iterations=max_iterations)
+      return unit_alpha / scale, iterations, residual
 
     def reuse():
       return state.alpha, jnp.int32(0), jnp.float32(0.0)
 
     alpha, iterations, residual = lax.cond(state.step == 0, solve, reuse)
-    direction = _solvers.combine(alpha, grads)
     weights = alpha
     if max_norm > 0.0:
-      norm = jnp.sqrt(jnp.sum(jnp.square(direction)))
-      factor = jnp.where(norm > max_norm, max_norm / jnp.where(norm > max_norm, norm, 1.0), 1.0)
-      direction, weights = direction * factor, alpha * factor
+      norm = jnp.sqrt(_solvers.quadratic_form(gram, alpha * scale))  # ‖αᵀJ‖, without a pass over J
+      weights = alpha * jnp.where(norm > max_norm, max_norm / jnp.where(norm > max_norm, norm, 1.0), 1.0)
     new_state = NashState((state.step + 1) % update_weights_every, alpha)
-    return direction, new_state, {**_metrics(weights, iterations), "mtl/solver_residual": residual}
+    return combine(weights, grads), new_state, {**_metrics(weights, iterations), "solver_residual": residual}
 
   return Method("nash_mtl", "gradient", init, update)
 
@@ -300,16 +281,16 @@ def aligned_mtl(*, scale_mode: str = "min") -> Method:
     Senushkin et al., `Independent Component Alignment for Multi-Task Learning <https://arxiv.org/abs/2305.19000>`_,
     CVPR 2023, Algorithm 1.
   """
-  _check_choice("aligned_mtl", "scale_mode", scale_mode, _SCALE_MODES)
+  check_choice("aligned_mtl", "scale_mode", scale_mode, _SCALE_MODES)
 
-  def update(grads: jax.Array, losses: jax.Array, state: tuple[()], *, key: jax.Array
-             ) -> tuple[jax.Array, tuple[()], Metrics]:
+  def update(grads: Jacobian, losses: jax.Array, state: tuple[()], *, key: jax.Array
+             ) -> tuple[Jacobian, tuple[()], Metrics]:
     del key
-    grads, _ = _checked(grads, losses)
-    weights = jnp.sum(_balance(_solvers.gram(grads), scale_mode), axis=1)
-    return _solvers.combine(weights, grads), state, _metrics(weights)
+    grads, losses = _jacobian.check("aligned_mtl", grads, losses)
+    weights = jnp.sum(_balance(scaled_gram(grads)[0], scale_mode), axis=1)
+    return combine(weights, grads), state, _metrics(weights)
 
-  return Method("aligned_mtl", "gradient", _stateless, update)
+  return Method("aligned_mtl", "gradient", stateless_init, update)
 
 
 # ------------------------------------------------------------------------------------------------ UPGrad
@@ -349,10 +330,10 @@ def upgrad(*, pref_vector: Sequence[float] | None = None, norm_eps: float = 1e-4
     if isinstance(pref_vector, str) or not isinstance(pref_vector, Sequence) or not pref_vector:
       raise ValueError(f"upgrad: pref_vector must be None or a non-empty sequence of numbers; got {pref_vector!r}")
     for entry in pref_vector:
-      _check_number("upgrad", "every pref_vector entry", entry, minimum=0.0)
+      check_number("upgrad", "every pref_vector entry", entry, minimum=0.0)
     pref_vector = tuple(float(entry) for entry in pref_vector)
-  _check_number("upgrad", "norm_eps", norm_eps, minimum=0.0)
-  _check_number("upgrad", "reg_eps", reg_eps, minimum=0.0, exclusive=True)
+  check_number("upgrad", "norm_eps", norm_eps, minimum=0.0)
+  check_number("upgrad", "reg_eps", reg_eps, minimum=0.0, exclusive_minimum=True)
 
   def preferences(num_objectives: int) -> jax.Array:
     if pref_vector is None:
@@ -365,19 +346,20 @@ def upgrad(*, pref_vector: Sequence[float] | None = None, norm_eps: float = 1e-4
     preferences(num_objectives)
     return ()
 
-  def update(grads: jax.Array, losses: jax.Array, state: tuple[()], *, key: jax.Array
-             ) -> tuple[jax.Array, tuple[()], Metrics]:
+  def update(grads: Jacobian, losses: jax.Array, state: tuple[()], *, key: jax.Array
+             ) -> tuple[Jacobian, tuple[()], Metrics]:
     del key
-    grads, _ = _checked(grads, losses)
-    num = grads.shape[0]
-    gram = _solvers.gram(grads)
+    grads, losses = _jacobian.check("upgrad", grads, losses)
+    num = losses.shape[0]
+    gram, scale = scaled_gram(grads)
     trace = jnp.trace(gram)
-    significant = (trace >= norm_eps) & (trace > 0.0)
+    # The threshold is on the true trace s² tr(A) (absolute, as torchjd's), formed without under- or overflow.
+    significant = (trace > 0.0) & ((trace * scale) * scale >= norm_eps)
     normalized = jnp.where(significant, gram / jnp.where(significant, trace, 1.0), 0.0)
     regularized = normalized + reg_eps * jnp.eye(num, dtype=jnp.float32)
     projected, iterations = _solvers.dual_cone_weights(regularized, jnp.diag(preferences(num)))
     weights = jnp.sum(projected, axis=0)
-    return _solvers.combine(weights, grads), state, _metrics(weights, iterations)
+    return combine(weights, grads), state, _metrics(weights, iterations)
 
   return Method("upgrad", "gradient", init, update)
 

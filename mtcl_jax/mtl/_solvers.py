@@ -1,8 +1,8 @@
 """The inner solvers of the solver-based balancing methods, each written once, all in the T × T weight space.
 
-A solver takes the Gram matrix ``A = G Gᵀ`` of the ``[T, D]`` gradient matrix (:func:`gram`, computed once per
-step), never the gradients themselves: D is up to ~1e6 and T ~4, so everything after the Gram matrix costs
-O(T³) per iteration, and the method spends one more pass over the gradients in :func:`combine`.
+A solver takes the Gram matrix ``A = G Gᵀ`` of the ``[T, D]`` gradients (``mtl._jacobian.scaled_gram``, computed
+once per step), never the gradients themselves: D is up to ~1e6 and T ~4, so everything after the Gram matrix
+costs O(T³) per iteration, and the method spends one more pass over the gradients in ``mtl._jacobian.combine``.
 
 Every loop is a ``lax.while_loop`` with a maximum count and a stopping rule, so the solvers are jit- and
 vmap-safe and their cost is bounded; they return the number of iterations they ran, which the methods report
@@ -16,6 +16,7 @@ any gradient scale; all their results are invariant to that scale, Nash-MTL's up
   gradients, the T problems batched with ``vmap``) and :func:`cagrad_weights` (CAGrad's dual, a 1-D root
   search over QPs on the simplex).
 * :func:`nash_weights`: Nash-MTL's bargaining solution ``α ⊙ (A α) = 1``, by damped Newton on a convex objective.
+* :func:`impartial_weights`: IMTL-G's closed form, equal projections of the direction on every unit gradient.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from mtcl_jax.mtl._jacobian import TINY
 
 _HIGHEST = lax.Precision.HIGHEST
 # A mean squared gradient norm below this is treated as 0 (and so is a squared norm below it times the largest).
@@ -32,27 +35,6 @@ _TINY = 1e-30
 _RADIUS_FLOOR = 1e-8
 # The ridge added to the scaled Gram matrix of the simplex QPs (MGDA, CAGrad), relative to the mean squared norm.
 _RIDGE = 1e-6
-
-
-def gram(grads: jax.Array) -> jax.Array:
-  """The Gram matrix ``G Gᵀ`` of per-objective gradients, in full float32 precision and exactly symmetric.
-
-  Full precision because accelerators otherwise round float32 products to TF32/bf16 inputs, which would put
-  relative errors of ~1e-3 into the inner products the solvers compare.
-
-  Args:
-    grads: ``[T, D]`` float32.
-
-  Returns:
-    ``[T, T]`` float32.
-  """
-  product = jnp.dot(grads, grads.T, precision=_HIGHEST)
-  return 0.5 * (product + product.T)
-
-
-def combine(weights: jax.Array, grads: jax.Array) -> jax.Array:
-  """The direction ``weights @ grads``, ``[T] × [T, D] -> [D]``, in full float32 precision."""
-  return jnp.dot(weights, grads, precision=_HIGHEST)
 
 
 def quadratic_form(matrix: jax.Array, weights: jax.Array) -> jax.Array:
@@ -322,6 +304,32 @@ def cagrad_weights(
   carry = (low, low_value, high, high_value, jnp.int32(0), w, free, jnp.int32(2), low_value >= -tolerance)
   _, _, _, _, _, w, _, iterations, _ = lax.while_loop(keep_going, body, carry)
   return w, radius / jnp.sqrt(quadratic_form(ridged, w)), iterations
+
+
+def _inverse_norms(squared_norms: jax.Array) -> jax.Array:
+  """``1 / ‖g_t‖``, and 0 for a zero gradient (whose unit vector is taken to be 0)."""
+  norms = jnp.sqrt(squared_norms)
+  return jnp.where(norms > 0, 1.0 / jnp.maximum(norms, TINY), 0.0)
+
+
+def impartial_weights(gram: jax.Array) -> jax.Array:
+  """IMTL-G's coefficients: ``w`` summing to 1 with ``(w @ G) · u_t`` equal for every unit gradient ``u_t``.
+
+  ``(w @ G) · g_t = λ ‖g_t‖`` for all t is ``Gram w = λ n``; with ``Gram = N C N`` (``N = diag(n)``, ``C`` the
+  cosines), ``w ∝ N⁻¹ C⁺ 1``. Solving with the cosine matrix keeps the conditioning free of the gradients'
+  scales. The pseudo-inverse (relative cutoff 1e-5 on C's eigenvalues) extends the paper's closed form to
+  linearly dependent gradients, as torchjd's IMTL-G: a zero gradient gets coefficient 0 and the others are
+  balanced among themselves; all-zero gradients give all-zero coefficients.
+  """
+  inverse_norms = _inverse_norms(jnp.diagonal(gram))
+  cosines = gram * inverse_norms[:, None] * inverse_norms[None, :]
+  ones = jnp.ones(gram.shape[0], jnp.float32)
+  with jax.default_matmul_precision("highest"):
+    pseudo_inverse = jnp.linalg.pinv(cosines, rtol=1e-5, hermitian=True)
+  unnormalised = jnp.dot(pseudo_inverse, ones, precision=_HIGHEST) * inverse_norms
+  total = jnp.sum(unnormalised)
+  nonzero = jnp.abs(total) > TINY
+  return jnp.where(nonzero, unnormalised / jnp.where(nonzero, total, 1.0), 0.0)
 
 
 def nash_weights(

@@ -299,7 +299,7 @@ def make_gradient_fn(
 
   def loss_balanced(trainable, mtl_state, key, batch):
     vector, vjp, metrics = jax.vjp(lambda t: objectives(t, key, batch), trainable, has_aux=True)
-    weights, mtl_state, mtl_metrics = method.update(jax.lax.stop_gradient(vector), mtl_state,
+    weights, mtl_state, mtl_metrics = method.update(None, jax.lax.stop_gradient(vector), mtl_state,
                                                     key=jax.random.fold_in(key, _MTL_STREAM))
     # The VJP at the weights is the gradient of sum_t weights_t * objective_t, in one backward pass.
     (grads,) = vjp(jax.lax.stop_gradient(weights))
