@@ -36,11 +36,12 @@ def _setup(config, tasks, mesh):
 
 
 def _pick(kind: str, choose) -> mtl.Method:
-  """A test method: the direction is ``choose(grads [T, D])`` (gradient kind) or the weights (loss kind)."""
+  """A test method: the direction is ``choose`` of each Jacobian leaf ``[T, ...]`` (gradient kind), or the weights
+  ``choose(losses)`` (loss kind)."""
   if kind == "loss":
-    return mtl.Method("pick", "loss", lambda num: (), lambda losses, state, *, key: (choose(losses), state, {}))
-  return mtl.Method("pick", "gradient", lambda num: (),
-                    lambda grads, losses, state, *, key: (choose(grads), state, {"weights": jnp.ones(grads.shape[0])}))
+    return mtl.Method("pick", "loss", lambda num: (), lambda grads, losses, state, *, key: (choose(losses), state, {}))
+  return mtl.Method("pick", "gradient", lambda num: (), lambda grads, losses, state, *, key: (
+      jax.tree.map(choose, grads), state, {"weights": jnp.ones(losses.shape)}))
 
 
 def _gradients(config, tasks, method, *, representation=False, mesh=None):

@@ -126,6 +126,19 @@ class MultiTaskModel(nn.Module):
     self.projection = MLP(self.projection_widths, linear_output=True, dtype=self.dtype)
     self.heads = {task.name: nn.Dense(task.num_classes, dtype=self.dtype) for task in self.tasks}
 
+  @staticmethod
+  def is_shared(path: tuple[str | int, ...]) -> bool:
+    """Whether the parameter at ``path`` of ``model.init``'s tree is the shared encoder's: a stem or the trunk.
+
+    The declaration the balancing methods read (:func:`mtcl_jax.mtl.value_and_grad`'s ``shared``): every task's
+    features, and the contrastive term's, pass through these; the projection and the task heads serve one
+    objective each.
+
+    Args:
+      path: the parameter's path as plain names, ``("params", module, ..., "kernel")``.
+    """
+    return len(path) >= 2 and path[0] == "params" and (path[1] == "trunk" or str(path[1]).startswith("stems_"))
+
   def _check_tasks(self, batch: Mapping[str, object]) -> None:
     unknown = sorted(set(batch) - {task.name for task in self.tasks})
     if unknown:

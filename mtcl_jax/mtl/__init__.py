@@ -1,14 +1,23 @@
 """Multi-task balancing: per-objective losses (and gradients) in, one update direction out.
 
 ``make(name, **options)`` returns a :class:`Method`; ``METHODS`` maps every name to its factory, whose
-keyword arguments are the method's hyper-parameters (a config's ``mtl.options``).
+keyword arguments are the method's hyper-parameters (a config's ``mtl.options``). :func:`value_and_grad` turns a
+function of per-objective losses into one that returns the balanced gradient, for any training loop.
 """
 
 import inspect
 
 from mtcl_jax.mtl import _loss_based, _projection, _solver_based
-from mtcl_jax.mtl._base import KINDS
-from mtcl_jax.mtl._base import Method
+from mtcl_jax.mtl._base import KINDS as KINDS
+from mtcl_jax.mtl._base import InitFn as InitFn
+from mtcl_jax.mtl._base import Method as Method
+from mtcl_jax.mtl._base import UpdateFn as UpdateFn
+from mtcl_jax.mtl._transform import BALANCES as BALANCES
+from mtcl_jax.mtl._transform import BalancedGradFn as BalancedGradFn
+from mtcl_jax.mtl._transform import BalancedGrads as BalancedGrads
+from mtcl_jax.mtl._transform import Partition as Partition
+from mtcl_jax.mtl._transform import partition as partition
+from mtcl_jax.mtl._transform import value_and_grad as value_and_grad
 
 METHODS = {**_loss_based.METHODS, **_projection.METHODS, **_solver_based.METHODS}
 
@@ -29,4 +38,17 @@ def make(name: str, **options: object) -> Method:
   return factory(**options)
 
 
-__all__ = ["KINDS", "METHODS", "Method", "make"]
+__all__ = [
+    "BALANCES",
+    "KINDS",
+    "METHODS",
+    "BalancedGradFn",
+    "BalancedGrads",
+    "InitFn",
+    "Method",
+    "Partition",
+    "UpdateFn",
+    "make",
+    "partition",
+    "value_and_grad",
+]

@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh
 
 from mtcl_jax import losses, mtl, parallel
@@ -45,7 +44,6 @@ CONTRASTIVE = "contrastive"  # the name of the contrastive entry of the objectiv
 # The balancing method draws from its own stream of the step key (the rules and augmentations use the key itself
 # and its small fold-ins), so choosing a method leaves the data's randomness as it was.
 _MTL_STREAM = 0x6D746C
-_SHARED_MODULES = ("stems_", "trunk")  # the shared encoder: every stem and the trunk (flax module names)
 Batch = Mapping[str, Mapping[str, jax.Array]]
 Metrics = dict[str, jax.Array]
 Features = dict[str, Any]
@@ -252,35 +250,20 @@ def init_mtl_state(model: MultiTaskModel, config: ml_collections.ConfigDict) -> 
   return make_method(config).init(len(objective_names(model, config, stage="joint")))
 
 
-def _split_shared(params: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-  """``(shared, rest)`` of ``{"params": {...}}``: the encoder's modules, and the heads and projection."""
-  modules = params["params"]
-  shared = {name: value for name, value in modules.items() if name.startswith(_SHARED_MODULES)}
-  rest = {name: value for name, value in modules.items() if not name.startswith(_SHARED_MODULES)}
-  return shared, rest
-
-
-def _merge(shared: Mapping[str, Any], rest: Mapping[str, Any]) -> dict[str, Any]:
-  return {"params": {**shared, **rest}}
-
-
-def _combine(method: mtl.Method, per_objective: Any, vector: jax.Array, state: Any, key: jax.Array
-             ) -> tuple[Any, Any, Metrics]:
-  """The method's direction for a pytree whose leaves have a leading objective axis ``[T, ...]``."""
-  flat = jax.vmap(lambda tree: ravel_pytree(tree)[0])(per_objective)  # [T, D]
-  unravel = ravel_pytree(jax.tree.map(lambda leaf: leaf[0], per_objective))[1]
-  direction, state, metrics = method.update(flat, jax.lax.stop_gradient(vector), state, key=key)
-  return unravel(direction), state, metrics
-
-
-def _sum_objectives(per_objective: Any) -> Any:
-  return jax.tree.map(lambda leaf: jnp.sum(leaf, axis=0), per_objective)
+def _shared_trainable(path: tuple[str | int, ...]) -> bool:
+  """The shared part of ``trainable = (params, log_temperature)``: the model's encoder, never the temperature."""
+  return path[0] == 0 and MultiTaskModel.is_shared(path[1:])
 
 
 def make_gradient_fn(
     objectives: Objectives, method: mtl.Method, *, representation: bool = False
 ) -> Callable[[tuple[Any, jax.Array | None], Any, jax.Array, Batch], tuple[Any, Any, Metrics]]:
   """``grad_fn(trainable, mtl_state, key, batch) -> (update direction, new mtl_state, metrics)``.
+
+  Built on :func:`mtcl_jax.mtl.value_and_grad`, split at the shared features: for a gradient method the encoder
+  runs on each input apart, and each objective's Jacobian of the encoder is the backward pass of the inputs it
+  reads (:attr:`Objectives.reads`): 2 passes per input (its task and the contrastive term) where a vmap over
+  all T objectives would run T.
 
   Args:
     objectives: the stage's objective vector.
@@ -293,73 +276,37 @@ def make_gradient_fn(
     ``mtl/<objective>/weight`` where it reports weights, ``mtl/<objective>/<name>`` for its other per-objective
     values (UW's ``log_variance``, FAMO's ``task_probabilities``), ``mtl/<name>`` for its scalars.
   """
-  num_objectives = len(objectives.names)
-  basis = jnp.eye(num_objectives, dtype=jnp.float32)
   inputs_read = tuple(dict.fromkeys(representative for reads in objectives.reads for representative in reads))
 
-  def loss_balanced(trainable, mtl_state, key, batch):
-    vector, vjp, metrics = jax.vjp(lambda t: objectives(t, key, batch), trainable, has_aux=True)
-    weights, mtl_state, mtl_metrics = method.update(None, jax.lax.stop_gradient(vector), mtl_state,
-                                                    key=jax.random.fold_in(key, _MTL_STREAM))
-    # The VJP at the weights is the gradient of sum_t weights_t * objective_t, in one backward pass.
-    (grads,) = vjp(jax.lax.stop_gradient(weights))
-    return grads, mtl_state, metrics, mtl_metrics
-
-  def parameter_balanced(trainable, mtl_state, key, batch):
+  def head(trainable, features, encoder_inputs, key, batch):
+    del encoder_inputs
     params, log_temperature = trainable
-    shared, rest = _split_shared(params)
-    inputs = objectives.inputs(key, batch)
-    # The encoder on each input apart, so that each objective's backward pass runs through the inputs it reads
-    # only: 2 passes per input (its task and the contrastive term) where a vmap over all T would run T.
-    features, encoder_vjps = {}, {}
-    for representative in inputs_read:
-      features[representative], encoder_vjps[representative] = jax.vjp(
-          lambda shared, part=_select_input(inputs, representative): objectives.encode(_merge(shared, rest), part),
-          shared)
-    features = _join_inputs(features)
+    return objectives.head(params, log_temperature, features, key, batch)
 
-    def head(rest, log_temperature, features):
-      return objectives.head(_merge(shared, rest), log_temperature, features, key, batch)
+  def encode_all(trainable, encoder_inputs, key, batch):
+    del key, batch
+    return objectives.encode(trainable[0], encoder_inputs)
 
-    vector, head_vjp, metrics = jax.vjp(head, rest, log_temperature, features, has_aux=True)
-    rest_by_objective, temperature_by_objective, features_by_objective = jax.vmap(head_vjp)(basis)
-    shared_by_objective = jax.tree.map(lambda leaf: jnp.zeros((num_objectives, *leaf.shape), leaf.dtype), shared)
-    for representative, encoder_vjp in encoder_vjps.items():
-      readers = [index for index, reads in enumerate(objectives.reads) if representative in reads]
-      cotangents = jax.tree.map(lambda leaf: leaf[jnp.asarray(readers)],
-                                _select_input(features_by_objective, representative))
-      (grads,) = jax.vmap(encoder_vjp)(cotangents)
-      shared_by_objective = jax.tree.map(lambda total, part: total.at[jnp.asarray(readers)].add(part),
-                                         shared_by_objective, grads)
-    direction, mtl_state, mtl_metrics = _combine(method, shared_by_objective, vector, mtl_state,
-                                                 jax.random.fold_in(key, _MTL_STREAM))
-    grads = (_merge(direction, _sum_objectives(rest_by_objective)), _sum_objectives(temperature_by_objective))
-    return grads, mtl_state, metrics, mtl_metrics
+  if method.kind == "gradient" and not representation:
+    # One part per input, each read by the objectives of objectives.reads.
+    def encode_part(trainable, encoder_inputs, key, batch, *, representative):
+      del key, batch
+      return objectives.encode(trainable[0], _select_input(encoder_inputs, representative))
 
-  def representation_balanced(trainable, mtl_state, key, batch):
-    params, log_temperature = trainable
-    shared, rest = _split_shared(params)
-    features, encoder_vjp = jax.vjp(
-        lambda shared: objectives.encode(_merge(shared, rest), objectives.inputs(key, batch)), shared)
+    features_fn = {rep: functools.partial(encode_part, representative=rep) for rep in inputs_read}
+    reads = objectives.reads
 
-    def head(rest, log_temperature, features):
-      return objectives.head(_merge(shared, rest), log_temperature, features, key, batch)
-
-    vector, head_vjp, metrics = jax.vjp(head, rest, log_temperature, features, has_aux=True)
-    rest_by_objective, temperature_by_objective, features_by_objective = jax.vmap(head_vjp)(basis)
-    feature_direction, mtl_state, mtl_metrics = _combine(method, features_by_objective, vector, mtl_state,
-                                                         jax.random.fold_in(key, _MTL_STREAM))
-    (shared_grads,) = encoder_vjp(feature_direction)
-    grads = (_merge(shared_grads, _sum_objectives(rest_by_objective)), _sum_objectives(temperature_by_objective))
-    return grads, mtl_state, metrics, mtl_metrics
-
-  if method.kind == "loss":
-    balanced = loss_balanced
+    def objectives_fn(trainable, features_by_input, *args):
+      return head(trainable, _join_inputs(features_by_input), *args)
   else:
-    balanced = representation_balanced if representation else parameter_balanced
+    features_fn, reads, objectives_fn = encode_all, None, head
+  balanced = mtl.value_and_grad(objectives_fn, method, shared=_shared_trainable, features_fn=features_fn,
+                                reads=reads, balance="features" if representation else "parameters")
 
   def grad_fn(trainable, mtl_state, key, batch):
-    grads, mtl_state, metrics, method_metrics = balanced(trainable, mtl_state, key, batch)
+    encoder_inputs = objectives.inputs(key, batch)
+    _, grads, mtl_state, metrics, method_metrics = balanced(
+        trainable, mtl_state, encoder_inputs, key, batch, key=jax.random.fold_in(key, _MTL_STREAM))
     # The method's own metrics: one per objective ([T]: mtl/<objective>/<metric>, "weights" as "weight") or
     # scalars (mtl/<metric>), so the loop logs plain numbers.
     metrics = dict(metrics)
