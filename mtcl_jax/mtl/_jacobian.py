@@ -28,6 +28,8 @@ _HIGHEST = lax.Precision.HIGHEST
 TINY = float(jnp.finfo(jnp.float32).tiny)
 # Bounds of the power-of-two exponent of the Jacobian's scale, so that the scale and its inverse are normal floats.
 _MIN_EXPONENT, _MAX_EXPONENT = -125, 126
+# Columns per block of the scaled Gram product (see _scaled_leaf_gram).
+_BLOCK = 65536
 
 
 def dot(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -81,12 +83,29 @@ def scaled_gram(grads: Jacobian) -> tuple[jax.Array, jax.Array]:
   """
   factor = scale(grads)
   inverse = 1.0 / factor
-  total = None
-  for leaf in jax.tree.leaves(grads):
-    rows = _rows(leaf) * inverse
-    product = dot(rows, rows.T)
-    total = product if total is None else total + product
+  total = functools.reduce(jnp.add, [_scaled_leaf_gram(_rows(leaf), inverse) for leaf in jax.tree.leaves(grads)])
   return 0.5 * (total + total.T), factor
+
+
+def _scaled_leaf_gram(rows: jax.Array, inverse: jax.Array) -> jax.Array:
+  """``(rows · inverse)(rows · inverse)ᵀ`` for ``[T, n]`` rows, scaling one column block at a time.
+
+  A whole scaled copy of a large leaf would cost as much memory as the leaf; a loop over blocks of
+  ``_BLOCK`` columns keeps one block's copy (T × 64K floats) and runs the same products.
+  """
+  num_columns = rows.shape[1]
+  blocks = num_columns // _BLOCK
+  if blocks < 2:
+    scaled = rows * inverse
+    return dot(scaled, scaled.T)
+
+  def block(index: jax.Array, total: jax.Array) -> jax.Array:
+    part = lax.dynamic_slice_in_dim(rows, index * _BLOCK, _BLOCK, axis=1) * inverse
+    return total + dot(part, part.T)
+
+  total = lax.fori_loop(0, blocks, block, jnp.zeros((rows.shape[0],) * 2, jnp.float32))
+  tail = rows[:, blocks * _BLOCK:] * inverse
+  return total + dot(tail, tail.T)
 
 
 def combine(weights: jax.Array, grads: Jacobian) -> Jacobian:
