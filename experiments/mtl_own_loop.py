@@ -59,22 +59,24 @@ def train(method_name: str, *, balance: str = "parameters", steps: int = 300, ba
   params = {"encoder": encoder.init(key_encoder, x_train[:1]),
             "heads": heads.init(key_heads, jnp.zeros((1, 64), jnp.float32))}
 
-  # --- the user's own functions: shared features, then one loss per task -----------------------------------
-  def features_fn(params, x, y):
-    del y
-    return encoder.apply(params["encoder"], x)
-
-  def objectives_fn(params, features, x, y):
-    del x
+  # --- the user's own code: one loss per task ----------------------------------------------------------------
+  def task_losses(params, features, y):
     logits = heads.apply(params["heads"], features)
-    losses = jnp.stack([optax.softmax_cross_entropy_with_integer_labels(logit, y[:, task]).mean()
-                        for task, logit in enumerate(logits)])
-    return losses, None
+    return jnp.stack([optax.softmax_cross_entropy_with_integer_labels(logit, y[:, task]).mean()
+                      for task, logit in enumerate(logits)])
+
+  def objectives_fn(params, x, y):
+    return task_losses(params, encoder.apply(params["encoder"], x), y), None
 
   # --- the two lines that make it multi-task balancing -------------------------------------------------------
   method = mtl.make(method_name)
-  grad_fn = mtl.value_and_grad(objectives_fn, method, shared=lambda path: path[0] == "encoder",
-                               features_fn=features_fn, balance=balance)
+  if balance == "parameters":
+    grad_fn = mtl.value_and_grad(objectives_fn, method, shared=lambda path: path[0] == "encoder")
+  else:  # the "-UB" variant: balance the Jacobian of the shared features, back-propagate once
+    grad_fn = mtl.value_and_grad(
+        lambda params, features, x, y: (task_losses(params, features, y), None), method,
+        shared=lambda path: path[0] == "encoder", balance="features",
+        features_fn=lambda params, x, y: encoder.apply(params["encoder"], x))
 
   optimizer = optax.adam(1e-3)
   opt_state, mtl_state = optimizer.init(params), method.init(len(TASKS))

@@ -8,13 +8,15 @@ A train step reads: batch -> per-objective losses -> balancing -> update.
   sees the global batch: with ``contrastive.distributed = "replicate"`` the rows are constrained to replicated
   (XLA all-gathers them), ``"all_gather"`` and ``"ring"`` leave them sharded and call
   ``mtcl_jax.losses._sharded.sharded_loss`` (binary InfoNCE draws a few triples and always gathers them).
-* **Balancing** (:func:`make_train_step`): the config's ``mtl.method`` from :mod:`mtcl_jax.mtl`. A loss method
-  weights the objectives and the step back-propagates the weighted sum once (``"static"``: the plain sum, the
-  fixed-weight training of old). A gradient method gets each objective's gradient of the shared encoder (stems
-  and trunk), computed in the same compiled step as a vmap of one VJP over the objectives, or, with
-  ``mtl.representation``, each objective's gradient of the shared features (the "-UB" variants), whose combined
-  direction is then back-propagated through the encoder once. Parameters of one objective only (a task head, the
-  projection head, the temperature) get that objective's plain gradient.
+* **Balancing** (:func:`make_gradient_fn`): the config's ``mtl.method`` from :mod:`mtcl_jax.mtl`, applied by
+  :func:`mtcl_jax.mtl.value_and_grad` — the same public transformation a user calls in their own loop. A loss
+  method weights the objectives and the step back-propagates the weighted sum once (``"static"``: the plain sum,
+  the fixed-weight training of old). A gradient method gets each objective's gradient of the shared encoder
+  (:meth:`MultiTaskModel.is_shared`: stems and trunk), the encoder running on each input apart so that an
+  objective pays only the backward passes of the inputs it reads, or, with ``mtl.representation``, each
+  objective's gradient of the shared features (the "-UB" variants), whose combined direction is then
+  back-propagated through the encoder once. Parameters of one objective only (a task head, the projection head,
+  the temperature) get that objective's plain gradient.
 
 Stages: ``"joint"`` trains everything on the objectives; two-stage training runs ``"pretrain"`` (contrastive
 objective only) and then ``"heads"`` (cross-entropies of heads fed frozen features).
