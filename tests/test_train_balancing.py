@@ -219,3 +219,10 @@ def test_every_metric_a_method_reports_is_a_scalar_the_loop_can_log(tasks, name)
     assert np.isfinite(metrics[f"mtl/{objective}/weight"])
   if name == "uw":
     assert {f"mtl/{objective}/log_variance" for objective in objectives.names} <= set(metrics)
+
+
+def test_a_methods_scalar_metrics_are_logged_once_prefixed(tasks):
+  _, metrics, objectives, *_ = _gradients(_config(), tasks, mtl.make("mgda"))
+  assert "mtl/solver_iterations" in metrics
+  assert not [name for name in metrics if name.startswith("mtl/mtl/")]
+  assert {f"mtl/{name}/weight" for name in objectives.names} <= set(metrics)
