@@ -107,8 +107,9 @@ def cagrad(*, c: float = 0.4, rescale: int = 1) -> Method:
   Solves the dual ``min_{w ∈ simplex} (wᵀG)·g₀ + c‖g₀‖ ‖wᵀG‖`` (:func:`~mtcl_jax.mtl._solvers.cagrad_weights`),
   then ``d = g₀ + λ wᵀG`` with ``λ = c‖g₀‖ / ‖wᵀG‖``, divided by 1 (``rescale=0``), ``1 + c²`` (1, the official
   code's and LibMTL's default) or ``1 + c`` (2). So ``weights = (1/T + λ w) / divisor``. With c = 0 it is the mean
-  gradient. The solver's ridge keeps ``‖wᵀG‖`` above ~1e-3/√T times the root mean squared gradient norm (the
-  official code adds 1e-8, unscaled), so λ stays finite where the convex hull of the gradients reaches 0.
+  gradient. The solver's ridge, 2⁻²² times each gradient's own squared norm, keeps λ finite where the convex hull
+  of the gradients reaches 0 (the official code adds 1e-8 to ``‖wᵀG‖``, unscaled) without moving the result for
+  gradients of very different norms; ``‖d − g₀‖ ≤ c‖g₀‖`` whatever λ.
   Zero gradients: 0; identical gradients g: ``(1 + c) g / divisor``.
 
   Args:
