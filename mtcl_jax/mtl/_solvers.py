@@ -46,6 +46,9 @@ _RIDGE = 2.0**-22
 # (over ε), or CAGrad's λ could amplify such a gradient past the ball. Gradients 1e-10 of the rms norm and up keep
 # their own ridge.
 _RIDGE_FLOOR = 1e-20
+# IMTL-G: C v = 1 counts as solved where the residual of its least-squares solution is below this (entries of C
+# and of 1 are at most 1; an unsolvable one leaves a residual of O(1)).
+_CONSISTENT = 1e-3
 
 
 def quadratic_form(matrix: jax.Array, weights: jax.Array) -> jax.Array:
@@ -361,21 +364,52 @@ def _inverse_norms(squared_norms: jax.Array) -> jax.Array:
   return jnp.where(norms > 0, 1.0 / jnp.maximum(norms, TINY), 0.0)
 
 
+def _least_squares(system: jax.Array, rhs: jax.Array, *, hermitian: bool) -> tuple[jax.Array, jax.Array]:
+  """The least-squares solution of least norm, by the pseudo-inverse with float32's cutoff (singular values below
+  ``10 n ε₃₂`` of the largest, which rounding cannot tell from 0), refined once; and its residual's largest entry.
+  Refinement fixes the last bits, and changes nothing the cutoff truncated (its residual maps to 0)."""
+  with jax.default_matmul_precision("highest"):
+    inverse = jnp.linalg.pinv(system, hermitian=hermitian)
+  solution = jnp.dot(inverse, rhs, precision=_HIGHEST)
+  solution = solution + jnp.dot(inverse, rhs - jnp.dot(system, solution, precision=_HIGHEST), precision=_HIGHEST)
+  return solution, jnp.max(jnp.abs(jnp.dot(system, solution, precision=_HIGHEST) - rhs))
+
+
 def impartial_weights(gram: jax.Array) -> jax.Array:
   """IMTL-G's coefficients: ``w`` summing to 1 with ``(w @ G) · u_t`` equal for every unit gradient ``u_t``.
 
   ``(w @ G) · g_t = λ ‖g_t‖`` for all t is ``Gram w = λ n``; with ``Gram = N C N`` (``N = diag(n)``, ``C`` the
-  cosines), ``w ∝ N⁻¹ C⁺ 1``. Solving with the cosine matrix keeps the conditioning free of the gradients'
-  scales. The pseudo-inverse (relative cutoff 1e-5 on C's eigenvalues) extends the paper's closed form to
-  linearly dependent gradients, as torchjd's IMTL-G: a zero gradient gets coefficient 0 and the others are
-  balanced among themselves; all-zero gradients give all-zero coefficients.
+  cosines), ``w ∝ N⁻¹ v`` with ``C v = 1``: working with the cosine matrix keeps the conditioning free of the
+  gradients' scales. Both systems below are solved by the pseudo-inverse with float32's cutoff (singular values
+  below ``10 T ε₃₂`` of the largest, what rounding makes of a zero), so the result is the paper's closed form
+  whenever float32 resolves it.
+
+  * ``v = C⁺ 1`` where it solves ``C v = 1`` (to 1e-3): always for independent gradients, and as torchjd's IMTL-G
+    for linearly dependent ones that have an impartial direction, such as collinear gradients of one sign
+    (weights ∝ 1/‖g_t‖; identical ones: equal weights).
+  * Otherwise no direction has equal nonzero projections (e.g. nearly collinear gradients, one of them opposite:
+    C is rank-1 to float32, and ``C⁺ 1`` would leave the projections at ±12 times the gradients' norms), and
+    ``(v, λ)`` solves the bordered system ``C v = λ 1``, ``Σ v_t / n_t = 1`` (least squares, least norm): the
+    limit of the closed form on nearby independent gradients, a direction that is 0 or as small as float32
+    can resolve, with equal projections (two opposite gradients: 0).
+
+  A zero gradient gets coefficient 0 and the others are balanced among themselves; all-zero gradients give
+  all-zero coefficients.
   """
+  num = gram.shape[0]
   inverse_norms = _inverse_norms(jnp.diagonal(gram))
+  live = inverse_norms > 0.0
+  ones = live.astype(jnp.float32)
   cosines = gram * inverse_norms[:, None] * inverse_norms[None, :]
-  ones = jnp.ones(gram.shape[0], jnp.float32)
-  with jax.default_matmul_precision("highest"):
-    pseudo_inverse = jnp.linalg.pinv(cosines, rtol=1e-5, hermitian=True)
-  unnormalised = jnp.dot(pseudo_inverse, ones, precision=_HIGHEST) * inverse_norms
+  # A zero gradient's row and column become the identity's with right-hand side 0 (its v is 0), out of the rest.
+  cosines = jnp.where(live[:, None] & live[None, :], cosines, 0.0) + jnp.diag(1.0 - ones)
+  direct, residual = _least_squares(cosines, ones, hermitian=True)
+  # The border Σ v_t / n_t, divided by its largest entry so that every entry of the system is at most 1.
+  top = jnp.max(inverse_norms)
+  border = inverse_norms / jnp.where(top > 0.0, top, 1.0)
+  system = jnp.block([[cosines, -ones[:, None]], [border[None, :], jnp.zeros((1, 1), jnp.float32)]])
+  bordered, _ = _least_squares(system, jnp.zeros((num + 1,), jnp.float32).at[num].set(1.0), hermitian=False)
+  unnormalised = jnp.where(residual <= _CONSISTENT, direct, bordered[:num]) * inverse_norms
   total = jnp.sum(unnormalised)
   nonzero = jnp.abs(total) > TINY
   return jnp.where(nonzero, unnormalised / jnp.where(nonzero, total, 1.0), 0.0)
