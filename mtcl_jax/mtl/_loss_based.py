@@ -18,6 +18,10 @@ from mtcl_jax.mtl._base import Jacobian, Method, check_number, check_positive_in
 # Keeps logarithms of and divisions by losses finite at 0: FAMO's epsilon, the floor of DWA's period means, GLS's
 # and GradNorm's floors.
 EPSILON = 1e-8
+# The largest gradient magnitude handed to a learned parameter's optimizer. Adam squares it, and a float32 square
+# overflows above ~1.8e19 (UW's 1 − e^{−s} L, or IMTL's e^{s} L − 1, for a loss of 1e20): the second moment would
+# be infinite, and the parameter frozen for good (0.999 · inf stays inf). Below the bound nothing changes.
+_GRAD_BOUND = 1e18
 
 
 # ------------------------------------------------------------------------------------------- shared helpers
@@ -62,12 +66,14 @@ def learned_step(
   Args:
     optimizer: the transformation ``learned`` was initialised with.
     learned: the parameters and their optimizer state.
-    grad: ``[T]`` float32, the gradient of the parameters' own objective.
+    grad: ``[T]`` float32, the gradient of the parameters' own objective; entries beyond ±1e18 count as ±1e18,
+      so that Adam's squared gradient stays finite.
     active: a boolean scalar (may be traced); False skips the step, step count included.
 
   Returns:
     The stepped :class:`Learned`, same structure, shapes and dtypes.
   """
+  grad = jnp.clip(grad, -_GRAD_BOUND, _GRAD_BOUND)
   with jax.numpy_dtype_promotion("standard"):
     updates, opt_state = optimizer.update(grad, learned.opt_state, learned.params)
     stepped = Learned(optax.apply_updates(learned.params, updates), opt_state)
