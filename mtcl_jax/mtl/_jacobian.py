@@ -78,6 +78,10 @@ def scaled_gram(grads: Jacobian) -> tuple[jax.Array, jax.Array]:
   entries per objective: gradients of any float32 scale (1e-20 or 1e20, whose squares underflow or overflow)
   give the same ``A``. Methods whose weights do not depend on the gradients' scale use ``A`` alone.
 
+  One scale serves every row: an objective whose gradient is ~1e-20 of the largest (its squared entries below
+  float32's normal range in these units) reads as a zero gradient (``tests/test_mtl_contracts.py`` lists the
+  methods this changes, as strict xfails; a per-row scale would be needed).
+
   Returns:
     ``(A [T, T] float32, exactly symmetric; s, a float32 scalar)``.
   """

@@ -78,11 +78,14 @@ class GradNormState(NamedTuple):
     weights: :class:`Learned`, the loss weights ``[T]`` (summing to T) and their Adam state.
     initial_losses: ``[T]`` float32, ``L(0)``.
     step: int32 scalar, updates seen.
+    scale: float32 scalar, the power-of-two scale of the first update's gradients: the unit of the norms the
+      weights' Adam sees, so that scaling every gradient by any c leaves the weights as they were.
   """
 
   weights: Learned
   initial_losses: jax.Array
   step: jax.Array
+  scale: jax.Array
 
 
 def gradnorm(*, alpha: float = 1.5, learning_rate: float = 1e-3) -> Method:
@@ -122,7 +125,8 @@ def gradnorm(*, alpha: float = 1.5, learning_rate: float = 1e-3) -> Method:
 
   def init(num_objectives: int) -> GradNormState:
     weights = learned_init(optimizer, jnp.ones(num_objectives, jnp.float32))
-    return GradNormState(weights, jnp.zeros(num_objectives, jnp.float32), jnp.zeros((), jnp.int32))
+    return GradNormState(weights, jnp.zeros(num_objectives, jnp.float32), jnp.zeros((), jnp.int32),
+                         jnp.ones((), jnp.float32))
 
   def update(
       grads: Jacobian, losses: jax.Array, state: GradNormState, *, key: jax.Array
@@ -130,19 +134,21 @@ def gradnorm(*, alpha: float = 1.5, learning_rate: float = 1e-3) -> Method:
     del key
     grads, losses = _jacobian.check("gradnorm", grads, losses)
     num_objectives = losses.shape[0]
-    gram, _ = scaled_gram(grads)
+    gram, scale = scaled_gram(grads)
+    first_scale = jnp.where(state.step == 0, scale, state.scale)
     initial_losses = jnp.where(state.step == 0, losses, state.initial_losses)
     loss_ratios = jnp.maximum(losses, 0.0) / jnp.maximum(initial_losses, EPSILON)
     inverse_rates = loss_ratios / jnp.maximum(jnp.mean(loss_ratios), EPSILON)
-    # The norms in units of the Jacobian's scale: the weights' Adam step does not depend on it.
-    norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
+    # The norms in units of the first update's scale (a ratio of powers of two, exact): Adam's step is invariant
+    # to that constant unit, and the norms never overflow or underflow float32 on the way.
+    norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0)) * (scale / first_scale)
     weights = state.weights.params
     weighted_norms = weights * norms
     target = jnp.mean(weighted_norms) * inverse_rates**alpha
     stepped = learned_step(optimizer, state.weights, jnp.sign(weighted_norms - target) * norms)
     floored = jnp.maximum(stepped.params, _WEIGHT_FLOOR)
     stepped = stepped._replace(params=floored * (num_objectives / jnp.sum(floored)))
-    new_state = GradNormState(stepped, initial_losses, state.step + 1)
+    new_state = GradNormState(stepped, initial_losses, state.step + 1, first_scale)
     metrics = {"weights": weights, "inverse_training_rate": inverse_rates}
     return combine(weights, grads), new_state, metrics
 

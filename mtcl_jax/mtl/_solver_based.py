@@ -52,7 +52,8 @@ def mgda(*, normalization: str = "none") -> Method:
   """MGDA: the min-norm point of the convex hull of the (normalised) gradients, a common descent direction.
 
   Each gradient is first divided by a normaliser ``n_t`` (LibMTL's ``mgda_gn``): 1 (``"none"``), its norm
-  (``"l2"``), its loss (``"loss"``) or both (``"loss+"``); a normaliser that is not positive is replaced by 1.
+  (``"l2"``), its loss (``"loss"``) or both (``"loss+"``); a normaliser that is not positive is replaced by 1,
+  and one below 2^-40 of the largest counts as that (float32 could not hold the normalised Gram matrix).
   Then the weights ``γ`` on the simplex of the min-norm point (:func:`~mtcl_jax.mtl._solvers.min_norm_weights`),
   and the direction ``Σ γ_t g_t / n_t``, the min-norm point of the normalised gradients, as LibMTL's MGDA
   (Sener & Koltun's code instead scales the raw losses by γ); ``weights = γ / n``. If a convex combination of the
@@ -87,8 +88,12 @@ def mgda(*, normalization: str = "none") -> Method:
     options = {"none": jnp.ones_like(losses), "l2": norms, "loss": losses, "loss+": losses * norms}
     normalizers = options[normalization]
     normalizers = jnp.where(normalizers > 0.0, normalizers, 1.0)
-    simplex, iterations = _solvers.min_norm_weights(gram / (normalizers[:, None] * normalizers[None, :]))
-    weights = simplex / normalizers
+    # Relative to the largest, and at least 2^-40 of it: a normaliser of 1e-20 (a loss near 0) would otherwise
+    # overflow the normalised Gram matrix (its squared reciprocal), and the weights would be NaN.
+    largest = jnp.max(normalizers)
+    relative = jnp.maximum(normalizers / largest, 2.0**-40)
+    simplex, iterations = _solvers.min_norm_weights(gram / (relative[:, None] * relative[None, :]))
+    weights = simplex / relative / largest
     if normalization in ("l2", "loss+"):
       weights = weights / scale
     return combine(weights, grads), state, _metrics(weights, iterations)
