@@ -250,3 +250,19 @@ def test_the_own_loop_example_trains_with_each_method(name):
   assert set(accuracy) == {"digit", "parity", "at_least_5"}
   # Chance is 10% / 50% / 50%; 60 Adam steps of batch 64 get well past it.
   assert accuracy["digit"] > 50.0 and accuracy["parity"] > 65.0 and accuracy["at_least_5"] > 65.0, accuracy
+
+
+@pytest.mark.parametrize("name", ["uw", "famo", "gradnorm", "imtl", "nash_mtl"])
+def test_a_non_finite_step_keeps_the_methods_state(name):
+  method = mtl.make(name)
+  fn = jax.jit(mtl.value_and_grad(_objectives, method, shared=_is_encoder))
+  params, x = _params(), _x()
+  state = fn(params, method.init(NUM_TASKS), x, key=KEY).state
+  poisoned = _x().at[0, 0].set(jnp.nan)
+  result = fn(params, state, poisoned, key=KEY)
+  assert not np.all(np.isfinite(result.losses))
+  assert float(result.metrics["state_kept"]) == 1.0
+  _assert_trees_close(result.state, state, rtol=0, atol=0)
+  after = fn(params, result.state, x, key=KEY)  # the next good step goes on as if the bad one had not happened
+  assert float(after.metrics["state_kept"]) == 0.0
+  _assert_trees_close(after.state, fn(params, state, x, key=KEY).state, rtol=0, atol=0)

@@ -21,6 +21,7 @@ pytree of booleans, or a :class:`Partition` with the user's own ``split`` and ``
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol
 
@@ -123,7 +124,8 @@ class BalancedGrads(NamedTuple):
     grads: the update direction, ``params``' structure (for optax).
     state: the method's new state.
     aux: ``objectives_fn``'s auxiliary output.
-    metrics: the method's metrics (``weights`` ``[T]`` where it has weights, its scalars).
+    metrics: the method's metrics (``weights`` ``[T]`` where it has weights, its scalars), and for a method with
+      float state ``state_kept``: 1.0 when the update would have stored a NaN or inf and the old state was kept.
   """
 
   losses: jax.Array
@@ -190,7 +192,9 @@ def value_and_grad(
 
   Returns:
     ``fn(params, mtl_state, *args, key) -> (losses, grads, mtl_state, aux, metrics)`` (a :class:`BalancedGrads`),
-    with ``mtl_state = method.init(T)`` to start and ``key`` the method's PRNG key.
+    with ``mtl_state = method.init(T)`` to start and ``key`` the method's PRNG key. A step whose losses or
+    gradients are not finite returns them as they are (so the loop can see it), but never stores a NaN or inf in
+    the method's state: it keeps the old one and sets ``metrics["state_kept"]`` to 1.
 
   Raises:
     ValueError: an unknown ``balance``, ``"features"`` or ``reads`` without what they need, and, when traced,
@@ -238,7 +242,15 @@ def value_and_grad(
     return objectives_fn(params, all_features(params, args), *args)
 
   def update(jacobian: Any, losses: jax.Array, state: State, key: jax.Array) -> tuple[Any, State, Metrics]:
-    return method.update(jacobian, lax.stop_gradient(losses), state, key=key)
+    output, new_state, metrics = method.update(jacobian, lax.stop_gradient(losses), state, key=key)
+    # One NaN or inf (a diverged step, a bad batch) would otherwise poison a stateful method for good (UW's
+    # log-variances, FAMO's logits, GradNorm's weights): such an update keeps the old state and says so.
+    floats = [leaf for leaf in jax.tree.leaves(new_state) if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
+    if floats:
+      finite = functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(leaf)) for leaf in floats])
+      new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+      metrics = {**metrics, "state_kept": jnp.where(finite, 0.0, 1.0).astype(jnp.float32)}
+    return output, new_state, metrics
 
   def loss_balanced(params, state, args, key):
     losses, vjp, aux = jax.vjp(lambda p: objectives(p, args), params, has_aux=True)
