@@ -28,8 +28,6 @@ _HIGHEST = lax.Precision.HIGHEST
 TINY = float(jnp.finfo(jnp.float32).tiny)
 # Bounds of the power-of-two exponent of the Jacobian's scale, so that the scale and its inverse are normal floats.
 _MIN_EXPONENT, _MAX_EXPONENT = -125, 126
-# Columns per block of the scaled Gram product (see _scaled_leaf_gram).
-_BLOCK = 65536
 
 
 def dot(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -71,52 +69,36 @@ def scale(grads: Jacobian) -> jax.Array:
   return jnp.ldexp(jnp.float32(1.0), exponent)
 
 
-def scaled_gram(grads: Jacobian) -> tuple[jax.Array, jax.Array]:
-  """The Gram matrix ``J Jᵀ`` of the Jacobian, as ``(A, s)`` with ``J Jᵀ = s² A``.
+def normalize(grads: Jacobian) -> tuple[Jacobian, jax.Array]:
+  """The Jacobian divided by its :func:`scale` ``s`` (exact: a power of two), as float32, and ``s``.
 
-  ``s`` is :func:`scale`, a power of two, so ``J / s`` is exact and ``A``'s entries are at most the number of
-  entries per objective: gradients of any float32 scale (1e-20 or 1e20, whose squares underflow or overflow)
-  give the same ``A``. Methods whose weights do not depend on the gradients' scale use ``A`` alone.
+  A method forms the Gram matrix of the unit Jacobian (:func:`gram`) and the direction from it
+  (``combine(weights * s, unit, like=grads)``), so the original leaves are dead once scaled and XLA can reuse
+  their memory: no second copy of the Jacobian is held. Gradients of any float32 scale (1e-20 or 1e20, whose
+  squares underflow or overflow) give the same Gram matrix; methods whose weights do not depend on the
+  gradients' scale use it alone.
 
   One scale serves every row: an objective whose gradient is ~1e-20 of the largest (its squared entries below
   float32's normal range in these units) reads as a zero gradient (``tests/test_mtl_contracts.py`` lists the
   methods this changes, as strict xfails; a per-row scale would be needed).
-
-  Returns:
-    ``(A [T, T] float32, exactly symmetric; s, a float32 scalar)``.
   """
   factor = scale(grads)
   inverse = 1.0 / factor
-  total = functools.reduce(jnp.add, [_scaled_leaf_gram(_rows(leaf), inverse) for leaf in jax.tree.leaves(grads)])
-  return 0.5 * (total + total.T), factor
+  return jax.tree.map(lambda leaf: leaf.astype(jnp.float32) * inverse, grads), factor
 
 
-def _scaled_leaf_gram(rows: jax.Array, inverse: jax.Array) -> jax.Array:
-  """``(rows · inverse)(rows · inverse)ᵀ`` for ``[T, n]`` rows, scaling one column block at a time.
-
-  A whole scaled copy of a large leaf would cost as much memory as the leaf; a loop over blocks of
-  ``_BLOCK`` columns keeps one block's copy (T × 64K floats) and runs the same products.
-  """
-  num_columns = rows.shape[1]
-  blocks = num_columns // _BLOCK
-  if blocks < 2:
-    scaled = rows * inverse
-    return dot(scaled, scaled.T)
-
-  def block(index: jax.Array, total: jax.Array) -> jax.Array:
-    part = lax.dynamic_slice_in_dim(rows, index * _BLOCK, _BLOCK, axis=1) * inverse
-    return total + dot(part, part.T)
-
-  total = lax.fori_loop(0, blocks, block, jnp.zeros((rows.shape[0],) * 2, jnp.float32))
-  tail = rows[:, blocks * _BLOCK:] * inverse
-  return total + dot(tail, tail.T)
+def gram(grads: Jacobian) -> jax.Array:
+  """The Gram matrix ``J Jᵀ``, ``[T, T]`` float32, exactly symmetric: a sum of one product per leaf."""
+  total = functools.reduce(jnp.add, [dot(_rows(leaf), _rows(leaf).T) for leaf in jax.tree.leaves(grads)])
+  return 0.5 * (total + total.T)
 
 
-def combine(weights: jax.Array, grads: Jacobian) -> Jacobian:
-  """``Σ_t weights_t grads_t``: a pytree of ``grads``' structure without the objective axis, leaves' dtypes kept."""
+def combine(weights: jax.Array, grads: Jacobian, *, like: Jacobian | None = None) -> Jacobian:
+  """``Σ_t weights_t grads_t``: a pytree of ``grads``' structure without the objective axis, in the dtypes of
+  ``like``'s leaves (default ``grads``')."""
   weights = jnp.asarray(weights, jnp.float32)
 
-  def one(leaf: jax.Array) -> jax.Array:
-    return dot(weights, _rows(leaf)).reshape(leaf.shape[1:]).astype(leaf.dtype)
+  def one(leaf: jax.Array, dtype_leaf: jax.Array) -> jax.Array:
+    return dot(weights, _rows(leaf)).reshape(leaf.shape[1:]).astype(jnp.result_type(dtype_leaf))
 
-  return jax.tree.map(one, grads)
+  return jax.tree.map(one, grads, grads if like is None else like)

@@ -2,7 +2,7 @@
 
 Every method here but GradDrop returns ``d = w @ G`` for a coefficient vector ``w`` (``metrics["weights"]``) that
 it finds in ``T × T`` space: the Gram matrix ``G Gᵀ`` (or just the gradient norms) is computed once, scaled to
-be free of the gradients' magnitude (:func:`~mtcl_jax.mtl._jacobian.scaled_gram`), the surgery or solve runs on
+be free of the gradients' magnitude (:func:`~mtcl_jax.mtl._jacobian.normalize`), the surgery or solve runs on
 it, and one ``w @ G`` forms the direction (a ``tree_map``). With T ≈ 4 and D ≈ 1e6 that is two passes over the
 gradients, at full float32 precision (the signs of small inner products decide PCGrad's and GradVac's
 projections).
@@ -22,7 +22,7 @@ from jax import lax
 
 from mtcl_jax.mtl import _jacobian, _solvers
 from mtcl_jax.mtl._base import Jacobian, Method, check_number, stateless_init
-from mtcl_jax.mtl._jacobian import TINY, combine, dot, scaled_gram
+from mtcl_jax.mtl._jacobian import TINY, combine, dot, normalize
 from mtcl_jax.mtl._loss_based import EPSILON, Learned, adam, learned_init, learned_step
 
 # GradNorm's weights stay above this before renormalising, so that they stay positive and their sum nonzero.
@@ -133,8 +133,9 @@ def gradnorm(*, alpha: float = 1.5, learning_rate: float = 1e-3) -> Method:
   ) -> tuple[Jacobian, GradNormState, dict]:
     del key
     grads, losses = _jacobian.check("gradnorm", grads, losses)
+    unit, scale = normalize(grads)
     num_objectives = losses.shape[0]
-    gram, scale = scaled_gram(grads)
+    gram = _jacobian.gram(unit)
     first_scale = jnp.where(state.step == 0, scale, state.scale)
     initial_losses = jnp.where(state.step == 0, losses, state.initial_losses)
     loss_ratios = jnp.maximum(losses, 0.0) / jnp.maximum(initial_losses, EPSILON)
@@ -150,7 +151,7 @@ def gradnorm(*, alpha: float = 1.5, learning_rate: float = 1e-3) -> Method:
     stepped = stepped._replace(params=floored * (num_objectives / jnp.sum(floored)))
     new_state = GradNormState(stepped, initial_losses, state.step + 1, first_scale)
     metrics = {"weights": weights, "inverse_training_rate": inverse_rates}
-    return combine(weights, grads), new_state, metrics
+    return combine(weights * scale, unit, like=grads), new_state, metrics
 
   return Method("gradnorm", "gradient", init, update)
 
@@ -192,11 +193,12 @@ def pcgrad() -> Method:
       grads: Jacobian, losses: jax.Array, state: tuple[()], *, key: jax.Array
   ) -> tuple[Jacobian, tuple[()], dict]:
     grads, losses = _jacobian.check("pcgrad", grads, losses)
+    unit, scale = normalize(grads)
     num_objectives = losses.shape[0]
     unused = jnp.zeros((num_objectives, num_objectives), jnp.float32)
-    coefficients, _ = _surgery(key, scaled_gram(grads)[0], _project_conflicting, unused)
+    coefficients, _ = _surgery(key, _jacobian.gram(unit), _project_conflicting, unused)
     weights = jnp.sum(coefficients, axis=0)
-    return combine(weights, grads), state, {"weights": weights}
+    return combine(weights * scale, unit, like=grads), state, {"weights": weights}
 
   return Method("pcgrad", "gradient", stateless_init, update)
 
@@ -257,9 +259,10 @@ def gradvac(*, beta: float = 0.01) -> Method:
       grads: Jacobian, losses: jax.Array, state: jax.Array, *, key: jax.Array
   ) -> tuple[Jacobian, jax.Array, dict]:
     grads, losses = _jacobian.check("gradvac", grads, losses)
-    coefficients, targets = _surgery(key, scaled_gram(grads)[0], vaccinate, state)
+    unit, scale = normalize(grads)
+    coefficients, targets = _surgery(key, _jacobian.gram(unit), vaccinate, state)
     weights = jnp.sum(coefficients, axis=0)
-    return combine(weights, grads), targets, {"weights": weights}
+    return combine(weights * scale, unit, like=grads), targets, {"weights": weights}
 
   return Method("gradvac", "gradient", init, update)
 
@@ -349,8 +352,9 @@ def imtl_g() -> Method:
   ) -> tuple[Jacobian, tuple[()], dict]:
     del key
     grads, losses = _jacobian.check("imtl_g", grads, losses)
-    weights = _solvers.impartial_weights(scaled_gram(grads)[0])
-    return combine(weights, grads), state, {"weights": weights}
+    unit, scale = normalize(grads)
+    weights = _solvers.impartial_weights(_jacobian.gram(unit))
+    return combine(weights * scale, unit, like=grads), state, {"weights": weights}
 
   return Method("imtl_g", "gradient", stateless_init, update)
 
@@ -388,11 +392,12 @@ def imtl(*, learning_rate: float = 1e-3) -> Method:
   ) -> tuple[Jacobian, Learned, dict]:
     del key
     grads, losses = _jacobian.check("imtl", grads, losses)
+    unit, scale = normalize(grads)
     scales = jnp.exp(state.params)
-    rescaled_gram = scaled_gram(grads)[0] * scales[:, None] * scales[None, :]
+    rescaled_gram = _jacobian.gram(unit) * scales[:, None] * scales[None, :]
     weights = _solvers.impartial_weights(rescaled_gram) * scales
     new_state = learned_step(optimizer, state, scales * losses - 1.0)
-    return combine(weights, grads), new_state, {"weights": weights, "scales": scales}
+    return combine(weights * scale, unit, like=grads), new_state, {"weights": weights, "scales": scales}
 
   return Method("imtl", "gradient", init, update)
 

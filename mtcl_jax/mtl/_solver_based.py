@@ -28,7 +28,7 @@ from mtcl_jax.mtl._base import (
     check_positive_int,
     stateless_init,
 )
-from mtcl_jax.mtl._jacobian import combine, scaled_gram
+from mtcl_jax.mtl._jacobian import combine, normalize
 
 Metrics = dict[str, jax.Array]
 
@@ -82,7 +82,8 @@ def mgda(*, normalization: str = "none") -> Method:
              ) -> tuple[Jacobian, tuple[()], Metrics]:
     del key
     grads, losses = _jacobian.check("mgda", grads, losses)
-    gram, scale = scaled_gram(grads)
+    unit, scale = normalize(grads)
+    gram = _jacobian.gram(unit)
     # Norms in units of the Jacobian's scale s; the true normalisers of "l2" and "loss+" are s times these.
     norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
     options = {"none": jnp.ones_like(losses), "l2": norms, "loss": losses, "loss+": losses * norms}
@@ -96,7 +97,7 @@ def mgda(*, normalization: str = "none") -> Method:
     weights = simplex / relative / largest
     if normalization in ("l2", "loss+"):
       weights = weights / scale
-    return combine(weights, grads), state, _metrics(weights, iterations)
+    return combine(weights * scale, unit, like=grads), state, _metrics(weights, iterations)
 
   return Method("mgda", "gradient", stateless_init, update)
 
@@ -144,14 +145,15 @@ def cagrad(*, c: float = 0.4, rescale: int = 1) -> Method:
              ) -> tuple[Jacobian, tuple[()], Metrics]:
     del key
     grads, losses = _jacobian.check("cagrad", grads, losses)
+    unit, scale = normalize(grads)
     num = losses.shape[0]
     mean = jnp.full((num,), 1.0 / num, jnp.float32)
     if c == 0.0:
       weights = mean / divisor
-      return combine(weights, grads), state, _metrics(weights, jnp.int32(0))
-    dual, multiplier, iterations = _solvers.cagrad_weights(scaled_gram(grads)[0], c)
+      return combine(weights * scale, unit, like=grads), state, _metrics(weights, jnp.int32(0))
+    dual, multiplier, iterations = _solvers.cagrad_weights(_jacobian.gram(unit), c)
     weights = (mean + multiplier * dual) / divisor
-    return combine(weights, grads), state, _metrics(weights, iterations)
+    return combine(weights * scale, unit, like=grads), state, _metrics(weights, iterations)
 
   return Method("cagrad", "gradient", stateless_init, update)
 
@@ -212,10 +214,11 @@ def nash_mtl(*, update_weights_every: int = 1, max_norm: float = 1.0, max_iterat
              ) -> tuple[Jacobian, NashState, Metrics]:
     del key
     grads, losses = _jacobian.check("nash_mtl", grads, losses)
+    unit, scale = normalize(grads)
     if state.alpha.shape != losses.shape:
       raise ValueError(f"nash_mtl: state for {state.alpha.shape[0]} objectives, got gradients of {losses.shape[0]}")
     # J Jᵀ = s² A: the α of the unit-scale gradients, divided by s, are those of the gradients (α scales as 1/‖g‖).
-    gram, scale = scaled_gram(grads)
+    gram = _jacobian.gram(unit)
 
     def solve():
       unit_alpha, iterations, residual = _solvers.nash_weights(gram, max_iterations=max_iterations)
@@ -230,7 +233,8 @@ def nash_mtl(*, update_weights_every: int = 1, max_norm: float = 1.0, max_iterat
       norm = jnp.sqrt(_solvers.quadratic_form(gram, alpha * scale))  # ‖αᵀJ‖, without a pass over J
       weights = alpha * jnp.where(norm > max_norm, max_norm / jnp.where(norm > max_norm, norm, 1.0), 1.0)
     new_state = NashState((state.step + 1) % update_weights_every, alpha)
-    return combine(weights, grads), new_state, {**_metrics(weights, iterations), "solver_residual": residual}
+    metrics = {**_metrics(weights, iterations), "solver_residual": residual}
+    return combine(weights * scale, unit, like=grads), new_state, metrics
 
   return Method("nash_mtl", "gradient", init, update)
 
@@ -293,8 +297,9 @@ def aligned_mtl(*, scale_mode: str = "min") -> Method:
              ) -> tuple[Jacobian, tuple[()], Metrics]:
     del key
     grads, losses = _jacobian.check("aligned_mtl", grads, losses)
-    weights = jnp.sum(_balance(scaled_gram(grads)[0], scale_mode), axis=1)
-    return combine(weights, grads), state, _metrics(weights)
+    unit, scale = normalize(grads)
+    weights = jnp.sum(_balance(_jacobian.gram(unit), scale_mode), axis=1)
+    return combine(weights * scale, unit, like=grads), state, _metrics(weights)
 
   return Method("aligned_mtl", "gradient", stateless_init, update)
 
@@ -356,8 +361,9 @@ def upgrad(*, pref_vector: Sequence[float] | None = None, norm_eps: float = 1e-4
              ) -> tuple[Jacobian, tuple[()], Metrics]:
     del key
     grads, losses = _jacobian.check("upgrad", grads, losses)
+    unit, scale = normalize(grads)
     num = losses.shape[0]
-    gram, scale = scaled_gram(grads)
+    gram = _jacobian.gram(unit)
     trace = jnp.trace(gram)
     # The threshold is on the true trace s² tr(A) (absolute, as torchjd's), formed without under- or overflow.
     significant = (trace > 0.0) & ((trace * scale) * scale >= norm_eps)
@@ -365,7 +371,7 @@ def upgrad(*, pref_vector: Sequence[float] | None = None, norm_eps: float = 1e-4
     regularized = normalized + reg_eps * jnp.eye(num, dtype=jnp.float32)
     projected, iterations = _solvers.dual_cone_weights(regularized, jnp.diag(preferences(num)))
     weights = jnp.sum(projected, axis=0)
-    return combine(weights, grads), state, _metrics(weights, iterations)
+    return combine(weights * scale, unit, like=grads), state, _metrics(weights, iterations)
 
   return Method("upgrad", "gradient", init, update)
 

@@ -1,8 +1,9 @@
 """The inner solvers of the solver-based balancing methods, each written once, all in the T × T weight space.
 
-A solver takes the Gram matrix ``A = G Gᵀ`` of the ``[T, D]`` gradients (``mtl._jacobian.scaled_gram``, computed
-once per step), never the gradients themselves: D is up to ~1e6 and T ~4, so everything after the Gram matrix
-costs O(T³) per iteration, and the method spends one more pass over the gradients in ``mtl._jacobian.combine``.
+A solver takes the Gram matrix ``A = G Gᵀ`` of the ``[T, D]`` gradients (``mtl._jacobian.gram`` of the normalised
+Jacobian, computed once per step), never the gradients themselves: D is up to ~1e6 and T ~4, so everything after
+the Gram matrix costs O(T³) per iteration, and the method spends one more pass over the gradients in
+``mtl._jacobian.combine``.
 
 Every loop is a ``lax.while_loop`` with a maximum count and a stopping rule, so the solvers are jit- and
 vmap-safe and their cost is bounded; they return the number of iterations they ran, which the methods report
