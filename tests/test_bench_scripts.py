@@ -50,14 +50,21 @@ def test_bench_mtl_times_methods_against_static_in_one_run(tmp_path):
   bench_mtl = _module("bench_mtl")
   out = tmp_path / "bench_mtl.json"
   assert bench_mtl.main(["--methods", "pcgrad", "uw", "--batch-size", "8", "--steps", "1", "--windows", "1",
-                         "--matmul-size", "128", "--out", str(out)]) == 0
+                         "--matmul-size", "128", "--mlp", "2", "--out", str(out)]) == 0
   result = json.loads(out.read_text())
   rows = {row["label"]: row for row in result["rows"]}
-  assert list(rows) == ["static", "pcgrad", "pcgrad-ub", "uw"]
-  assert rows["static"]["ratio_to_static"] == 1.0
+  assert list(rows) == ["static", "pcgrad", "pcgrad-ub", "pcgrad-hand", "uw", "mlp-T2/static-jax.grad",
+                        "mlp-T2/pcgrad", "mlp-T2/pcgrad-hand"]
+  assert rows["static"]["ratio_to_static"] == 1.0 and rows["mlp-T2/static-jax.grad"]["ratio_to_static"] == 1.0
   assert rows["pcgrad"]["kind"] == "gradient" and rows["pcgrad-ub"]["representation"]
+  assert rows["pcgrad"]["implementation"] == "mtl.value_and_grad" and rows["pcgrad-hand"]["implementation"] == "hand-written"
+  for label in ("pcgrad", "mlp-T2/pcgrad"):
+    assert math.isclose(rows[label]["ratio_to_hand_written"],
+                        rows[label]["step_seconds"] / rows[label + "-hand"]["step_seconds"])
   for row in rows.values():
-    assert row["num_objectives"] == 4 and row["shared_parameters"] < row["parameters"]
-    assert row["per_objective_gradient_bytes"] == 4 * row["parameters"] * 4
+    assert row["num_objectives"] == (2 if row["workload"] == "mlp-T2" else 4)
+    assert row["shared_parameters"] < row["parameters"]
+    assert row["per_objective_gradient_bytes"] == row["num_objectives"] * row["parameters"] * 4
     assert row["step_seconds"] > 0 and math.isfinite(row["final_loss"])
+  assert result["command"].startswith("python experiments/bench_mtl.py --methods pcgrad uw")
   assert result["matmul_gflops_per_second"] > 0
