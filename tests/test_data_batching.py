@@ -100,6 +100,7 @@ def test_multi_label_heads_get_the_same_rows(data_dir):
   np.testing.assert_array_equal(batch["at_least_5"]["task_id"], 2)
 
 
+@pytest.mark.devices(8)
 def test_same_global_batch_on_1_and_8_devices(tasks):
   assert len(jax.devices()) == 8
   batcher = data.MultiTaskBatcher(tasks, batch_sizes=BATCH_SIZES, seed=4)
@@ -115,6 +116,7 @@ def test_same_global_batch_on_1_and_8_devices(tasks):
         np.testing.assert_array_equal(np.asarray(array), expected[name][key])
 
 
+@pytest.mark.devices(8)
 def test_batch_size_not_divisible_by_devices_is_rejected(tasks):
   batcher = data.MultiTaskBatcher(tasks, batch_sizes={"digits": 64, "japanese_vowels": 12}, seed=0)
   with pytest.raises(ValueError, match="batch size 12 of task 'japanese_vowels'.*8 devices"):

@@ -1,4 +1,4 @@
-"""Mesh and batch placement on 8 simulated CPU devices."""
+"""Mesh and batch placement; the splitting tests on 8 simulated CPU devices (the multi-device tier)."""
 
 import jax
 import numpy as np
@@ -7,6 +7,7 @@ import pytest
 from mtcl_jax import parallel
 
 
+@pytest.mark.devices(8)
 def test_mesh_spans_all_devices_on_one_axis():
   mesh = parallel.make_mesh()
   assert mesh.axis_names == (parallel.DATA_AXIS,)
@@ -19,6 +20,7 @@ def test_mesh_subset_and_bad_count():
     parallel.make_mesh(9)
 
 
+@pytest.mark.devices(8)
 def test_shard_batch_splits_rows_and_keeps_values():
   mesh = parallel.make_mesh()
   batch = {"x": np.arange(16 * 3, dtype=np.float32).reshape(16, 3), "y": np.arange(16, dtype=np.int32)}
@@ -29,11 +31,13 @@ def test_shard_batch_splits_rows_and_keeps_values():
   assert shard_rows == {2}
 
 
+@pytest.mark.devices(8)
 def test_shard_batch_rejects_indivisible_batch():
   with pytest.raises(ValueError, match="divisible by the device count"):
     parallel.shard_batch({"x": np.zeros((12, 2), np.float32)}, parallel.make_mesh())
 
 
+@pytest.mark.devices(8)
 def test_replicate_and_process_slice():
   mesh = parallel.make_mesh()
   state = parallel.replicate({"w": np.ones((3,), np.float32)}, mesh)

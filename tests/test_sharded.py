@@ -11,6 +11,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from mtcl_jax import losses
 from mtcl_jax.losses import _sharded
 
+pytestmark = pytest.mark.devices(8)
+
 ROWS = 32  # 4 per device
 
 LABEL_PATTERNS = {
