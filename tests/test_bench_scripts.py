@@ -20,6 +20,7 @@ def _module(name):
   return module
 
 
+@pytest.mark.slow
 def test_bench_train_reports_flops_throughput_and_matmul_fraction(tmp_path):
   bench_train = _module("bench_train")
   out = tmp_path / "bench_train.json"
@@ -49,6 +50,7 @@ def test_device_check_parses_pytest_and_writes_a_summary_of_what_ran(tmp_path):
   assert "| prepare | ok |" in (out / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_bench_mtl_times_methods_against_static_in_one_run(tmp_path):
   bench_mtl = _module("bench_mtl")
   out = tmp_path / "bench_mtl.json"

@@ -200,6 +200,7 @@ class _MockCelebA(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                     "attributes": {name: bool(rng.integers(2)) for name in self.ATTRIBUTES}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config_name, builder, expected_tasks", [
     ("cifar10_supcon", _MockCifar10, ["cifar10"]),
     ("celeb_a_multiattr", _MockCelebA,

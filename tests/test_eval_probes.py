@@ -25,6 +25,9 @@ from sklearn.svm import LinearSVC
 
 from mtcl_jax.eval import probes
 
+# One xdist worker takes the whole module (pyproject's --dist loadgroup), so every probe is fitted on digits once.
+pytestmark = pytest.mark.xdist_group("test_eval_probes")
+
 
 @pytest.fixture(scope="module")
 def digits():

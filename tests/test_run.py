@@ -34,6 +34,9 @@ SMOKE = str(ROOT / "experiments" / "configs" / "smoke.py")
 DEFAULT = str(ROOT / "experiments" / "configs" / "default.py")
 QUICK = ("--set", "eval.probes=()", "--set", "eval.plots=False")
 
+# One xdist worker takes the whole module (pyproject's --dist loadgroup), so the smoke run is trained once.
+pytestmark = pytest.mark.xdist_group("test_run")
+
 
 def _main(*argv: str) -> tuple[int, str, str]:
   stdout, stderr = io.StringIO(), io.StringIO()
@@ -82,6 +85,7 @@ def test_smoke_run_writes_report_metrics_plots_and_checkpoints(smoke_run):
   assert sorted(path.name for path in (workdir / "checkpoints").iterdir() if path.name.isdigit()) == ["4", "8"]
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumed_in_a_new_process_matches_the_uninterrupted_one(smoke_run, tmp_path):
   uninterrupted, _ = smoke_run
   resumed = tmp_path / "resumed"
@@ -362,6 +366,9 @@ def _fail_writes_of_step(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
   monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "_save_fn", failing_write)
 
 
+# Slow, as the failed first save and the killed save below: each trains the smoke config again. The default tier
+# keeps the checkpointer's own failed-save tests (test_checkpoint.py).
+@pytest.mark.slow
 def test_a_save_that_hits_enospc_stops_the_run_in_one_line_and_it_resumes(smoke_run, tmp_path, monkeypatch, capfd):
   workdir = tmp_path / "run"
   argv = ["--config", SMOKE, "--workdir", str(workdir), "--set", "train.checkpoint_every=2", *QUICK]
@@ -378,6 +385,7 @@ def test_a_save_that_hits_enospc_stops_the_run_in_one_line_and_it_resumes(smoke_
   _resume(argv, smoke_run[0], 2)
 
 
+@pytest.mark.slow
 def test_a_failed_first_save_leaves_a_workdir_that_starts_again_without_fresh(tmp_path, monkeypatch):
   workdir = tmp_path / "run"
   argv = ["--config", SMOKE, "--workdir", str(workdir), *QUICK]
@@ -440,6 +448,7 @@ sys.exit(run.main(sys.argv[2:]))
 """
 
 
+@pytest.mark.slow
 def test_a_process_killed_during_a_save_resumes_from_the_last_complete_checkpoint(smoke_run, tmp_path):
   workdir, marker = tmp_path / "run", tmp_path / "saving"
   argv = ["--config", SMOKE, "--workdir", str(workdir), "--set", "train.checkpoint_every=2", *QUICK]
