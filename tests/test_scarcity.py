@@ -118,11 +118,14 @@ def _head_losses(config, tasks, batch):
   state = create_train_state(model, optimizer, batch, seed=0, temperature=None,
                              mtl_state=steps.init_mtl_state(model, config))
   objectives = steps.make_objectives(model, config, mesh, stage="joint")
-  params, log_temperature = state.trainable
-  key = jax.random.key(0)
-  features = objectives.encode(params, objectives.inputs(key, batch))
-  _, metrics = objectives.head(params, log_temperature, features, key, batch)
-  return jax.device_get(metrics)
+
+  @jax.jit  # one program, not one per operation
+  def metrics(trainable, key, batch):
+    params, log_temperature = trainable
+    features = objectives.encode(params, objectives.inputs(key, batch))
+    return objectives.head(params, log_temperature, features, key, batch)[1]
+
+  return jax.device_get(metrics(state.trainable, jax.random.key(0), batch))
 
 
 def test_rows_with_hidden_labels_do_not_enter_the_cross_entropy(tasks):
