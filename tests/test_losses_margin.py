@@ -12,25 +12,8 @@ from jax.test_util import check_grads
 
 from mtcl_jax import losses
 
-LABEL_PATTERNS = {
-    "distinct": lambda n: np.arange(n),
-    "equal": lambda n: np.zeros(n, int),
-    "pairs": lambda n: np.arange(n) % max(n // 2, 1),
-    "singletons": lambda n: np.concatenate([np.zeros(n // 2, int), np.arange(1, n - n // 2 + 1)]),
-    "many": lambda n: np.random.default_rng(n).integers(0, max(n // 3, 1), n),
-}
-
-
-def _similarity(metric: str):
-  def cosine(u, v):
-    return float(u @ v / max(np.linalg.norm(u) * np.linalg.norm(v), 1e-12))
-
-  return {
-      "neg_euclidean": lambda u, v: -float(np.linalg.norm(u - v)),
-      "neg_sq_euclidean": lambda u, v: -float(np.sum((u - v) ** 2)),
-      "dot": lambda u, v: float(u @ v),
-      "cosine": cosine,
-  }[metric]
+import references
+from references import LABEL_PATTERNS
 
 
 def reference_margin_contrastive(a, b, same, margin) -> np.ndarray:
@@ -44,7 +27,7 @@ def reference_margin_contrastive(a, b, same, margin) -> np.ndarray:
 def reference_triplet(x, labels, margin, mining, metric) -> float:
   x = np.asarray(x, np.float64)
   n = len(labels)
-  s = np.array([[_similarity(metric)(x[i], x[j]) for j in range(n)] for i in range(n)])
+  s = np.array([[references.similarity(metric, x[i], x[j]) for j in range(n)] for i in range(n)])
   costs = []
   for a in range(n):
     positives = [p for p in range(n) if p != a and labels[p] == labels[a]]
@@ -145,7 +128,7 @@ def test_semi_hard_prefers_the_negative_inside_the_margin():
 @pytest.mark.parametrize("mining", MINING)
 def test_triplet_check_grads_and_vmap(mining):
   x = np.random.default_rng(4).normal(size=(3, 8, 3)).astype(np.float32)
-  labels = LABEL_PATTERNS["pairs"](8)
+  labels = LABEL_PATTERNS["views"](8)
   loss_fn = _jitted_triplet(mining)
   check_grads(lambda x: loss_fn(x, labels, jnp.float32(1.0)), (x[0],), order=1, modes=("rev",), atol=1e-2,
               rtol=1e-2, eps=1e-3)  # fmt: skip

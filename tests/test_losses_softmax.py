@@ -14,59 +14,17 @@ from jax.test_util import check_grads
 from mtcl_jax import losses
 from mtcl_jax.losses import _ntxent
 
-# Label patterns: all distinct (no positive), all equal (no negative), pairs of views, singletons next to
-# groups, many classes.
-LABEL_PATTERNS = {
-    "distinct": lambda n: np.arange(n),
-    "equal": lambda n: np.zeros(n, int),
-    "views": lambda n: np.arange(n) % max(n // 2, 1),
-    "singletons": lambda n: np.concatenate([np.zeros(n // 2, int), np.arange(1, n - n // 2 + 1)]),
-    "many": lambda n: np.random.default_rng(n).integers(0, max(n // 3, 1), n),
-}
-
-
-def _normalize(x: np.ndarray) -> np.ndarray:
-  x = np.asarray(x, np.float64)
-  return x / np.sqrt(np.maximum(np.sum(x * x, axis=1, keepdims=True), 1e-12))
-
-
-def _logsumexp(values) -> float:
-  values = np.asarray(values, np.float64)
-  top = values.max()
-  return float(top + np.log(np.sum(np.exp(values - top))))
-
-
-def reference_ntxent(x, labels, temperature) -> float:
-  s = _normalize(x) @ _normalize(x).T / temperature
-  n = len(labels)
-  terms = []
-  for i in range(n):
-    negatives = [s[i, k] for k in range(n) if labels[k] != labels[i]]
-    for j in range(n):
-      if j != i and labels[j] == labels[i]:
-        terms.append(_logsumexp([s[i, j], *negatives]) - s[i, j])
-  return float(np.mean(terms)) if terms else 0.0
-
-
-def reference_supcon(x, labels, temperature) -> float:
-  s = _normalize(x) @ _normalize(x).T / temperature
-  n = len(labels)
-  per_anchor = []
-  for i in range(n):
-    others = [s[i, a] for a in range(n) if a != i]
-    positives = [j for j in range(n) if j != i and labels[j] == labels[i]]
-    if positives:
-      per_anchor.append(np.mean([_logsumexp(others) - s[i, p] for p in positives]))
-  return float(np.mean(per_anchor)) if per_anchor else 0.0
+import references
+from references import LABEL_PATTERNS
 
 
 def reference_binary_infonce(anchor, positive, negative, temperature) -> np.ndarray:
-  a, p = _normalize(anchor), _normalize(positive)
+  a, p = references.normalize(anchor), references.normalize(positive)
   out = []
   for b in range(len(a)):
-    negatives = [float(a[b] @ n) / temperature for n in _normalize(negative[b])]
+    negatives = [float(a[b] @ n) / temperature for n in references.normalize(negative[b])]
     positive_logit = float(a[b] @ p[b]) / temperature
-    out.append(_logsumexp([positive_logit, *negatives]) - positive_logit)
+    out.append(references.logsumexp([positive_logit, *negatives]) - positive_logit)
   return np.array(out)
 
 
@@ -96,8 +54,8 @@ def _with_traced_temperature(loss_fn):
 
 
 SUPCON_LIKE = {
-    "ntxent": (_with_traced_temperature(losses.ntxent), reference_ntxent),
-    "supcon": (_with_traced_temperature(losses.supcon), reference_supcon),
+    "ntxent": (_with_traced_temperature(losses.ntxent), references.ntxent),
+    "supcon": (_with_traced_temperature(losses.supcon), references.supcon),
 }
 
 
@@ -207,7 +165,7 @@ def test_task_contrastive_is_supcon_over_task_ids():
   task_ids = np.array([0, 0, 0, 1, 1, 2, 2, 2])
   np.testing.assert_allclose(
       jax.jit(losses.task_contrastive)(x, task_ids, temperature=0.2),
-      reference_supcon(x, task_ids, 0.2),
+      references.supcon(x, task_ids, 0.2),
       rtol=2e-5,
   )
 
@@ -233,18 +191,14 @@ def test_binary_infonce_metrics(metric):
   rng = np.random.default_rng(4)
   anchor, positive = rng.normal(size=(2, 3, 2)).astype(np.float32)
   negative = rng.normal(size=(3, 4, 2)).astype(np.float32)
-  similarity = {
-      "dot": lambda u, v: u @ v,
-      "neg_euclidean": lambda u, v: -np.linalg.norm(u - v),
-      "neg_sq_euclidean": lambda u, v: -np.sum((u - v) ** 2),
-  }[metric]
   got = jax.jit(functools.partial(losses.binary_infonce, temperature=0.5, metric=metric))(
       anchor, positive, negative
   )
   for b in range(3):
-    logits = [similarity(anchor[b], positive[b])] + [similarity(anchor[b], n) for n in negative[b]]
+    logits = [references.similarity(metric, anchor[b], positive[b])]
+    logits += [references.similarity(metric, anchor[b], n) for n in negative[b]]
     logits = np.array(logits, np.float64) / 0.5
-    np.testing.assert_allclose(got[b], _logsumexp(logits) - logits[0], rtol=1e-5)
+    np.testing.assert_allclose(got[b], references.logsumexp(logits) - logits[0], rtol=1e-5)
 
 
 def test_binary_infonce_check_grads():
@@ -268,8 +222,8 @@ def test_ntxent_over_several_row_slabs(monkeypatch):
   x = _embeddings(7, 3, seed=7)
   labels = np.array([0, 1, 0, 2, 1, 0, 3])
   value, grad = jax.jit(jax.value_and_grad(lambda x: losses.ntxent(x, labels, temperature=0.3)))(x)
-  np.testing.assert_allclose(value, reference_ntxent(x, labels, 0.3), rtol=2e-5)
-  expected = numeric_gradient(lambda v: reference_ntxent(v, labels, 0.3), x)
+  np.testing.assert_allclose(value, references.ntxent(x, labels, 0.3), rtol=2e-5)
+  expected = numeric_gradient(lambda v: references.ntxent(v, labels, 0.3), x)
   np.testing.assert_allclose(grad, expected, rtol=1e-3, atol=1e-4)
 
 
@@ -317,7 +271,7 @@ def _forced(loss: str, implementation: str, matmul_dtype=None):
 
 
 FORCED = {(loss, impl): _forced(loss, impl) for loss in ("ntxent", "supcon") for impl in IMPLEMENTATIONS}
-REFERENCES = {"ntxent": reference_ntxent, "supcon": reference_supcon}
+REFERENCES = {"ntxent": references.ntxent, "supcon": references.supcon}
 
 
 def test_backend_chooses_the_implementation(monkeypatch):
@@ -404,7 +358,7 @@ def test_ntxent_forms_agree_with_at_most_one_positive_each(monkeypatch, implemen
   supcon_form = value_and_grads()
   monkeypatch.setattr(_ntxent, "_one_positive_each", lambda num_positives: jnp.bool_(False))
   ntxent_form = value_and_grads()
-  np.testing.assert_allclose(supcon_form[0], reference_ntxent(x, labels, 0.2), rtol=2e-5, atol=1e-7)
+  np.testing.assert_allclose(supcon_form[0], references.ntxent(x, labels, 0.2), rtol=2e-5, atol=1e-7)
   np.testing.assert_allclose(ntxent_form[0], supcon_form[0], rtol=2e-5, atol=1e-7)
   for got, expected in zip(ntxent_form[1], supcon_form[1], strict=True):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
@@ -427,7 +381,7 @@ def test_vmap_over_labels_takes_each_batch_elements_form(implementation):
   value_and_grad = jax.value_and_grad(loss_fn)
   batched, batched_grad = jax.jit(jax.vmap(value_and_grad, in_axes=(0, 0, None)))(x, labels, jnp.float32(0.2))
   for b in range(2):
-    np.testing.assert_allclose(batched[b], reference_ntxent(x[b], labels[b], 0.2), rtol=2e-5)
+    np.testing.assert_allclose(batched[b], references.ntxent(x[b], labels[b], 0.2), rtol=2e-5)
     np.testing.assert_allclose(batched_grad[b], value_and_grad(x[b], labels[b], jnp.float32(0.2))[1], atol=1e-6)
 
 

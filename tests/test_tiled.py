@@ -17,12 +17,11 @@ import pytest
 from mtcl_jax import losses
 from mtcl_jax.losses import _tiled
 
+import references
+
 LABEL_PATTERNS = {
-    "views": lambda n: np.arange(n) % max(n // 2, 1),  # SimCLR: two views per item (one extra when n is odd)
+    **references.LABEL_PATTERNS,
     "classes": lambda n: np.random.default_rng(n).integers(0, 4, n),
-    "distinct": lambda n: np.arange(n),  # no positive pair at all
-    "equal": lambda n: np.zeros(n, int),  # no negative at all
-    "singletons": lambda n: np.concatenate([np.zeros(n // 2, int), np.arange(1, n - n // 2 + 1)]),
     "huge_labels": lambda n: np.where(np.arange(n) % 2 == 0, np.iinfo(np.int32).max, np.iinfo(np.int32).min),
 }
 # (loss, label pattern, rows, block_size): blocks that divide the rows and blocks that do not, one block larger
@@ -49,44 +48,6 @@ def _unit_rows(seed: int, rows: int, dim: int = 16) -> np.ndarray:
   return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def _logits(a: np.ndarray, b: np.ndarray, temperature: float) -> np.ndarray:
-  return np.asarray(a, np.float64) @ np.asarray(b, np.float64).T / temperature
-
-
-def _logsumexp(values: list[float]) -> float:
-  top = max(values)
-  return top + float(np.log(sum(np.exp(v - top) for v in values)))
-
-
-def reference_ntxent(z: np.ndarray, labels: np.ndarray, temperature: float) -> float:
-  logits, n = _logits(z, z, temperature), len(labels)
-  terms = []
-  for i in range(n):
-    negatives = [logits[i, k] for k in range(n) if labels[k] != labels[i]]
-    for j in range(n):
-      if j != i and labels[j] == labels[i]:
-        terms.append(_logsumexp([logits[i, j], *negatives]) - logits[i, j])
-  return float(np.mean(terms)) if terms else 0.0
-
-
-def reference_supcon(z: np.ndarray, labels: np.ndarray, temperature: float) -> float:
-  logits, n = _logits(z, z, temperature), len(labels)
-  per_anchor = []
-  for i in range(n):
-    positives = [p for p in range(n) if p != i and labels[p] == labels[i]]
-    if positives:
-      others = _logsumexp([logits[i, k] for k in range(n) if k != i])
-      per_anchor.append(np.mean([others - logits[i, p] for p in positives]))
-  return float(np.mean(per_anchor)) if per_anchor else 0.0
-
-
-def reference_clip(a: np.ndarray, b: np.ndarray, temperature: float) -> float:
-  logits, n = _logits(a, b, temperature), a.shape[0]
-  a_to_b = np.mean([_logsumexp(list(logits[i])) - logits[i, i] for i in range(n)])
-  b_to_a = np.mean([_logsumexp(list(logits[:, j])) - logits[j, j] for j in range(n)])
-  return float(0.5 * (a_to_b + b_to_a))
-
-
 def _tiled_value_and_grads(fn, *arrays, temperature):
   """Value and gradients w.r.t. the float arrays and the temperature, under jit."""
   floats = tuple(i for i, x in enumerate(arrays) if np.issubdtype(np.asarray(x).dtype, np.floating))
@@ -100,7 +61,7 @@ def test_tiled_matches_loops_and_plain(name, pattern, rows, block_size):
   labels = LABEL_PATTERNS[pattern](rows).astype(np.int32)
   tiled_fn = {"ntxent": _tiled.ntxent_tiled, "supcon": _tiled.supcon_tiled}[name]
   plain_fn = {"ntxent": losses.ntxent, "supcon": losses.supcon}[name]
-  reference = {"ntxent": reference_ntxent, "supcon": reference_supcon}[name]
+  reference = {"ntxent": references.ntxent, "supcon": references.supcon}[name]
 
   value, (grad_z, grad_temperature) = _tiled_value_and_grads(
       lambda z, t: tiled_fn(z, labels, t, block_size), z, temperature=0.2
@@ -126,7 +87,7 @@ def test_clip_tiled_matches_loops_and_plain(rows, block_size):
   plain_value, (plain_a, plain_b, plain_temperature) = _tiled_value_and_grads(
       lambda a, b, t: losses.clip(a, b, temperature=t), a, b, temperature=0.07
   )
-  np.testing.assert_allclose(value, reference_clip(a, b, 0.07), rtol=1e-5)
+  np.testing.assert_allclose(value, references.clip(a, b, 0.07), rtol=1e-5)
   np.testing.assert_allclose(value, plain_value, rtol=1e-5)
   for grad, plain, rows_ in ((grad_a, plain_a, a), (grad_b, plain_b, b)):
     radial = np.sum(np.asarray(grad) * rows_, axis=1, keepdims=True) * rows_
@@ -161,7 +122,7 @@ def test_small_temperature_is_finite_and_exact():
   # At τ = 0.005 logits span ±200: every exp must stay max-shifted and every mask multiplication finite.
   z = _unit_rows(3, 40)
   labels = np.arange(40, dtype=np.int32) % 20
-  for tiled_fn, reference in ((_tiled.ntxent_tiled, reference_ntxent), (_tiled.supcon_tiled, reference_supcon)):
+  for tiled_fn, reference in ((_tiled.ntxent_tiled, references.ntxent), (_tiled.supcon_tiled, references.supcon)):
     value, grad_z = jax.jit(jax.value_and_grad(lambda z: tiled_fn(z, labels, temperature, 16)))(z)
     np.testing.assert_allclose(value, reference(z, labels, temperature), rtol=1e-5)
     assert np.all(np.isfinite(grad_z))
@@ -244,7 +205,7 @@ def test_ntxent_with_one_positive_each_runs_as_supcon(pattern, rows, block_size)
     np.testing.assert_allclose(value, other_value, rtol=1e-5, atol=1e-7)
     for got, expected in zip(grads, other_grads, strict=True):
       np.testing.assert_allclose(got, expected, atol=1e-6)
-  np.testing.assert_allclose(value, reference_ntxent(z, labels, 0.2), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(value, references.ntxent(z, labels, 0.2), rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("block_size", [None, 8])
