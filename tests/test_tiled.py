@@ -2,13 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import pathlib
-import subprocess
-import sys
-import textwrap
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -147,45 +140,19 @@ def test_vmap_over_independent_batches():
   np.testing.assert_allclose(batched[1], jax.jit(grad_fn)(zs[1]), atol=1e-6)
 
 
-_MEMORY_SCRIPT = textwrap.dedent(
-    """
-    import json, resource, time
-    import jax, jax.numpy as jnp
-    from mtcl_jax import losses
-
-    rows, dim = 131072, 128
-    x = jax.random.normal(jax.random.key(0), (rows, dim))
-    labels = jnp.tile(jnp.arange(rows // 2, dtype=jnp.int32), 2)
-    step = jax.jit(jax.value_and_grad(lambda x, labels: losses.ntxent(x, labels, temperature=0.1, block_size={block})))
-    compiled = step.lower(x, labels).compile()
-    memory = compiled.memory_analysis()
-    program_gb = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes) / 2**30
-    start = time.perf_counter()
-    value, grad = jax.block_until_ready(compiled(x, labels))
-    seconds = time.perf_counter() - start
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(json.dumps({{"value": float(value), "finite": bool(jnp.all(jnp.isfinite(grad))),
-                       "seconds": seconds, "program_gb": program_gb, "peak_rss_gb": peak_gb}}))
-    """
-)
-
-
-@pytest.mark.slow
 def test_131072_rows_fit_in_3_gb():
   # The claim is about the algorithm: XLA's own accounting of the compiled program (arguments, outputs and every
-  # temporary buffer) stays under 3 GB (0.38 GB measured). The process's peak RSS is reported too, but not
-  # asserted: it measured 0.72 GB alone and 3.07-4.09 GB inside the parallel CI suite, the allocator and runtime
-  # varying with the load around it, not the program.
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  script = _MEMORY_SCRIPT.format(block=4096)
-  result = subprocess.run(
-      [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True,
-      cwd=pathlib.Path(__file__).parent.parent,
-  )
-  report = json.loads(result.stdout.strip().splitlines()[-1])
-  assert report["finite"] and np.isfinite(report["value"])
-  assert report["program_gb"] <= 3.0, report
+  # temporary buffer) stays under 3 GB (0.38 GB measured). It is fixed at compile time, so the program is compiled
+  # for the shapes and never run. Not the process's peak RSS: that measured 0.72 GB alone and 3.07-4.09 GB inside
+  # the parallel CI suite, the allocator and runtime varying with the load around it, not the program.
+  rows, dim = 131072, 128
+  step = jax.jit(jax.value_and_grad(lambda x, labels: losses.ntxent(x, labels, temperature=0.1, block_size=4096)))
+  compiled = step.lower(jax.ShapeDtypeStruct((rows, dim), jnp.float32),
+                        jax.ShapeDtypeStruct((rows,), jnp.int32)).compile()
+  memory = compiled.memory_analysis()
+  program_gb = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes) / 2**30
+  # The embeddings and their gradient alone are 2 x 64 MiB: a figure below that would not be the whole program.
+  assert 0.125 <= program_gb <= 3.0, program_gb
 
 
 @pytest.mark.parametrize(("pattern", "rows", "block_size"), [("views", 36, 8), ("distinct", 24, 8), ("views", 20, 64)])
