@@ -144,6 +144,7 @@ def test_config_names_the_method_its_options_and_the_schedule():
   config_lib.validate_config(_config("mtl.method=cagrad", "mtl.options.c=0.5", "mtl.representation=True"))
 
 
+@pytest.mark.slow  # three smoke runs of the CLI (~60 s of CPU)
 def test_a_method_chosen_on_the_command_line_trains_and_resumes_with_its_state(tmp_path):
   import contextlib
   import io

@@ -117,6 +117,7 @@ def test_two_stage_steps_freeze_the_other_part(tasks):
   assert changed(after_pretrain["heads_digits"], final["heads_digits"])
 
 
+@pytest.mark.slow  # ~30 s of CPU: every step compiled twice, with and without checks
 def test_debug_checks_change_no_step_and_name_a_bad_learned_temperature(tasks):
   learned = ("contrastive.learn_temperature=True",)
   mesh = parallel.make_mesh(1)
