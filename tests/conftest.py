@@ -27,26 +27,6 @@ jax.config.update("jax_num_cpu_devices", int(os.environ.get(DEVICES_ENV, "1")))
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
-# Tests in files whose owners have yet to add @pytest.mark.devices(8): (file, test function). They build
-# parallel.make_mesh(8). Remove an entry once its test carries the marker.
-_NEEDS_EIGHT_DEVICES = {
-    ("test_train_steps.py", "test_one_and_eight_devices_agree"),
-    ("test_train_steps.py", "test_every_rule_trains_on_eight_devices_with_a_learned_temperature"),
-    ("test_train_steps.py", "test_two_stage_steps_freeze_the_other_part"),
-    ("test_train_steps.py", "test_tasks_sharing_an_input_share_a_stem_and_contrastive_rows"),
-    ("test_train_steps.py", "test_extract_features_matches_the_model"),
-    ("test_train_balancing.py", "test_gradient_method_on_eight_devices_equals_one_device"),
-}
-
-
-# Before the -m selection, which reads the markers.
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
-  for item in items:
-    if (item.path.name, getattr(item, "originalname", item.name)) in _NEEDS_EIGHT_DEVICES \
-        and item.get_closest_marker("devices") is None:
-      item.add_marker(pytest.mark.devices(8))
-
 
 def pytest_runtest_setup(item):
   marker = item.get_closest_marker("devices")

@@ -104,6 +104,7 @@ def test_loss_method_weights_scale_each_objective(tasks):
   assert not np.any(grads[0]["params"]["heads_digits"]["kernel"])
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize("distributed", ["replicate", "all_gather"])
 def test_gradient_method_on_eight_devices_equals_one_device(tasks, distributed):
   config = _config(f"contrastive.distributed={distributed}")

@@ -53,6 +53,7 @@ def one_device_run(tasks):
   return _run(_config(*SGD), tasks, parallel.make_mesh(1))
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize("distributed", ["replicate", "all_gather", pytest.param("ring", marks=pytest.mark.slow)])
 def test_one_and_eight_devices_agree(tasks, one_device_run, distributed):
   one_history, one_state, _ = one_device_run
@@ -68,6 +69,7 @@ def test_one_and_eight_devices_agree(tasks, one_device_run, distributed):
   assert int(eight_state.step) == 3
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize("rule", [
     "ntxent",
     pytest.param("task_contrastive", marks=pytest.mark.slow),
@@ -87,6 +89,7 @@ def test_every_rule_trains_on_eight_devices_with_a_learned_temperature(tasks, ru
   assert float(state.log_temperature) != pytest.approx(np.log(history[1]["temperature"]), abs=1e-7)
 
 
+@pytest.mark.devices(8)
 def test_two_stage_steps_freeze_the_other_part(tasks):
   config = _config("train.schedule=two_stage", "train.pretrain_steps=2", "head_optimizer.learning_rate=0.01")
   mesh = parallel.make_mesh(8)
@@ -137,6 +140,7 @@ def test_debug_checks_change_no_step_and_name_a_bad_learned_temperature(tasks):
     steps.make_train_step(model, optimizer, config, mesh)(state, batch)
 
 
+@pytest.mark.devices(8)
 def test_tasks_sharing_an_input_share_a_stem_and_contrastive_rows():
   tasks = data.load_tasks("digits_multilabel")
   history, state, model = _run(_config(), tasks, parallel.make_mesh(8), num_steps=1)
@@ -164,6 +168,7 @@ def test_class_paired_rows_pair_same_classes():
   assert not bool(matched)
 
 
+@pytest.mark.devices(8)
 def test_extract_features_matches_the_model(tasks):
   config = _config()
   model = loop.build_model(config, tasks)
