@@ -147,6 +147,7 @@ def base_config() -> ml_collections.ConfigDict:
       "checkpoint_every": 500,
       "keep_checkpoints": 2,
       "async_checkpoints": True,
+      "tensorboard": True,  # TensorBoard scalars in <workdir>/tensorboard/ beside metrics.jsonl (tensorboardX)
       # The losses' run-time checks (mtcl_jax.losses.checked): a bad learned temperature or NaN embeddings stop
       # the step naming the loss and argument. A device sync per step; the results are the same.
       "debug_checks": False,

@@ -176,12 +176,14 @@ def train_and_evaluate(
 
   def log(row: dict[str, Any]) -> None:
     history.append(row)
-    if writer:
-      workdir_lib.append_metrics(workdir, row)
+    metrics_log.append(row)
 
-  # The bar is closed however the loop ends, so that an error's message starts a line of its own.
-  with tqdm.tqdm(total=config.train.num_steps, initial=start_step, desc="train", unit="step", disable=not writer,
-                 dynamic_ncols=True) as progress:
+  # The bar and the event file are closed however the loop ends: an error's message starts a line of its own, and
+  # the scalars logged before it are on disk.
+  metrics_log = workdir_lib.MetricsLog(workdir, start_step=start_step, tensorboard=config.train.tensorboard,
+                                       enabled=writer)
+  with metrics_log, tqdm.tqdm(total=config.train.num_steps, initial=start_step, desc="train", unit="step",
+                              disable=not writer, dynamic_ncols=True) as progress:
     for step in range(start_step, end_step):
       batch = batcher.place(batcher.local_batch(step), mesh)
       state, metrics = train_steps[stage_of[step]](state, batch)

@@ -1,6 +1,7 @@
 """A run's directory: start, resume or archive it, and the files the run writes there.
 
-Outputs in ``<workdir>/``: ``config.json``, ``metrics.jsonl``, ``checkpoints/``, ``report.json``, ``report.md``,
+Outputs in ``<workdir>/``: ``config.json``, ``metrics.jsonl`` and ``tensorboard/`` (the same rows as TensorBoard
+scalars; ``train.tensorboard=False`` leaves it out), ``checkpoints/``, ``report.json``, ``report.md``,
 ``plots/`` (``loss_curves.png``, ``task_accuracy.png``, ``feature_pca.png``), and ``checkpoints-damaged/`` where
 unreadable checkpoints were moved; ``--fresh`` moves earlier ones to ``archive/<time>/``. Nothing is overwritten or
 deleted without a message.
@@ -13,6 +14,7 @@ import json
 import pathlib
 import shutil
 import tempfile
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,14 +31,17 @@ CONFIG_FILE = "config.json"
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 PLOTS_DIR = "plots"
+TENSORBOARD_DIR = "tensorboard"
 PCA_FIGURE = "feature_pca.png"
 ARCHIVE_DIR = "archive"
-_OUTPUTS = (CHECKPOINT_DIR, DAMAGED_DIR, METRICS_FILE, CONFIG_FILE, REPORT_JSON, REPORT_MD, PLOTS_DIR)
+_OUTPUTS = (CHECKPOINT_DIR, DAMAGED_DIR, METRICS_FILE, CONFIG_FILE, REPORT_JSON, REPORT_MD, PLOTS_DIR,
+            TENSORBOARD_DIR)
 # What a start leaves before its first checkpoint is complete (a failed first save, a process killed before it).
-_FIRST_SAVE_OUTPUTS = (CONFIG_FILE, METRICS_FILE)
+_FIRST_SAVE_OUTPUTS = (CONFIG_FILE, METRICS_FILE, TENSORBOARD_DIR)
 # Keys that may change between a run and its resumption: they do not change what is learned.
 _RESUMABLE_CHANGES = ("train.num_steps", "train.stop_at_step", "train.log_every", "train.eval_every",
                       "train.checkpoint_every", "train.keep_checkpoints", "train.async_checkpoints",
+                      "train.tensorboard",
                       "data.data_dir", "eval.probes", "eval.batch_size", "eval.pca_max_points", "eval.plots")
 
 
@@ -158,6 +163,60 @@ def append_metrics(workdir: pathlib.Path, row: Mapping[str, Any]) -> None:
   """Appends one row to ``metrics.jsonl``."""
   with open(workdir / METRICS_FILE, "a") as metrics_file:
     metrics_file.write(json.dumps(row) + "\n")
+
+
+class MetricsLog:
+  """The run's logged rows: ``metrics.jsonl``, and TensorBoard scalars in ``tensorboard/`` beside it.
+
+  Each row is ``{"step": int, name: number, ...}``; every number becomes the scalar ``name`` at ``step`` (names such
+  as ``eval/image/accuracy`` group in TensorBoard by their prefix). The event files are written by ``tensorboardX``,
+  which needs no TensorFlow: ``tensorboard --logdir <workdir>/tensorboard`` reads them. A resumed run passes its
+  ``start_step``, so that TensorBoard drops what an interrupted process logged past its last checkpoint, as
+  :func:`read_history` drops those rows from ``metrics.jsonl``.
+
+  Args:
+    workdir: the run's directory.
+    start_step: the step the run starts or resumes from.
+    tensorboard: write the TensorBoard event files too.
+    enabled: False in every process but the one that writes the run's outputs: nothing is written.
+  """
+
+  def __init__(self, workdir: pathlib.Path, *, start_step: int, tensorboard: bool = True, enabled: bool = True):
+    self._workdir = workdir
+    self._enabled = enabled
+    self._events = None
+    if enabled and tensorboard:
+      try:
+        import tensorboardX  # noqa: PLC0415 (the trainer's extra; the library does not need it)
+      except ImportError as error:
+        raise ImportError("train.tensorboard=True needs tensorboardX: pip install 'mtcl_jax[train]', or set "
+                          "--config.train.tensorboard=False") from error
+      # The file name tensorboardX gives has whole seconds: a resumption within the same second would replace the
+      # earlier file without the suffix.
+      self._events = tensorboardX.SummaryWriter(str(workdir / TENSORBOARD_DIR), purge_step=start_step or None,
+                                                flush_secs=30, filename_suffix=f".{time.time_ns()}")
+
+  def append(self, row: Mapping[str, Any]) -> None:
+    """Logs one row (``row["step"]`` is its step)."""
+    if not self._enabled:
+      return
+    append_metrics(self._workdir, row)
+    if self._events is not None:
+      for name, value in row.items():
+        if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+          self._events.add_scalar(name, value, global_step=int(row["step"]))
+
+  def close(self) -> None:
+    """Flushes and closes the event file; the rows already in ``metrics.jsonl`` need nothing."""
+    if self._events is not None:
+      self._events.close()
+      self._events = None
+
+  def __enter__(self) -> MetricsLog:
+    return self
+
+  def __exit__(self, *exc_info: object) -> None:
+    self.close()
 
 
 def write_report(workdir: pathlib.Path, result: Mapping[str, Any]) -> None:
