@@ -21,7 +21,6 @@ Where each concept lives:
 
 from mtcl_jax.train.checkpoint import CheckpointSaveError
 from mtcl_jax.train.checkpoint import Checkpointer
-from mtcl_jax.train.config import apply_overrides
 from mtcl_jax.train.config import base_config
 from mtcl_jax.train.config import load_config
 from mtcl_jax.train.config import validate_config
@@ -41,7 +40,6 @@ from mtcl_jax.train.steps import make_train_step
 __all__ = [
     "CheckpointSaveError",
     "Checkpointer",
-    "apply_overrides",
     "base_config",
     "load_config",
     "validate_config",
