@@ -29,11 +29,14 @@ import os
 import sys
 from collections.abc import Sequence
 
-import ml_collections
-from absl import flags
+from mtcl_jax import _extras
 
-from mtcl_jax import data, parallel, train
-from mtcl_jax.train import config as config_lib
+with _extras.requires("train", "mtcl_jax.run"):
+  import ml_collections
+  from absl import flags
+
+  from mtcl_jax import data, parallel, train
+  from mtcl_jax.train import config as config_lib
 
 PROGRAM = "mtcl-run"
 DEBUG_ENV = "MTCL_DEBUG"
