@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pathlib
-from collections.abc import Mapping
 
 import numpy as np
 import pytest
@@ -13,6 +12,8 @@ from etils import epath
 from mtcl_jax import data
 from mtcl_jax.train import config as config_lib
 from mtcl_jax.train import train_and_evaluate
+
+from tiny import config_with
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "configs"
 CONFIGS = sorted(CONFIG_DIR.glob("*.py"))
@@ -35,13 +36,6 @@ def test_every_config_loads_validates_and_documents_its_command(path):
   assert f"--config experiments/configs/{path.name}" in docstring
   assert "Expected" in docstring
   assert config.is_locked
-
-
-def _base_config(overrides: Mapping[str, object]):
-  """The schema's defaults with ``overrides`` assigned, as Python code changes a config."""
-  config = config_lib.base_config()
-  config.update_from_flattened_dict(overrides)
-  return config
 
 
 def test_unknown_override_key_is_named_with_a_suggestion():
@@ -100,7 +94,7 @@ def test_a_typo_in_a_config_file_is_named(tmp_path):
 
 def test_validation_names_the_bad_value():
   def invalid(key, value, task_names=None):
-    return config_lib.validate_config(_base_config({key: value}), task_names)
+    return config_lib.validate_config(config_with({key: value}), task_names)
 
   with pytest.raises(ValueError, match="'contrastive.rule' is 'simclr'"):
     invalid("contrastive.rule", "simclr")
@@ -138,14 +132,14 @@ def test_validation_names_the_bad_value():
     ({"optimizer.warmup_steps": -1}, "'optimizer.warmup_steps' is -1"),
 ], ids=["joint_cosine", "joint_constant", "pretrain", "heads", "negative"])
 def test_a_warmup_longer_than_its_stage_is_named_before_the_run(overrides, message):
-  config = _base_config(overrides)
+  config = config_with(overrides)
   with pytest.raises(ValueError) as raised:
     config_lib.validate_config(config)
   assert message in str(raised.value)
 
 
 def test_warmups_that_fit_and_intervals_past_the_run_are_valid():
-  config_lib.validate_config(_base_config({
+  config_lib.validate_config(config_with({
       "train.num_steps": 20, "optimizer.warmup_steps": 19, "head_optimizer.warmup_steps": 50, "train.log_every": 50,
       "train.eval_every": 250, "train.checkpoint_every": 500}))
 

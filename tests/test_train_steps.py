@@ -10,19 +10,15 @@ import numpy as np
 import pytest
 
 from mtcl_jax import data, parallel
-from mtcl_jax.train import config as config_lib
 from mtcl_jax.train import loop, rules, steps
 from mtcl_jax.train.evaluation import extract_features, predict_split
 from mtcl_jax.train.state import create_train_state
 
-TINY_MODEL = {"model.stem_width": 8, "model.trunk_widths": (16,), "model.projection_widths": (8,),
-              "model.image_channels": (4,), "model.sequence_channels": 4, "model.sequence_blocks": 1}
+from tiny import TINY_MODEL, config_with
 
 
 def _config(overrides: Mapping[str, object] | None = None):
-  config = config_lib.base_config()
-  config.update_from_flattened_dict({**TINY_MODEL, "train.num_steps": 4, **(overrides or {})})
-  return config
+  return config_with({**TINY_MODEL, "train.num_steps": 4, **(overrides or {})})
 
 
 @pytest.fixture(scope="module")
