@@ -105,9 +105,8 @@ def run_once(run: Run | regimes.RegimeRun, seed: int, *, base_config: pathlib.Pa
   """Trains (or loads the cached report of) one run at one seed."""
   run_dir = workdir / f"{run.key}_seed{seed}"
   report_path = run_dir / "report.json"
-  config = config_lib.load_config(base_config)
-  config_lib.apply_overrides(config, [f"data.tasks={run.tasks}", f"seed={seed}", *COMMON_OVERRIDES,
-                                      *run.overrides, *extra])
+  config = config_lib.load_config(base_config, [f"data.tasks={run.tasks}", f"seed={seed}", *COMMON_OVERRIDES,
+                                                *run.overrides, *extra])
   if report_path.exists():
     cached = json.loads(report_path.read_text())
     # A cached run counts only if it was trained with this config (a changed budget or override retrains it).
@@ -222,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--mini", action="store_true",
                       help="CI miniature: smoke config, seed 0 only, results and runs under --workdir, README untouched")
   parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                      help="extra config overrides for every run")
+                      help="extra config overrides for every run, each read as mtcl-run's --config.KEY=VALUE")
   parser.add_argument("--jobs", type=int, default=1, help="training processes at once (2 suits 2 CPU cores)")
   args = parser.parse_args(argv)
   base, extra = DEFAULT_CONFIG, [*TABLE_BUDGET, *args.overrides]

@@ -113,8 +113,7 @@ def register_validation_task(seed: int = 0) -> None:
 
 def run(variant: str, seed: int, *, task: str, workdir: pathlib.Path, extra: tuple[str, ...]) -> dict[str, Any]:
   views, overrides = VARIANTS[variant]
-  config = config_lib.load_config(DEFAULT_CONFIG)
-  config_lib.apply_overrides(config, [f"data.tasks={task}", f"seed={seed}", *SIMCLR, *overrides, *extra])
+  config = config_lib.load_config(DEFAULT_CONFIG, [f"data.tasks={task}", f"seed={seed}", *SIMCLR, *overrides, *extra])
   start = time.perf_counter()
   with signal_views(views) if views is not None else contextlib.nullcontext():
     report = train_and_evaluate(config, workdir / f"{task}_{variant}_seed{seed}", fresh=True)
@@ -133,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--seeds", nargs="+", type=int, default=[0])
   parser.add_argument("--test", action="store_true", help="score on mnist1d's real test split (the final check)")
   parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
-                      help="extra config overrides (recorded with the result)")
+                      help="extra config overrides (recorded with the result), each read as --config.KEY=VALUE")
   parser.add_argument("--workdir", type=pathlib.Path, default=pathlib.Path("/tmp/simclr_mnist1d"))
   args = parser.parse_args(argv)
   split, task = ("test", "mnist1d") if args.test else ("val", VAL_TASK)

@@ -4,9 +4,8 @@ Also installed as ``mtcl-run``. As in the flax examples, it only parses flags (a
 ``ml_collections.config_flags`` for the config) and calls :func:`mtcl_jax.train.train_and_evaluate`:
 
   --config FILE            a Python file with ``get_config()`` (``experiments/configs/*.py``)
-  --config.KEY=VALUE       override a config key, its value read by the key's type: ``--config.train.num_steps=200``
-  --set KEY=VALUE          the same, applied after the ``--config.KEY`` overrides (repeatable):
-                           ``--set train.num_steps=200``, ``--set mtl.options.c=0.4``
+  --config.KEY=VALUE       override a config key, its value read by the key's type (repeatable):
+                           ``--config.train.num_steps=200``, ``--config.mtl.options.c=0.4``
   --workdir DIR            outputs; a second call with the same DIR resumes the run there
   --fresh                  archive DIR's earlier outputs to DIR/archive/<time>/ and start again
   --debug                  on an error, the full traceback instead of one line (also: MTCL_DEBUG=1)
@@ -30,11 +29,14 @@ import os
 import sys
 from collections.abc import Sequence
 
-import ml_collections
-from absl import flags
+from mtcl_jax import _extras
 
-from mtcl_jax import data, parallel, train
-from mtcl_jax.train import config as config_lib
+with _extras.requires("train", "mtcl_jax.run"):
+  import ml_collections
+  from absl import flags
+
+  from mtcl_jax import data, parallel, train
+  from mtcl_jax.train import config as config_lib
 
 PROGRAM = "mtcl-run"
 DEBUG_ENV = "MTCL_DEBUG"
@@ -63,8 +65,6 @@ def define_flags(argv: Sequence[str]) -> flags.FlagValues:
   flag_values = flags.FlagValues()
   config_lib.define_config_flag(flag_values, argv)
   flags.DEFINE_string("workdir", None, "output directory; resumed if it holds a run", flag_values=flag_values)
-  flags.DEFINE_multi_string("set", [], "KEY=VALUE: override a config key after the --config.KEY overrides",
-                            flag_values=flag_values)
   flags.DEFINE_bool("fresh", False, "archive the workdir's earlier run and start again", flag_values=flag_values)
   flags.DEFINE_bool("debug", False, f"on an error, the full traceback instead of one line (also: {DEBUG_ENV}=1)",
                     flag_values=flag_values)
@@ -76,7 +76,7 @@ def define_flags(argv: Sequence[str]) -> flags.FlagValues:
 
 
 def parse_command_line(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, flags.FlagValues]:
-  """The run's config (the file, its ``--config.KEY`` overrides, then ``--set``) and the other flags.
+  """The run's config (the file and its ``--config.KEY`` overrides) and the other flags.
 
   Args:
     argv: the command line, program name first.
@@ -89,8 +89,7 @@ def parse_command_line(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, 
   config_lib.parse_flags(flag_values, argv)
   if flag_values.workdir is None:
     raise config_lib.UsageError("--workdir DIR is required: where the run writes its outputs (or resumes)")
-  config = config_lib.apply_overrides(flag_values[config_lib.CONFIG_FLAG].value, flag_values.set)
-  return config, flag_values
+  return flag_values[config_lib.CONFIG_FLAG].value, flag_values
 
 
 def _error_line(error: Exception) -> tuple[int, str]:

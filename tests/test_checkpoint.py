@@ -4,9 +4,12 @@ unreadable checkpoint is set aside for the previous one, a failed save is named 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import pathlib
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
 
@@ -90,6 +93,31 @@ def test_restore_without_checkpoint_raises(tmp_path):
   checkpointer.close()
 
 
+_PROCESS_STATE = """
+import logging, pathlib, sys
+def process_state():
+  return sys.unraisablehook, [list(logging.getLogger(name).filters) for name in ("absl", "asyncio")]
+before = process_state()
+import mtcl_jax, mtcl_jax.run
+from mtcl_jax.train.checkpoint import Checkpointer
+checkpointer = Checkpointer(pathlib.Path(sys.argv[1]), keep=1)
+assert process_state() == before, (before, process_state())
+checkpointer.close()
+assert process_state() == before, (before, process_state())
+"""
+
+
+def _process_state() -> tuple[object, list[list[object]]]:
+  return sys.unraisablehook, [list(logging.getLogger(name).filters) for name in ("absl", "asyncio")]
+
+
+def test_importing_mtcl_jax_and_constructing_a_checkpointer_change_no_process_wide_hook_or_log_filter(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  finished = subprocess.run([sys.executable, "-c", _PROCESS_STATE, str(tmp_path)], capture_output=True, text=True,
+                            env=env, timeout=600)
+  assert finished.returncode == 0, finished.stderr
+
+
 # ------------------------------------------------------------------------------------------- injected faults
 
 
@@ -121,6 +149,7 @@ def _files(directory: pathlib.Path) -> dict[str, bytes]:
     (_truncate_array_files, r"OUT_OF_RANGE: Requested byte range \[0, \d+\) is not valid for value of size \d+"),
     (_remove_item_metadata, r"\S[^\n]*"),
 ], ids=["truncated_array_file", "removed_item_metadata"])
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 def test_an_unreadable_newest_checkpoint_is_moved_aside_and_the_previous_one_restored(tmp_path, capfd, damage,
                                                                                        reason):
   _save_steps(tmp_path, [1, 2])
@@ -143,6 +172,7 @@ def test_an_unreadable_newest_checkpoint_is_moved_aside_and_the_previous_one_res
   assert Checkpointer(tmp_path, keep=3).all_steps() == [1, 2]
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 def test_no_readable_checkpoint_names_each_step_and_moves_nothing(tmp_path):
   _save_steps(tmp_path, [1, 2])
   _truncate_array_files(tmp_path / "checkpoints" / "2")
@@ -166,10 +196,14 @@ def _fail_writes_of_step(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
   monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "_save_fn", failing_write)
 
 
+# The "Event loop is closed" reports of a failed save or restore arrive within the Checkpointer's calls: none
+# reaches pytest's own hook after them.
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("async_save", [True, False], ids=["async", "sync"])
 def test_a_save_that_hits_enospc_raises_once_naming_the_step_and_keeps_the_earlier_checkpoint(
     tmp_path, monkeypatch, capfd, async_save):
   _fail_writes_of_step(monkeypatch, 2)
+  process_state = _process_state()
   checkpointer = Checkpointer(tmp_path, keep=1, async_save=async_save)
   checkpointer.save(1, _state(1), {"seed": 0, "step": 1, "epoch": 0})
   checkpointer.wait()
@@ -184,6 +218,7 @@ def test_a_save_that_hits_enospc_raises_once_naming_the_step_and_keeps_the_earli
       "Training stopped; the last good checkpoint is step 1. Free space or fix the filesystem, then run the same "
       "command to resume from step 1")
   checkpointer.close()  # reported once: closing does not raise it again
+  assert _process_state() == process_state
   _, err = capfd.readouterr()
   assert "Traceback" not in err and "ERROR" not in err
   # keep=1 would have deleted step 1 once step 2 was complete; step 2 failed, so step 1 stays, intact.

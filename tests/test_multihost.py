@@ -22,15 +22,13 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 4
 OVERRIDES = [f"train.num_steps={STEPS}", "train.log_every=1", f"train.checkpoint_every={STEPS}",
              "train.eval_every=0", "eval.plots=False", "eval.probes=()",
-             "optimizer.name='sgd'", "optimizer.learning_rate=0.05"]
+             "optimizer.name=sgd", "optimizer.learning_rate=0.05"]
 
 
 def _command(workdir: pathlib.Path, *extra: str) -> list[str]:
   command = [sys.executable, "-m", "mtcl_jax.run", "--config", str(REPO / "experiments/configs/smoke.py"),
              "--workdir", str(workdir)]
-  for override in OVERRIDES:
-    command += ["--set", override]
-  return command + list(extra)
+  return command + [f"--config.{override}" for override in OVERRIDES] + list(extra)
 
 
 def _env(devices_per_process: int) -> dict[str, str]:

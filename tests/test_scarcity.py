@@ -13,8 +13,7 @@ from mtcl_jax.train import config as config_lib
 from mtcl_jax.train import loop, rules, steps
 from mtcl_jax.train.state import create_train_state
 
-TINY_MODEL = ["model.stem_width=8", "model.trunk_widths=(16,)", "model.projection_widths=(8,)",
-              "model.image_channels=(4,)", "model.sequence_channels=4", "model.sequence_blocks=1"]
+from tiny import TINY_MODEL, config_with
 
 
 @pytest.fixture(scope="module")
@@ -134,10 +133,9 @@ def test_rows_with_hidden_labels_do_not_enter_the_cross_entropy(tasks):
                                                                                      "japanese_vowels": 8})
   with_hidden = semi.batch(3)
   labelled_only = {name: {key: value[:8] for key, value in task.items()} for name, task in with_hidden.items()}
-  base = [*TINY_MODEL, "contrastive.rule=supcon_views"]
-  semi_config = config_lib.apply_overrides(config_lib.base_config(),
-                                           [*base, "data.label_fraction=0.1", "data.unlabelled=views"])
-  plain_config = config_lib.apply_overrides(config_lib.base_config(), base)
+  base = {**TINY_MODEL, "contrastive.rule": "supcon_views"}
+  semi_config = config_with({**base, "data.label_fraction": 0.1, "data.unlabelled": "views"})
+  plain_config = config_with(base)
   semi_metrics = _head_losses(semi_config, hidden, with_hidden)
   plain_metrics = _head_losses(plain_config, hidden, labelled_only)
   for name in ("digits", "japanese_vowels"):
@@ -147,19 +145,19 @@ def test_rows_with_hidden_labels_do_not_enter_the_cross_entropy(tasks):
 
 
 def test_unlabelled_views_need_a_rule_with_views():
-  config = config_lib.apply_overrides(config_lib.base_config(), ["data.unlabelled=views", "contrastive.rule=supcon"])
+  config = config_with({"data.unlabelled": "views", "contrastive.rule": "supcon"})
   with pytest.raises(ValueError, match="data.unlabelled='views' feeds the unlabelled inputs to a rule with"):
     config_lib.validate_config(config)
-  config = config_lib.apply_overrides(config_lib.base_config(), ["data.label_fraction=0.0"])
+  config = config_with({"data.label_fraction": 0.0})
   with pytest.raises(ValueError, match=r"data.label_fraction must be in \(0, 1\]"):
     config_lib.validate_config(config)
 
 
 def test_a_semi_supervised_run_trains_its_heads_and_probes_on_the_labelled_rows_only(tmp_path):
-  config = config_lib.apply_overrides(config_lib.base_config(), [
-      *TINY_MODEL, "data.tasks=digits+japanese_vowels", "data.batch_size=16", "data.label_fraction=0.005",
-      "data.unlabelled=views", "contrastive.rule=supcon_views", "train.num_steps=3", "train.log_every=3",
-      "train.checkpoint_every=3", "eval.plots=False", "eval.probes=('linear','knn')", "train.num_devices=1"])
+  config = config_with({
+      **TINY_MODEL, "data.tasks": "digits+japanese_vowels", "data.batch_size": 16, "data.label_fraction": 0.005,
+      "data.unlabelled": "views", "contrastive.rule": "supcon_views", "train.num_steps": 3, "train.log_every": 3,
+      "train.checkpoint_every": 3, "eval.plots": False, "eval.probes": ("linear", "knn"), "train.num_devices": 1})
   report = loop.train_and_evaluate(config, tmp_path / "run")
   # 0.5% of ~126 digits or 30 vowel rows per class rounds to 0 or 1: one row per class, none to hold out.
   assert report["run"]["labelled_train_rows"] == {"digits": 10, "japanese_vowels": 9}

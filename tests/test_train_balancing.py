@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,12 +14,11 @@ from mtcl_jax.train import config as config_lib
 from mtcl_jax.train import loop, steps
 from mtcl_jax.train.state import create_train_state
 
-TINY_MODEL = ["model.stem_width=8", "model.trunk_widths=(16,)", "model.projection_widths=(8,)",
-              "model.image_channels=(4,)", "model.sequence_channels=4", "model.sequence_blocks=1"]
+from tiny import TINY_MODEL, config_with
 
 
-def _config(*overrides: str):
-  return config_lib.apply_overrides(config_lib.base_config(), [*TINY_MODEL, "train.num_steps=4", *overrides])
+def _config(overrides: Mapping[str, object] | None = None):
+  return config_with({**TINY_MODEL, "train.num_steps": 4, **(overrides or {})})
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +63,8 @@ def _assert_trees_close(actual, expected, rtol=1e-5, atol=1e-6):
 # NT-Xent (one positive each) is SupCon's special case: the slow tier runs it.
 @pytest.mark.parametrize("rule", ["supcon", pytest.param("ntxent", marks=pytest.mark.slow)])
 def test_summed_per_objective_gradients_equal_the_static_gradient(tasks, rule):
-  config = _config(f"contrastive.rule={rule}", "contrastive.learn_temperature=True",
-                   "classification.task_weights.digits=2.0", "contrastive.weight=0.5")
+  config = _config({"contrastive.rule": rule, "contrastive.learn_temperature": True,
+                    "classification.task_weights.digits": 2.0, "contrastive.weight": 0.5})
   static, static_metrics, objectives, *_ = _gradients(config, tasks, mtl.make("static"))
   assert objectives.names == ("digits", "japanese_vowels", "contrastive")
   np.testing.assert_allclose(static_metrics["loss"],
@@ -107,7 +108,7 @@ def test_loss_method_weights_scale_each_objective(tasks):
 @pytest.mark.devices(8)
 @pytest.mark.parametrize("distributed", ["replicate", "all_gather"])
 def test_gradient_method_on_eight_devices_equals_one_device(tasks, distributed):
-  config = _config(f"contrastive.distributed={distributed}")
+  config = _config({"contrastive.distributed": distributed})
   method = _pick("gradient", lambda grads: grads[0] - 0.5 * grads[2])
   one, one_metrics, *_ = _gradients(config, tasks, method, mesh=parallel.make_mesh(1))
   eight, eight_metrics, *_ = _gradients(config, tasks, method, mesh=parallel.make_mesh(8))
@@ -131,18 +132,18 @@ def test_objective_names_follow_the_stage(tasks):
   model = loop.build_model(config, tasks)
   assert steps.objective_names(model, config, stage="pretrain") == ("contrastive",)
   assert steps.objective_names(model, config, stage="heads") == ("digits", "japanese_vowels")
-  assert steps.objective_names(model, _config("contrastive.rule=none"), stage="joint") == (
+  assert steps.objective_names(model, _config({"contrastive.rule": "none"}), stage="joint") == (
       "digits", "japanese_vowels")
 
 
 def test_config_names_the_method_its_options_and_the_schedule():
   with pytest.raises(ValueError, match="unknown balancing method 'pcgard'"):
-    config_lib.validate_config(_config("mtl.method=pcgard"))
+    config_lib.validate_config(_config({"mtl.method": "pcgard"}))
   with pytest.raises(ValueError, match=r"balancing method 'cagrad' takes options \('c', "):
-    config_lib.validate_config(_config("mtl.method=cagrad", "mtl.options.alpha=0.5"))
+    config_lib.validate_config(_config({"mtl.method": "cagrad", "mtl.options.alpha": 0.5}))
   with pytest.raises(ValueError, match="needs mtl.method='static'"):
-    config_lib.validate_config(_config("mtl.method=pcgrad", "train.schedule=two_stage", "train.pretrain_steps=2"))
-  config_lib.validate_config(_config("mtl.method=cagrad", "mtl.options.c=0.5", "mtl.representation=True"))
+    config_lib.validate_config(_config({"mtl.method": "pcgrad", "train.schedule": "two_stage", "train.pretrain_steps": 2}))
+  config_lib.validate_config(_config({"mtl.method": "cagrad", "mtl.options.c": 0.5, "mtl.representation": True}))
 
 
 @pytest.mark.slow  # three smoke runs of the CLI (~60 s of CPU)
@@ -157,8 +158,8 @@ def test_a_method_chosen_on_the_command_line_trains_and_resumes_with_its_state(t
   from mtcl_jax import run
 
   smoke = str(pathlib.Path(__file__).resolve().parents[1] / "experiments" / "configs" / "smoke.py")
-  args = ["--config", smoke, "--set", "mtl.method=gradvac", "--set", "mtl.options.beta=0.5",
-          "--set", "eval.probes=()", "--set", "eval.plots=False"]
+  args = ["--config", smoke, "--config.mtl.method=gradvac", "--config.mtl.options.beta=0.5",
+          "--config.eval.probes=()", "--config.eval.plots=False"]
 
   def main(*extra):
     stdout, stderr = io.StringIO(), io.StringIO()
@@ -168,7 +169,7 @@ def test_a_method_chosen_on_the_command_line_trains_and_resumes_with_its_state(t
     return stdout.getvalue()
 
   main("--workdir", str(tmp_path / "whole"))
-  main("--workdir", str(tmp_path / "parts"), "--set", "train.stop_at_step=4")
+  main("--workdir", str(tmp_path / "parts"), "--config.train.stop_at_step=4")
   assert "Resuming from step 4" in main("--workdir", str(tmp_path / "parts"))
 
   def saved(name):
@@ -185,7 +186,7 @@ def test_a_method_chosen_on_the_command_line_trains_and_resumes_with_its_state(t
 
 
 def test_a_method_whose_state_repeats_an_array_trains_with_the_donated_state(tasks):
-  config = _config("mtl.method=dwa", "mtl.options.period=1")
+  config = _config({"mtl.method": "dwa", "mtl.options.period": 1})
   assert len({id(leaf) for leaf in jax.tree.leaves(mtl.make("dwa", period=1).init(3))}) < 4  # aliased by init
   mesh = parallel.make_mesh(1)
   model, optimizer, state, batch = _setup(config, tasks, mesh)
@@ -205,7 +206,7 @@ def test_a_run_started_before_the_mtl_keys_existed_resumes(tmp_path):
   (tmp_path / workdir_lib.CONFIG_FILE).write_text(json.dumps(record))
   workdir_lib._check_resumable(tmp_path, config)
   with pytest.raises(ValueError, match="mtl.method: 'static' -> 'pcgrad'"):
-    workdir_lib._check_resumable(tmp_path, _config("mtl.method=pcgrad"))
+    workdir_lib._check_resumable(tmp_path, _config({"mtl.method": "pcgrad"}))
   config.contrastive.temperature = float("inf")
   with pytest.raises(ValueError, match="finite and > 0; got inf"):
     config_lib.validate_config(config)
@@ -215,7 +216,7 @@ def test_a_run_started_before_the_mtl_keys_existed_resumes(tmp_path):
                                   pytest.param("gls", marks=pytest.mark.slow)])
 def test_every_metric_a_method_reports_is_a_scalar_the_loop_can_log(tasks, name):
   # UW's log-variances and FAMO's task probabilities are [T]: they reach the log per objective.
-  config = _config(f"mtl.method={name}")
+  config = _config({"mtl.method": name})
   _, metrics, objectives, _, _ = _gradients(config, tasks, steps.make_method(config))
   assert all(np.ndim(value) == 0 for value in metrics.values()), {k: np.shape(v) for k, v in metrics.items()}
   for objective in objectives.names:

@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from mtcl_jax import data, parallel
-from mtcl_jax.train import config as config_lib
 from mtcl_jax.train import loop, rules, steps
 from mtcl_jax.train.evaluation import extract_features, predict_split
 from mtcl_jax.train.state import create_train_state
 
-TINY_MODEL = ["model.stem_width=8", "model.trunk_widths=(16,)", "model.projection_widths=(8,)",
-              "model.image_channels=(4,)", "model.sequence_channels=4", "model.sequence_blocks=1"]
+from tiny import TINY_MODEL, config_with
 
 
-def _config(*overrides: str):
-  config = config_lib.base_config()
-  return config_lib.apply_overrides(config, [*TINY_MODEL, "train.num_steps=4", *overrides])
+def _config(overrides: Mapping[str, object] | None = None):
+  return config_with({**TINY_MODEL, "train.num_steps": 4, **(overrides or {})})
 
 
 @pytest.fixture(scope="module")
@@ -45,19 +44,19 @@ def _run(config, tasks, mesh, num_steps=3, stage="joint"):
 
 # SGD: the update is linear in the gradient, so float32 reduction-order noise stays at float32 size (Adam divides
 # by sqrt(v) and turns noise in near-zero gradients into full-size differences).
-SGD = ("optimizer.name=sgd", "optimizer.learning_rate=0.05")
+SGD = {"optimizer.name": "sgd", "optimizer.learning_rate": 0.05}
 
 
 @pytest.fixture(scope="module")
 def one_device_run(tasks):
-  return _run(_config(*SGD), tasks, parallel.make_mesh(1))
+  return _run(_config(SGD), tasks, parallel.make_mesh(1))
 
 
 @pytest.mark.devices(8)
 @pytest.mark.parametrize("distributed", ["replicate", "all_gather", pytest.param("ring", marks=pytest.mark.slow)])
 def test_one_and_eight_devices_agree(tasks, one_device_run, distributed):
   one_history, one_state, _ = one_device_run
-  eight_history, eight_state, _ = _run(_config(*SGD, f"contrastive.distributed={distributed}"), tasks,
+  eight_history, eight_state, _ = _run(_config({**SGD, "contrastive.distributed": distributed}), tasks,
                                        parallel.make_mesh(8))
   assert len(jax.devices()) == 8
   for one, eight in zip(one_history, eight_history):
@@ -77,8 +76,8 @@ def test_one_and_eight_devices_agree(tasks, one_device_run, distributed):
     pytest.param("binary_infonce", marks=pytest.mark.slow),
 ])
 def test_every_rule_trains_on_eight_devices_with_a_learned_temperature(tasks, rule):
-  config = _config(f"contrastive.rule={rule}", "optimizer.learning_rate=0.01", "contrastive.learn_temperature=True",
-                   "contrastive.temperature=0.2")
+  config = _config({"contrastive.rule": rule, "optimizer.learning_rate": 0.01, "contrastive.learn_temperature": True,
+                   "contrastive.temperature": 0.2})
   history, state, _ = _run(config, tasks, parallel.make_mesh(8), num_steps=2)
   assert all(np.isfinite(row["contrastive_loss"]) and row["contrastive_loss"] > 0 for row in history)
   assert {"loss", "classification_loss", "digits/ce_loss", "train/japanese_vowels/accuracy", "grad_norm"} <= set(
@@ -91,7 +90,7 @@ def test_every_rule_trains_on_eight_devices_with_a_learned_temperature(tasks, ru
 
 @pytest.mark.devices(8)
 def test_two_stage_steps_freeze_the_other_part(tasks):
-  config = _config("train.schedule=two_stage", "train.pretrain_steps=2", "head_optimizer.learning_rate=0.01")
+  config = _config({"train.schedule": "two_stage", "train.pretrain_steps": 2, "head_optimizer.learning_rate": 0.01})
   mesh = parallel.make_mesh(8)
   model = loop.build_model(config, tasks)
   optimizer, stages = loop.build_optimizer(config)
@@ -122,14 +121,14 @@ def test_two_stage_steps_freeze_the_other_part(tasks):
 
 @pytest.mark.slow  # ~30 s of CPU: every step compiled twice, with and without checks
 def test_debug_checks_change_no_step_and_name_a_bad_learned_temperature(tasks):
-  learned = ("contrastive.learn_temperature=True",)
+  learned = {"contrastive.learn_temperature": True}
   mesh = parallel.make_mesh(1)
-  plain_history, plain_state, _ = _run(_config(*learned), tasks, mesh, num_steps=2)
-  checked_history, checked_state, model = _run(_config(*learned, "train.debug_checks=True"), tasks, mesh, num_steps=2)
+  plain_history, plain_state, _ = _run(_config(learned), tasks, mesh, num_steps=2)
+  checked_history, checked_state, model = _run(_config({**learned, "train.debug_checks": True}), tasks, mesh, num_steps=2)
   jax.tree.map(np.testing.assert_array_equal, checked_history, plain_history)
   jax.tree.map(np.testing.assert_array_equal, checked_state.trainable, plain_state.trainable)
 
-  config = _config(*learned, "train.debug_checks=True")
+  config = _config({**learned, "train.debug_checks": True})
   optimizer, _ = loop.build_optimizer(config)
   batcher = data.MultiTaskBatcher(tasks, batch_sizes=16, seed=0)
   state = create_train_state(model, optimizer, batcher.batch(0), seed=0, temperature=0.1)
@@ -148,7 +147,8 @@ def test_tasks_sharing_an_input_share_a_stem_and_contrastive_rows():
   assert {"digit/ce_loss", "parity/ce_loss", "at_least_5/ce_loss"} <= set(history[0])
   assert np.isfinite(history[0]["contrastive_loss"])
   with pytest.raises(ValueError, match="contrasts tasks with different inputs"):
-    steps.make_objectives(model, _config("contrastive.rule=task_contrastive"), parallel.make_mesh(1), stage="joint")
+    steps.make_objectives(model, _config({"contrastive.rule": "task_contrastive"}), parallel.make_mesh(1),
+                          stage="joint")
 
 
 def test_item_labels_agree_on_every_task():

@@ -11,7 +11,7 @@ faces at 218x178 pixels, so use a machine with the memory for it.
 
 Command:
   python -m mtcl_jax.run --config experiments/configs/celeb_a_multiattr.py --workdir /tmp/mtcl_celeba \
-      --set data.data_dir=DIR
+      --config.data.data_dir=DIR
 
 Expected run time and result: not measured (no accelerator and no prepared CelebA on the development
 machine; tests run this config on a small mock of the dataset).

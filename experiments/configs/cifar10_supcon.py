@@ -6,11 +6,11 @@ downloads); on a machine with a network:
 
 Command:
   python -m mtcl_jax.run --config experiments/configs/cifar10_supcon.py --workdir /tmp/mtcl_cifar10 \
-      --set data.data_dir=DIR
+      --config.data.data_dir=DIR
 
 SimCLR instead (self-supervised views, then a head on frozen features, the linear-evaluation protocol):
-  ... --set contrastive.rule=ntxent --set contrastive.temperature=0.5 --set train.schedule=two_stage \
-      --set train.pretrain_steps=18000
+  ... --config.contrastive.rule=ntxent --config.contrastive.temperature=0.5 \
+      --config.train.schedule=two_stage --config.train.pretrain_steps=18000
 
 Expected run time and result: not measured (no accelerator and no prepared CIFAR-10 on the development
 machine; tests run this config on a small mock of the dataset). The model is a small ResNet-style encoder, so

@@ -1,11 +1,14 @@
 """flax.linen models: modality stems, the shared trunk, the projection head and per-task heads."""
 
-from mtcl_jax.modalities import NAMES as MODALITIES
-from mtcl_jax.models.multitask import MLP as MLP
-from mtcl_jax.models.multitask import MultiTaskModel as MultiTaskModel
-from mtcl_jax.models.multitask import TaskInfo as TaskInfo
-from mtcl_jax.models.stems import STEMS as STEMS
-from mtcl_jax.models.stems import ImageStem as ImageStem
-from mtcl_jax.models.stems import SequenceStem as SequenceStem
-from mtcl_jax.models.stems import StemFamily as StemFamily
-from mtcl_jax.models.stems import TabularStem as TabularStem
+from mtcl_jax import _extras
+
+with _extras.requires("train", "mtcl_jax.models"):
+  from mtcl_jax.modalities import NAMES as MODALITIES
+  from mtcl_jax.models.multitask import MLP as MLP
+  from mtcl_jax.models.multitask import MultiTaskModel as MultiTaskModel
+  from mtcl_jax.models.multitask import TaskInfo as TaskInfo
+  from mtcl_jax.models.stems import STEMS as STEMS
+  from mtcl_jax.models.stems import ImageStem as ImageStem
+  from mtcl_jax.models.stems import SequenceStem as SequenceStem
+  from mtcl_jax.models.stems import StemFamily as StemFamily
+  from mtcl_jax.models.stems import TabularStem as TabularStem

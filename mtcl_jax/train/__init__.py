@@ -19,29 +19,30 @@ Where each concept lives:
 ==============  ==============================================================================================
 """
 
-from mtcl_jax.train.checkpoint import CheckpointSaveError
-from mtcl_jax.train.checkpoint import Checkpointer
-from mtcl_jax.train.config import apply_overrides
-from mtcl_jax.train.config import base_config
-from mtcl_jax.train.config import load_config
-from mtcl_jax.train.config import validate_config
-from mtcl_jax.train.evaluation import extract_features
-from mtcl_jax.train.evaluation import predict_input
-from mtcl_jax.train.evaluation import predict_split
-from mtcl_jax.train.loop import NonFiniteLossError
-from mtcl_jax.train.loop import train_and_evaluate
-from mtcl_jax.train.model import build_model
-from mtcl_jax.train.optim import build_optimizer
-from mtcl_jax.train.optim import make_optimizer
-from mtcl_jax.train.state import TrainState
-from mtcl_jax.train.state import create_train_state
-from mtcl_jax.train.steps import make_eval_step
-from mtcl_jax.train.steps import make_train_step
+from mtcl_jax import _extras
+
+with _extras.requires("train", "mtcl_jax.train"):
+  from mtcl_jax.train.checkpoint import CheckpointSaveError
+  from mtcl_jax.train.checkpoint import Checkpointer
+  from mtcl_jax.train.config import base_config
+  from mtcl_jax.train.config import load_config
+  from mtcl_jax.train.config import validate_config
+  from mtcl_jax.train.evaluation import extract_features
+  from mtcl_jax.train.evaluation import predict_input
+  from mtcl_jax.train.evaluation import predict_split
+  from mtcl_jax.train.loop import NonFiniteLossError
+  from mtcl_jax.train.loop import train_and_evaluate
+  from mtcl_jax.train.model import build_model
+  from mtcl_jax.train.optim import build_optimizer
+  from mtcl_jax.train.optim import make_optimizer
+  from mtcl_jax.train.state import TrainState
+  from mtcl_jax.train.state import create_train_state
+  from mtcl_jax.train.steps import make_eval_step
+  from mtcl_jax.train.steps import make_train_step
 
 __all__ = [
     "CheckpointSaveError",
     "Checkpointer",
-    "apply_overrides",
     "base_config",
     "load_config",
     "validate_config",

@@ -71,35 +71,51 @@ def _reason(error: BaseException) -> str:
   return f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__
 
 
-class _DropOrbaxErrors(logging.Filter):
-  """Drops orbax's error logs: each failure they describe is reported once, by the Checkpointer's exception.
+def _not_an_orbax_error(record: logging.LogRecord) -> bool:
+  return record.levelno < logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname
 
-  orbax logs a failed save from each of its background threads, with a traceback, before the exception that
-  the Checkpointer turns into one message reaches the caller.
+
+class _QuietOrbaxFailures(contextlib.ContextDecorator):
+  """While a Checkpointer's orbax call runs (in any thread), each failure is reported once, by its exception.
+
+  Two things would report it again, hundreds of times, on stderr: orbax logs a failed save from each of its
+  background threads, with a traceback, before the exception reaches the caller; and orbax runs each save and
+  restore in an asyncio loop that it closes when one write or read fails, so tensorstore's later completions, in
+  its own threads, find the loop closed and raise ``RuntimeError: Event loop is closed`` as unraisable exceptions.
+  Both arrive while the Checkpointer waits for the operation (save, the watcher's wait, restore, close). So on entry
+  of the first caller this drops orbax's error logs (a filter on the ``absl`` logger) and those unraisable
+  exceptions (``sys.unraisablehook``), and on exit of the last it puts both back: nothing outside the Checkpointer's
+  own calls changes. A counter under a lock makes the main thread and the watcher thread nest safely.
   """
 
-  def filter(self, record: logging.LogRecord) -> bool:
-    return record.levelno < logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname
+  def __init__(self):
+    self._lock = threading.Lock()
+    self._depth = 0
+    self._previous_hook: Any = None
 
-
-def _ignore_callbacks_into_closed_loops() -> None:
-  """Silences the ``RuntimeError: Event loop is closed`` that follow a failed save or restore.
-
-  orbax runs each save and restore in an asyncio loop that it closes when one write or read fails; tensorstore
-  completes the others later, in its own threads, and reports each completion that finds the loop closed as an
-  unraisable exception: hundreds of tracebacks after one full disk. The hook is installed before the first
-  operation and stays for the process's life, because those completions arrive at any time until it ends.
-  """
-  previous = sys.unraisablehook
-  if getattr(previous, "ignores_closed_loops", False):
-    return
-
-  def hook(unraisable: Any) -> None:
+  def _hook(self, unraisable: Any) -> None:
     if not (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"):
-      previous(unraisable)
+      self._previous_hook(unraisable)
 
-  hook.ignores_closed_loops = True
-  sys.unraisablehook = hook
+  def __enter__(self) -> None:
+    with self._lock:
+      if self._depth == 0:
+        self._previous_hook = sys.unraisablehook
+        sys.unraisablehook = self._hook
+        logging.getLogger("absl").addFilter(_not_an_orbax_error)
+      self._depth += 1
+
+  def __exit__(self, *exc_info: object) -> None:
+    with self._lock:
+      self._depth -= 1
+      if self._depth == 0:
+        if sys.unraisablehook == self._hook:  # another hook installed meanwhile stays
+          sys.unraisablehook = self._previous_hook
+        logging.getLogger("absl").removeFilter(_not_an_orbax_error)
+
+
+# Entered (or applied as a decorator) around every Checkpointer method that calls orbax to save, wait or restore.
+_quiet_orbax_failures = _QuietOrbaxFailures()
 
 
 def _collect_failed_operation() -> None:
@@ -142,9 +158,6 @@ class Checkpointer:
   def __init__(self, workdir: str | os.PathLike, *, keep: int, async_save: bool = True):
     self.directory = pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
     self.damaged_directory = self.directory.parent / DAMAGED_DIR
-    self._log_filter = _DropOrbaxErrors()
-    logging.getLogger("absl").addFilter(self._log_filter)
-    _ignore_callbacks_into_closed_loops()
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
     self._last_good_step = self._manager.latest_step()
@@ -167,6 +180,7 @@ class Checkpointer:
 
   # ------------------------------------------------------------------------------------------------- saving
 
+  @_quiet_orbax_failures
   def save(self, step: int, state: TrainState, data_state: dict[str, Any]) -> None:
     """Starts saving ``state`` and the data-iterator state as checkpoint ``step``.
 
@@ -189,6 +203,7 @@ class Checkpointer:
     self._watcher = threading.Thread(target=self._watch, name="mtcl-checkpoint-watcher", daemon=True)
     self._watcher.start()
 
+  @_quiet_orbax_failures
   def _watch(self) -> None:
     try:
       self._manager.wait_until_finished()
@@ -200,6 +215,7 @@ class Checkpointer:
     if self._watcher is not None and not self._watcher.is_alive():
       self.wait()
 
+  @_quiet_orbax_failures
   def wait(self) -> None:
     """Blocks until the started save is on disk.
 
@@ -228,6 +244,7 @@ class Checkpointer:
         f"saving checkpoint step {step} in {self.directory} failed: {_reason(error)}. Training stopped; {outcome}",
         step=step, last_good_step=last_good) from error
 
+  @_quiet_orbax_failures
   def close(self) -> None:
     """Waits for the started save and releases the manager's resources.
 
@@ -236,11 +253,9 @@ class Checkpointer:
     """
     self.wait()
     self._close_quietly()
-    logging.getLogger("absl").removeFilter(self._log_filter)
 
   def _close_quietly(self) -> None:
-    # After a failure orbax's close re-raises it (already reported); the checkpoints on disk are not touched. The
-    # log filter stays: the failed save's other threads log their own failures until they end.
+    # After a failure orbax's close re-raises it (already reported); the checkpoints on disk are not touched.
     with contextlib.suppress(Exception):
       self._manager.close()
 
@@ -255,6 +270,7 @@ class Checkpointer:
     state = restored["state"].replace(key=jax.random.wrap_key_data(restored["state"].key, impl=key_impl))
     return state, dict(restored["data"])
 
+  @_quiet_orbax_failures
   def restore(self, like: TrainState, step: int | None = None) -> tuple[TrainState, dict[str, Any]]:
     """Restores a checkpoint into the structure, shapes and shardings of ``like``.
 

@@ -2,8 +2,8 @@
 
 A config file (``experiments/configs/*.py``) defines ``get_config()``, which starts from :func:`base_config` and
 sets what the experiment changes. ``ml_collections.config_flags`` loads it (``--config=FILE``, or
-:func:`load_config`) and applies overrides (``--config.KEY=VALUE``, or :func:`apply_overrides` for ``--set``),
-each value parsed by its key's type. The base config is locked, so an assignment to a key that does not exist, in
+:func:`load_config`) and applies its overrides (``--config.KEY=VALUE``, or ``load_config(FILE, ["KEY=VALUE"])``),
+each value parsed by its key's type; Python code changes a loaded config by assignment. The base config is locked, so an assignment to a key that does not exist, in
 the file or in an override, fails and names the key. The sections in ``OPEN_SECTIONS`` are open maps: two keyed
 by task name (``classification.task_weights`` and ``data.task_batch_sizes``), checked against the run's task names
 when the run starts, and the balancing method's options (``mtl.options``), checked by ``mtcl_jax.mtl``.
@@ -11,7 +11,6 @@ when the run starts, and the balancing method's options (``mtl.options``), check
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import difflib
 import logging
@@ -20,7 +19,7 @@ import pathlib
 import re
 import sys
 import traceback
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import ml_collections
@@ -196,12 +195,6 @@ def _unknown_key_error(key: str, known: Iterable[str]) -> ValueError:
   return ValueError(f"unknown config key {key!r}{hint}")
 
 
-def _check_override_key(key: str, known: Collection[str]) -> None:
-  """Raises ValueError naming ``key`` (with close matches) unless it is known or new in an open section."""
-  if key not in known and key.rpartition(".")[0] not in OPEN_SECTIONS:
-    raise _unknown_key_error(key, known)
-
-
 def check_known_keys(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first key of ``config`` that the schema (:func:`base_config`) lacks."""
   known = set(flat_keys(base_config()))
@@ -212,9 +205,16 @@ def check_known_keys(config: ml_collections.ConfigDict) -> None:
 
 # ------------------------------------------------------------------------------------- loading and overriding
 # ml_collections.config_flags loads a config file for ``--config=FILE`` and parses each ``--config.KEY=VALUE`` by
-# the key's type, as in the flax examples and big_vision. It does not lock the config again: base_config locks
-# the schema but leaves OPEN_SECTIONS open, and there an override may add a key (``accept_new_attributes``), its
-# value read as a Python literal or else a string.
+# the key's type, as in the flax examples and big_vision: the one override route. It does not lock the config
+# again: base_config locks the schema but leaves OPEN_SECTIONS open, and there an override may add a key
+# (``accept_new_attributes``), its value read as a Python literal or else a string.
+#
+# config_flags' own message is one line for a bad value (``flag --config.train.num_steps=many: invalid literal for
+# int() ...``) and a missing value; parse_flags passes those on. It wraps only the user errors that config_flags
+# (ml_collections 1.1) reports otherwise: a missing or unreadable file (no error until the config is first used,
+# then several lines), an unknown key (a KeyError printing the whole section), a file that fails to load or run
+# (the traceback as the message), a file without get_config() (an AttributeError naming config_flags' module, not
+# the file), and a get_config() that returns something else than a ConfigDict (accepted silently).
 
 CONFIG_FLAG = "config"
 # config_flags imports every config file under this module name, executing a later file inside an earlier one's
@@ -263,28 +263,26 @@ def parse_flags(flag_values: flags.FlagValues, argv: Sequence[str]) -> None:
     argv: the command line, program name first.
 
   Raises:
-    UsageError: no ``--config``, an unknown flag, an argument that is not a flag.
-    ValueError: one line naming what is wrong, where absl and config_flags would raise a traceback or a
-      multi-line message: a config file that is missing or unreadable, that fails to load or run (its syntax, or
-      an exception in ``get_config()``: type, message and line), that defines no ``get_config()``, whose
-      ``get_config()`` returns something else than a ``ConfigDict``, or that sets a key the schema lacks; an
-      override of an unknown key (with close matches) or with a value of the wrong type; a flag's bad value.
+    UsageError: no ``--config``, an unknown flag, a flag without its value, an argument that is not a flag.
+    ValueError: one line naming what is wrong: a config file that is missing or unreadable, that fails to load or
+      run (its syntax, or an exception in ``get_config()``: type, message and line), that defines no
+      ``get_config()``, whose ``get_config()`` returns something else than a ``ConfigDict``, or that sets a key
+      the schema lacks; an override of an unknown key (with close matches) or with a value of the wrong type.
   """
-  # config_flags reports a missing file only where the config is first used, in several lines, and an unknown key
-  # as a bare KeyError: both are checked first. FILE:ARGUMENT calls get_config(ARGUMENT).
   path = _config_file_argument(argv)
   if path is None:
     raise UsageError(f"--{CONFIG_FLAG} FILE is required, e.g. --{CONFIG_FLAG} experiments/configs/smoke.py")
-  file = pathlib.Path(path.split(":", 1)[0])
-  if not file.is_file():
-    raise ValueError(f"config file {path!r} does not exist")
+  file = pathlib.Path(path.split(":", 1)[0])  # FILE:ARGUMENT calls get_config(ARGUMENT)
   try:
     file.read_bytes()
   except OSError as error:
-    raise ValueError(f"config file {path!r} cannot be read: {error.strerror}") from error
+    missing = isinstance(error, (FileNotFoundError, IsADirectoryError))
+    raise ValueError(f"config file {path!r} " + ("does not exist" if missing else f"cannot be read: {error.strerror}")
+                     ) from None
   known = flat_keys(base_config())
   for key in _override_keys(argv):
-    _check_override_key(key, known)
+    if key not in known and key.rpartition(".")[0] not in OPEN_SECTIONS:
+      raise _unknown_key_error(key, known)
   sys.modules.pop(_CONFIG_MODULE, None)
   try:
     with _absl_errors_only():
@@ -335,65 +333,24 @@ def _config_file_error(path: str, file: pathlib.Path, error: BaseException) -> V
   return ValueError(f"config file {path!r}: {type(error).__name__}: {message}{where}")
 
 
-def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
-  """Loads a config file as ``--config=FILE`` does and returns its config.
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """Loads a config file and its overrides as ``--config=FILE --config.KEY=VALUE ...`` does, and returns the config.
 
   Args:
     path: a Python file defining ``get_config() -> ml_collections.ConfigDict`` (``FILE:ARGUMENT`` calls
       ``get_config(ARGUMENT)``).
+    overrides: ``KEY=VALUE`` strings, each parsed as the command line's ``--config.KEY=VALUE`` (by the key's type;
+      a new key of an open section as a Python literal, else a string), e.g. ``["train.num_steps=100"]``.
 
   Raises:
-    ValueError: the file is missing, has no ``get_config``, or sets a key the schema lacks (named).
+    ValueError: the file is missing, has no ``get_config``, or sets a key the schema lacks (named); an override
+      of an unknown key or with a value of the wrong type (see :func:`parse_flags`).
   """
-  argv = ["load_config", f"--{CONFIG_FLAG}={path}"]
+  argv = ["load_config", f"--{CONFIG_FLAG}={path}", *(f"--{CONFIG_FLAG}.{override}" for override in overrides)]
   flag_values = flags.FlagValues()
   config = define_config_flag(flag_values, argv)
   parse_flags(flag_values, argv)
   return config.value
-
-
-def _unquoted(text: str) -> str:
-  """A quoted Python string without its quotes, as a shell passes ``--config.optimizer.name='sgd'``."""
-  try:
-    value = ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    return text
-  return value if isinstance(value, str) else text
-
-
-def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
-  """Applies ``KEY=VALUE`` overrides in place, each parsed as config_flags parses ``--config.KEY=VALUE``.
-
-  A value is read by its key's type (``model.trunk_widths=(64,)``; ``eval.probes=knn`` is ``("knn",)``), a new key
-  of an open section (``mtl.options.c=0.4``) as a Python literal or else a string; a quoted string is that
-  string (``optimizer.name='sgd'``).
-
-  Args:
-    config: the config to change.
-    overrides: e.g. ``["train.num_steps=100", "contrastive.rule=ntxent", "model.trunk_widths=(64,)"]``.
-
-  Returns:
-    ``config``.
-
-  Raises:
-    ValueError: a malformed override, an unknown key (named, with close matches), or a value of the wrong type.
-  """
-  known = flat_keys(config)
-  for override in overrides:
-    key, separator, text = override.partition("=")
-    key = key.strip()
-    if not separator or not key:
-      raise ValueError(f"override {override!r} is not of the form key=value")
-    _check_override_key(key, known)
-    argv = ["apply_overrides", f"--{CONFIG_FLAG}.{key}={_unquoted(text)}"]
-    flag_values = flags.FlagValues()
-    config_flags.DEFINE_config_dict(CONFIG_FLAG, config, flag_values=flag_values, lock_config=False,
-                                    accept_new_attributes=True, sys_argv=argv)
-    try:
-      flag_values(argv)
-    except flags.Error as error:
-      raise ValueError(f"config key {key!r}: cannot set {text!r}: {error.__context__ or error}") from None
-  return config
 
 
 def _check_tuple_items(config: ml_collections.ConfigDict) -> None:

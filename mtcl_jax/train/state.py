@@ -43,12 +43,6 @@ class TrainState:
     """The PRNG key of the current step."""
     return jax.random.fold_in(self.key, self.step)
 
-  def temperature(self, fixed: float) -> jax.Array:
-    """The contrastive temperature: ``exp(log_temperature)`` when learned, else ``fixed``."""
-    if self.log_temperature is None:
-      return jnp.asarray(fixed, jnp.float32)
-    return jnp.exp(self.log_temperature)
-
   def apply_gradients(self, grads: tuple[Any, jax.Array | None], optimizer: optax.GradientTransformation) -> TrainState:
     """One optimizer update of :attr:`trainable` with ``grads`` (same structure); returns the new state."""
     updates, opt_state = optimizer.update(grads, self.opt_state, self.trainable)
