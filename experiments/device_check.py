@@ -45,9 +45,9 @@ from typing import Any
 REPO = pathlib.Path(__file__).resolve().parent.parent
 # What a lent accelerator machine lacks (its JAX, flax, optax, orbax, chex and scikit-learn are there).
 MISSING_PACKAGES = ("tensorflow-datasets", "array-record", "ml-collections", "mnist1d", "aeon", "pytest",
-                    "pytest-xdist", "hypothesis", "jaxtyping", "tqdm", "matplotlib")
+                    "pytest-xdist", "hypothesis", "tqdm", "matplotlib", "tensorboardX")
 MISSING_MODULES = ("tensorflow_datasets", "array_record", "ml_collections", "mnist1d", "aeon", "pytest", "xdist",
-                   "hypothesis", "jaxtyping", "tqdm", "matplotlib")
+                   "hypothesis", "tqdm", "matplotlib", "tensorboardX")
 SDIST_ONLY = ("promise==2.3",)
 OFFLINE_TASKS = "digits+japanese_vowels+mnist1d"
 
