@@ -5,6 +5,7 @@ grid, the papers' closed forms. Everything under test runs under jax.jit, in flo
 """
 
 import doctest
+import functools
 import itertools
 
 import jax
@@ -31,12 +32,23 @@ def _gram64(grads: np.ndarray) -> np.ndarray:
   return grads @ grads.T
 
 
+@functools.cache
+def _make(name: str, **options):
+  """``mtl.make``, once per name and options: the same method is the same jitted function, compiled once a shape."""
+  return mtl.make(name, **options)
+
+
+@functools.cache
+def _jitted(method: mtl.Method):
+  return jax.jit(method.update)
+
+
 def _run(method, grads, losses=None, state=None):
   """One jitted update: ``(direction, state, metrics)`` as NumPy (float64) arrays/pytrees."""
   grads = jnp.asarray(grads, jnp.float32)
   losses = jnp.ones((grads.shape[0],), jnp.float32) if losses is None else jnp.asarray(losses, jnp.float32)
   state = method.init(grads.shape[0]) if state is None else state
-  direction, state, metrics = jax.jit(method.update)(grads, losses, state, key=KEY)
+  direction, state, metrics = _jitted(method)(grads, losses, state, key=KEY)
   metrics = {name: np.asarray(value, np.float64) for name, value in metrics.items()}
   return np.asarray(direction, np.float64), state, metrics
 
@@ -109,7 +121,7 @@ def _random_qp(seed: int, num: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.mark.parametrize("simplex", [False, True], ids=["nonnegative", "simplex"])
-@pytest.mark.parametrize("num", [2, 3, 5])
+@pytest.mark.parametrize("num", [2, 3, pytest.param(5, marks=pytest.mark.slow)])
 def test_active_set_qp_matches_enumeration(num, simplex):
   solve = jax.jit(lambda q, p: _solvers.active_set_qp(q, p, simplex=simplex)[0])
   reference = _np_simplex_qp if simplex else _np_nonnegative_qp
@@ -166,11 +178,12 @@ def test_min_norm_three_tasks_against_a_simplex_grid(seed):
   np.testing.assert_allclose(w, _np_simplex_qp(gram, np.zeros(3)), atol=1e-4)
 
 
-@pytest.mark.parametrize("num, seed", [(3, 0), (4, 1), (5, 2), (4, 3)])
+@pytest.mark.parametrize("num, seed", [(3, 0), (4, 1), pytest.param(5, 2, marks=pytest.mark.slow),
+                                       pytest.param(4, 3, marks=pytest.mark.slow)])
 def test_mgda_direction_is_a_common_descent_direction(num, seed):
   grads = _grads(seed, num, 9, scales=np.linspace(0.5, 3.0, num))
   grads[0] = -0.8 * grads[1] + 0.3 * grads[0]  # a conflict
-  direction, _, metrics = _run(mtl.make("mgda"), grads)
+  direction, _, metrics = _run(_make("mgda"), grads)
   np.testing.assert_allclose(direction, metrics["weights"] @ grads.astype(np.float64), atol=1e-5)
   squared = direction @ direction
   assert squared > 1e-3
@@ -188,7 +201,7 @@ def test_mgda_normalizations_follow_libmtl():
     g1, g2 = scaled
     gamma = np.clip((g2 - g1) @ g2 / ((g1 - g2) @ (g1 - g2)), 0.0, 1.0)
     expected = gamma * g1 + (1.0 - gamma) * g2  # the min-norm point of the normalised gradients
-    direction, _, metrics = _run(mtl.make("mgda", normalization=normalization), grads, losses)
+    direction, _, metrics = _run(_make("mgda", normalization=normalization), grads, losses)
     np.testing.assert_allclose(direction, expected, rtol=1e-5, atol=1e-6, err_msg=normalization)
     np.testing.assert_allclose(metrics["weights"], [gamma, 1.0 - gamma] / normalizers, rtol=1e-5)
 
@@ -199,12 +212,14 @@ def test_mgda_normalizations_follow_libmtl():
 def test_cagrad_with_c_zero_is_the_mean_gradient():
   grads = _grads(0, 3)
   grads[1] = -grads[0] + 0.1 * grads[1]
-  direction, _, metrics = _run(mtl.make("cagrad", c=0.0), grads)
+  direction, _, metrics = _run(_make("cagrad", c=0.0), grads)
   np.testing.assert_allclose(direction, grads.astype(np.float64).mean(axis=0), atol=1e-6)
   np.testing.assert_allclose(metrics["weights"], np.full(3, 1 / 3), atol=1e-7)
 
 
-@pytest.mark.parametrize("num, c, seed", [(2, 0.4, 0), (2, 0.9, 1), (3, 0.4, 2), (3, 0.1, 3), (3, 1.5, 4)])
+@pytest.mark.parametrize("num, c, seed", [(2, 0.4, 0), (3, 0.4, 2), pytest.param(2, 0.9, 1, marks=pytest.mark.slow),
+                                         pytest.param(3, 0.1, 3, marks=pytest.mark.slow),
+                                         pytest.param(3, 1.5, 4, marks=pytest.mark.slow)])
 def test_cagrad_dual_is_no_worse_than_a_simplex_grid(num, c, seed):
   grads = _grads(seed, num, 5, scales=np.linspace(1.0, 2.5, num))
   grads[0] = -0.7 * grads[1] + 0.4 * grads[0]
@@ -216,14 +231,15 @@ def test_cagrad_dual_is_no_worse_than_a_simplex_grid(num, c, seed):
   assert _cagrad_dual(gram, c, w[None])[0] <= _cagrad_dual(gram, c, grid).min() + 1e-5 * np.trace(gram) / num
 
 
-@pytest.mark.parametrize("num, c, seed", [(2, 0.4, 0), (3, 0.4, 1), (4, 0.9, 2), (4, 0.2, 3)])
+@pytest.mark.parametrize("num, c, seed", [(2, 0.4, 0), (3, 0.4, 1), pytest.param(4, 0.9, 2, marks=pytest.mark.slow),
+                                         pytest.param(4, 0.2, 3, marks=pytest.mark.slow)])
 def test_cagrad_direction_solves_the_primal(num, c, seed):
   """d = g₀ + λ wᵀG is in the ball ‖d − g₀‖ ≤ c‖g₀‖ and its worst improvement min_i g_i·d equals the dual's minimum,
   which (weak duality) no point of the ball can beat."""
   grads = _grads(seed, num, 8, scales=np.linspace(1.0, 2.0, num))
   grads[0] = -0.6 * grads[1] + 0.5 * grads[0]
   grads64 = grads.astype(np.float64)
-  direction, _, metrics = _run(mtl.make("cagrad", c=c, rescale=0), grads)
+  direction, _, metrics = _run(_make("cagrad", c=c, rescale=0), grads)
   np.testing.assert_allclose(direction, metrics["weights"] @ grads64, atol=1e-5)
   mean = grads64.mean(axis=0)
   radius = c * np.linalg.norm(mean)
@@ -237,16 +253,17 @@ def test_cagrad_direction_solves_the_primal(num, c, seed):
 def test_cagrad_rescale_divides_as_the_official_code():
   grads = _grads(3, 3)
   c = 0.5
-  plain, _, _ = _run(mtl.make("cagrad", c=c, rescale=0), grads)
+  plain, _, _ = _run(_make("cagrad", c=c, rescale=0), grads)
   for rescale, divisor in [(1, 1 + c**2), (2, 1 + c)]:
-    direction, _, _ = _run(mtl.make("cagrad", c=c, rescale=rescale), grads)
+    direction, _, _ = _run(_make("cagrad", c=c, rescale=rescale), grads)
     np.testing.assert_allclose(direction, plain / divisor, rtol=1e-5, atol=1e-7)
 
 
 # ------------------------------------------------------------------------------------------- Nash-MTL
 
 
-@pytest.mark.parametrize("num, seed", [(2, 0), (3, 1), (4, 2), (5, 3)])
+@pytest.mark.parametrize("num, seed", [(2, 0), (3, 1), pytest.param(4, 2, marks=pytest.mark.slow),
+                                       pytest.param(5, 3, marks=pytest.mark.slow)])
 def test_nash_weights_solve_the_bargaining_equation(num, seed):
   grads = _grads(seed, num, 9, scales=np.geomspace(0.01, 10.0, num))
   grads[0] = grads[0] - 0.5 * grads[-1] / 10.0 * 0.01  # a little correlation
@@ -261,24 +278,24 @@ def test_nash_weights_solve_the_bargaining_equation(num, seed):
 
 def test_nash_orthogonal_gradients_get_inverse_norms():
   grads = np.diag([4.0, 0.5, 2.0]).astype(np.float32)
-  direction, _, metrics = _run(mtl.make("nash_mtl", max_norm=0.0), grads)
+  direction, _, metrics = _run(_make("nash_mtl", max_norm=0.0), grads)
   np.testing.assert_allclose(metrics["weights"], [0.25, 2.0, 0.5], rtol=1e-5)
   np.testing.assert_allclose(direction, [1.0, 1.0, 1.0], rtol=1e-5)
 
 
 def test_nash_direction_norm_and_clipping():
   grads = _grads(7, 3, 6, scales=[0.1, 1.0, 5.0])
-  free, _, _ = _run(mtl.make("nash_mtl", max_norm=0.0), grads)
+  free, _, _ = _run(_make("nash_mtl", max_norm=0.0), grads)
   np.testing.assert_allclose(np.linalg.norm(free), np.sqrt(3.0), rtol=1e-4)  # ‖αᵀG‖² = Σ α_i (GGᵀα)_i = T
-  clipped, _, metrics = _run(mtl.make("nash_mtl", max_norm=0.5), grads)
+  clipped, _, metrics = _run(_make("nash_mtl", max_norm=0.5), grads)
   np.testing.assert_allclose(clipped, free * 0.5 / np.sqrt(3.0), rtol=1e-4)
   np.testing.assert_allclose(clipped, metrics["weights"] @ grads.astype(np.float64), atol=1e-6)
-  unclipped, _, _ = _run(mtl.make("nash_mtl", max_norm=10.0), grads)
+  unclipped, _, _ = _run(_make("nash_mtl", max_norm=10.0), grads)
   np.testing.assert_allclose(unclipped, free, rtol=1e-6)
 
 
 def test_nash_reuses_its_weights_between_updates():
-  method = mtl.make("nash_mtl", update_weights_every=3, max_norm=0.5)
+  method = _make("nash_mtl", update_weights_every=3, max_norm=0.5)
   first, second = _grads(0, 3), 3.0 * _grads(1, 3)
   solve = jax.jit(_solvers.nash_weights)
   solved = [np.asarray(solve(jnp.asarray(_gram64(grads), jnp.float32))[0], np.float64) for grads in (first, second)]
@@ -301,10 +318,10 @@ def test_nash_reuses_its_weights_between_updates():
 
 def test_nash_weights_scale_inversely_with_a_gradient():
   grads = _grads(4, 3)
-  _, _, base = _run(mtl.make("nash_mtl", max_norm=0.0), grads)
+  _, _, base = _run(_make("nash_mtl", max_norm=0.0), grads)
   scaled = grads.copy()
   scaled[1] *= 100.0
-  _, _, metrics = _run(mtl.make("nash_mtl", max_norm=0.0), scaled)
+  _, _, metrics = _run(_make("nash_mtl", max_norm=0.0), scaled)
   np.testing.assert_allclose(metrics["weights"], base["weights"] * [1.0, 0.01, 1.0], rtol=1e-4)
 
 
@@ -313,7 +330,7 @@ def test_nash_weights_scale_inversely_with_a_gradient():
 
 def test_aligned_orthogonal_equal_norm_gradients_are_summed():
   grads = (2.0 * np.eye(3, 5)).astype(np.float32)
-  direction, _, metrics = _run(mtl.make("aligned_mtl"), grads)
+  direction, _, metrics = _run(_make("aligned_mtl"), grads)
   np.testing.assert_allclose(direction, grads.sum(axis=0), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(metrics["weights"], np.ones(3), rtol=1e-5)
 
@@ -329,14 +346,14 @@ def test_aligned_gradients_have_equal_singular_values(scale_mode):
   scale = {"min": eigenvalues[0], "median": eigenvalues[1], "rmse": eigenvalues.mean()}[scale_mode]
   # Equal singular values, sqrt(λ_s) times the scale of the gradients (√ of the mean squared norm).
   np.testing.assert_allclose(singular, np.sqrt(scale * np.mean(np.diag(_gram64(grads)))), rtol=2e-3)
-  direction, _, metrics = _run(mtl.make("aligned_mtl", scale_mode=scale_mode), grads)
+  direction, _, metrics = _run(_make("aligned_mtl", scale_mode=scale_mode), grads)
   np.testing.assert_allclose(metrics["weights"], balance.sum(axis=1), rtol=1e-5, atol=1e-6)
 
 
 def test_aligned_drops_null_directions():
   grads = _grads(3, 2, 6)
   grads = np.concatenate([grads, grads[:1] + grads[1:]])  # rank 2 of 3
-  direction, _, metrics = _run(mtl.make("aligned_mtl"), grads)
+  direction, _, metrics = _run(_make("aligned_mtl"), grads)
   assert np.all(np.isfinite(metrics["weights"])) and np.all(np.isfinite(direction))
   balance = np.asarray(_solver_based._balance(jnp.asarray(_gram64(grads), jnp.float32), "min"), np.float64)
   singular = np.linalg.svd(balance @ grads.astype(np.float64), compute_uv=False)
@@ -354,7 +371,7 @@ def _np_upgrad_weights(grads: np.ndarray, preferences: np.ndarray, reg_eps: floa
   return sum(u + _np_nonnegative_qp(gram, gram @ u) for u in np.diag(preferences))
 
 
-@pytest.mark.parametrize("num, seed", [(2, 0), (3, 1), (4, 2)])
+@pytest.mark.parametrize("num, seed", [(2, 0), (3, 1), pytest.param(4, 2, marks=pytest.mark.slow)])
 def test_upgrad_projections_match_a_brute_force_qp(num, seed):
   grads = _grads(seed, num, 6, scales=np.linspace(1.0, 2.0, num))
   grads[0] = -0.9 * grads[1] + 0.3 * grads[0]
@@ -364,17 +381,18 @@ def test_upgrad_projections_match_a_brute_force_qp(num, seed):
                                                      jnp.asarray(np.diag(preferences), jnp.float32))
   for row, u in zip(np.asarray(projected, np.float64), np.diag(preferences)):
     np.testing.assert_allclose(row, u + _np_nonnegative_qp(gram, gram @ u), atol=1e-5)
-  _, _, metrics = _run(mtl.make("upgrad", pref_vector=tuple(preferences)), grads)
+  _, _, metrics = _run(_make("upgrad", pref_vector=tuple(preferences)), grads)
   np.testing.assert_allclose(metrics["weights"], _np_upgrad_weights(grads, preferences), atol=1e-5)
 
 
-@pytest.mark.parametrize("num, seed", [(2, 0), (3, 1), (4, 2), (5, 3)])
+@pytest.mark.parametrize("num, seed", [(2, 0), (3, 1), pytest.param(4, 2, marks=pytest.mark.slow),
+                                       pytest.param(5, 3, marks=pytest.mark.slow)])
 def test_upgrad_direction_conflicts_with_no_gradient(num, seed):
   grads = _grads(seed, num, 8, scales=np.linspace(0.5, 4.0, num))
   grads[0] = -grads[1] + 0.2 * grads[0]
   grads64 = grads.astype(np.float64)
   assert np.min(grads64 @ grads64.mean(axis=0)) < 0.0  # the mean does conflict
-  direction, _, metrics = _run(mtl.make("upgrad"), grads)
+  direction, _, metrics = _run(_make("upgrad"), grads)
   np.testing.assert_allclose(direction, metrics["weights"] @ grads64, atol=1e-5)
   # d·g_i ≥ 0, up to the ridge reg_eps = 1e-4 of the trace-normalised Gram matrix.
   assert np.all(grads64 @ direction >= -2e-4 * np.trace(_gram64(grads)) * np.linalg.norm(metrics["weights"]))
@@ -382,7 +400,7 @@ def test_upgrad_direction_conflicts_with_no_gradient(num, seed):
 
 def test_upgrad_is_the_mean_without_conflict():
   grads = np.abs(_grads(0, 4, 6)) + 0.1  # positive entries: every inner product is positive
-  direction, _, metrics = _run(mtl.make("upgrad"), grads)
+  direction, _, metrics = _run(_make("upgrad"), grads)
   np.testing.assert_allclose(metrics["weights"], np.full(4, 0.25), rtol=1e-5)
   np.testing.assert_allclose(direction, grads.astype(np.float64).mean(axis=0), rtol=1e-5)
 
@@ -391,9 +409,9 @@ def test_upgrad_below_norm_eps_is_the_preference_combination():
   grads = _grads(6, 3)
   grads[2] = -grads[0] + 0.5 * grads[2]
   tiny = 1e-3 * grads  # trace of the Gram matrix ~6e-5 < norm_eps = 1e-4
-  _, _, metrics = _run(mtl.make("upgrad"), tiny)
+  _, _, metrics = _run(_make("upgrad"), tiny)
   np.testing.assert_allclose(metrics["weights"], np.full(3, 1 / 3), rtol=1e-6)
-  _, _, metrics = _run(mtl.make("upgrad", norm_eps=0.0), tiny)
+  _, _, metrics = _run(_make("upgrad", norm_eps=0.0), tiny)
   assert not np.allclose(metrics["weights"], 1 / 3, rtol=1e-2)
 
 
@@ -401,14 +419,14 @@ def test_upgrad_below_norm_eps_is_the_preference_combination():
 
 
 def _all_methods():
-  return [mtl.make(name) for name in _solver_based.METHODS]
+  return [_make(name) for name in _solver_based.METHODS]
 
 
 def test_registry_names_kinds_and_make():
   assert set(_solver_based.METHODS) == {"mgda", "cagrad", "nash_mtl", "aligned_mtl", "upgrad"}
   assert set(_solver_based.METHODS) <= set(mtl.METHODS)
   for name in _solver_based.METHODS:
-    method = mtl.make(name)
+    method = _make(name)
     assert method.name == name and method.kind == "gradient"
 
 
@@ -417,7 +435,7 @@ def test_update_under_jit_keeps_the_state_and_returns_float32(method):
   grads = jnp.asarray(_grads(1, 3, 11), jnp.float32)
   losses = jnp.asarray([1.0, 2.0, 0.5], jnp.float32)
   state = method.init(3)
-  update = jax.jit(method.update)
+  update = _jitted(method)
   for _ in range(2):
     direction, new_state, metrics = update(grads, losses, state, key=KEY)
     assert jax.tree.structure(new_state) == jax.tree.structure(state)
@@ -438,7 +456,7 @@ _SINGLE = {"mgda": 1.0, "cagrad": 1.4 / 1.16, "nash_mtl": None, "aligned_mtl": 1
 
 @pytest.mark.parametrize("name", sorted(_solver_based.METHODS))
 def test_degenerate_gradients_give_finite_documented_results(name):
-  method = mtl.make(name)
+  method = _make(name)
   zero, _, metrics = _run(method, np.zeros((3, 5), np.float32))
   assert np.all(np.isfinite(metrics["weights"])) and np.all(zero == 0.0)
   g = _grads(0, 1, 5)
@@ -456,8 +474,8 @@ def test_weights_do_not_depend_on_the_gradient_scale(name):
   grads = _grads(6, 3)
   grads[2] = -grads[0] + 0.5 * grads[2]
   # UPGrad's Gram matrix counts as 0 below norm_eps = 1e-4 in trace (torchjd's rule): stay above it.
-  _, _, small = _run(mtl.make(name), (1e-1 if name == "upgrad" else 1e-3) * grads)
-  _, _, large = _run(mtl.make(name), 1e3 * grads)
+  _, _, small = _run(_make(name), (1e-1 if name == "upgrad" else 1e-3) * grads)
+  _, _, large = _run(_make(name), 1e3 * grads)
   np.testing.assert_allclose(small["weights"], large["weights"], rtol=1e-4, atol=1e-6)
 
 
@@ -479,16 +497,16 @@ def test_weights_do_not_depend_on_the_gradient_scale(name):
 ])
 def test_bad_hyper_parameters_raise_naming_the_value(name, options, bad):
   with pytest.raises(ValueError, match=f"{name}: .*got {bad}$"):
-    mtl.make(name, **options)
+    _make(name, **options)
 
 
 def test_shape_mismatches_raise():
-  method = mtl.make("upgrad", pref_vector=(0.5, 0.5))
+  method = _make("upgrad", pref_vector=(0.5, 0.5))
   with pytest.raises(ValueError, match="pref_vector has 2 entries for 3 objectives"):
     method.init(3)
   with pytest.raises(ValueError, match="every Jacobian leaf must be"):
-    mtl.make("mgda").update(jnp.zeros((3, 4), jnp.float32), jnp.zeros((2,), jnp.float32), (), key=KEY)
-  nash = mtl.make("nash_mtl")
+    _make("mgda").update(jnp.zeros((3, 4), jnp.float32), jnp.zeros((2,), jnp.float32), (), key=KEY)
+  nash = _make("nash_mtl")
   with pytest.raises(ValueError, match="state for 2 objectives"):
     nash.update(jnp.zeros((3, 4), jnp.float32), jnp.zeros((3,), jnp.float32), nash.init(2), key=KEY)
 
