@@ -42,6 +42,15 @@ EPS32 = float(np.finfo(np.float32).eps)
 
 # ----------------------------------------------------------------------------------------------- helpers
 
+# One method of each family in the default tier for the costly transformation checks (jit against eager, vmap, the
+# pytree Jacobian: each compiles or runs the method op by op again); the slow tier (CI) checks every method.
+REPRESENTATIVES = ("static", "uw", "famo", "pcgrad", "graddrop", "mgda", "upgrad")
+
+
+def _tiered(names):
+  return [name if name in REPRESENTATIVES else pytest.param(name, marks=pytest.mark.slow) for name in names]
+
+
 
 def _options(options: dict | None) -> tuple:
   return tuple(sorted((options or {}).items()))
@@ -720,7 +729,7 @@ def _as_pytree(grads):
   return {"a": grads[:, :12].reshape(-1, 3, 4), "b": grads[:, 12:]}
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", _tiered(NAMES))
 def test_a_jacobian_pytree_gives_the_direction_of_its_entries(name):
   """{a: [T, 3, 4], b: [T, 5]} against the same entries as [T, 17], two steps: the same direction (reshaped), [T]
   metrics and state. Loss methods ignore the Jacobian. GradDrop draws its uniforms per leaf (fold_in(key, leaf
@@ -750,7 +759,7 @@ def test_a_jacobian_pytree_gives_the_direction_of_its_entries(name):
 # ------------------------------------------------------------------------------------- 5. jit and vmap
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", _tiered(NAMES))
 def test_jit_equals_eager(name):
   """From the state after one step (so that the stateful paths run), eager and jitted updates agree."""
   method, update = _compiled(name)
@@ -771,7 +780,7 @@ def _vmapped(name: str):
   return jax.jit(jax.vmap(lambda g, l, s, k: method.update(g, l, s, key=k)))
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", _tiered(NAMES))
 def test_vmap_equals_one_call_per_item(name):
   """A batch of three (Jacobian, losses, state, key), the states after one step each: vmap equals the loop."""
   method, update = _compiled(name)

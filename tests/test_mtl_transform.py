@@ -86,7 +86,9 @@ def _fixed_weights(weights) -> mtl.Method:
 DETERMINISTIC = ["mgda", "upgrad", "imtl_g", "nash_mtl", "cagrad", "aligned_mtl", "gradnorm", "imtl"]
 
 
-@pytest.mark.parametrize("name", DETERMINISTIC)
+# MGDA and UPGrad in the default tier (the transformation is the same for every method); the slow tier runs all.
+@pytest.mark.parametrize("name", [name if name in ("mgda", "upgrad") else pytest.param(name, marks=pytest.mark.slow)
+                                  for name in DETERMINISTIC])
 def test_equals_the_hand_written_jacobian_loop(name):
   method = mtl.make(name)
   params, x = _params(), _x()
