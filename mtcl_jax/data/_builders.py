@@ -32,7 +32,7 @@ MULTI_DIGITS_RIGHT_OFFSET = 4
 _MULTI_DIGITS_SEED = 0
 
 
-class OfflineBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class OfflineBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):  # type: ignore[call-arg]
   """A builder whose data ships inside a Python package: preparing it needs no download.
 
   Subclasses set ``SOURCE`` (the package the data ships in), ``MODALITY`` (``"image"``, ``"signal"`` or

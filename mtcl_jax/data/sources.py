@@ -18,8 +18,8 @@ import dataclasses
 import functools
 import os
 import pathlib
-import re
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -198,6 +198,7 @@ def _tfds_spec(name: str, builder: tfds.core.DatasetBuilder) -> tuple[DatasetSpe
   """Picks the input and label heads of a TFDS dataset: its supervised keys, else image + every class label."""
   flat = _flatten_features(builder.info.features)
   supervised = builder.info.supervised_keys
+  heads: tuple[LabelHead, ...]
   if supervised and len(supervised) == 2 and all(isinstance(key, str) for key in supervised):
     input_key, label_key = supervised
     head = _label_head(label_key, flat[label_key])
@@ -309,7 +310,7 @@ def dataset_spec(name: str, *, data_dir: str | os.PathLike | None = None) -> Dat
 
 
 def _check_split(spec: DatasetSpec, split: str) -> None:
-  base_split = re.match(r"[^\[+]*", split).group(0)
+  base_split = split.split("[", 1)[0].split("+", 1)[0]
   if base_split not in spec.splits:
     raise ValueError(f"unknown split {split!r} of {spec.name!r}; known splits: {', '.join(spec.splits)}")
 
@@ -325,7 +326,7 @@ def _pad_to_longest(sequences: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray
   return padded, lengths
 
 
-def _lookup(example: Mapping, path: str) -> object:
+def _lookup(example: Mapping, path: str) -> Any:
   for part in path.split("/"):
     example = example[part]
   return example

@@ -128,7 +128,7 @@ def _normalized_splits(
   train = raw[spec.train_split]
   max_length = train.x.shape[1] if modalities.get(spec.modality).frame_mask else None
   masks = {
-      split: None if arrays.lengths is None else _mask_from_lengths(arrays.lengths, max_length)
+      split: None if arrays.lengths is None else _mask_from_lengths(arrays.lengths, max_length or train.x.shape[1])
       for split, arrays in raw.items()
   }
   mean, std = _statistics(train.x, masks[spec.train_split])
@@ -154,9 +154,10 @@ def _normalized_splits(
             f"{dataset}: {split} has items of {x.shape[1]} frames, longer than any train item ({max_length})"
         )
       x = np.pad(x, ((0, 0), (0, max_length - x.shape[1])) + ((0, 0),) * (x.ndim - 2))
-    normalized = {"x": template.normalize(x, masks[split])}
-    if masks[split] is not None:
-      normalized["mask"] = masks[split]
+    mask = masks[split]
+    normalized = {"x": template.normalize(x, mask)}
+    if mask is not None:
+      normalized["mask"] = mask
     for array in normalized.values():
       array.flags.writeable = False
     inputs[split] = normalized

@@ -50,6 +50,7 @@ class _ResidualBlock(nn.Module):
   def __call__(self, x: jax.Array, frame_mask: jax.Array | None = None) -> jax.Array:
     residual = x
     for index in range(2):
+      norm: nn.Module
       if self.per_position_norm:
         norm = nn.LayerNorm(name=f"norm{index}")
       else:

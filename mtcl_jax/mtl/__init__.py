@@ -6,6 +6,7 @@ function of per-objective losses into one that returns the balanced gradient, fo
 """
 
 import inspect
+from collections.abc import Callable
 
 from mtcl_jax.mtl import _loss_based, _projection, _solver_based
 from mtcl_jax.mtl._base import KINDS as KINDS
@@ -19,7 +20,7 @@ from mtcl_jax.mtl._transform import Partition as Partition
 from mtcl_jax.mtl._transform import partition as partition
 from mtcl_jax.mtl._transform import value_and_grad as value_and_grad
 
-METHODS = {**_loss_based.METHODS, **_projection.METHODS, **_solver_based.METHODS}
+METHODS: dict[str, Callable[..., Method]] = {**_loss_based.METHODS, **_projection.METHODS, **_solver_based.METHODS}
 
 
 def make(name: str, **options: object) -> Method:

@@ -100,10 +100,10 @@ def check_number(
   if minimum > -math.inf:
     bounds.insert(0, f"{'>' if exclusive_minimum else '>='} {minimum:g}")
   allowed = " ".join(["a finite number", " and ".join(bounds)]).strip()
-  valid = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
-  if not valid or value > maximum or value < minimum or (exclusive_minimum and value == minimum):
+  number = float(value) if not isinstance(value, bool) and isinstance(value, numbers.Real) else math.nan
+  if not math.isfinite(number) or number > maximum or number < minimum or (exclusive_minimum and number == minimum):
     raise ValueError(f"{method}: {name} must be {allowed}; got {value!r}")
-  return float(value)
+  return number
 
 
 def check_positive_int(method: str, name: str, value: object) -> int:

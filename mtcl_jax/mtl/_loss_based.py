@@ -7,6 +7,7 @@ FAMO's logits, GradNorm's weights, IMTL's loss scales).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -357,4 +358,4 @@ def famo(*, learning_rate: float = 0.025, gamma: float = 1e-3) -> Method:
   return Method("famo", "loss", init, update)
 
 
-METHODS = {"static": static, "ew": ew, "uw": uw, "dwa": dwa, "rlw": rlw, "gls": gls, "famo": famo}
+METHODS: dict[str, Callable[..., Method]] = {"static": static, "ew": ew, "uw": uw, "dwa": dwa, "rlw": rlw, "gls": gls, "famo": famo}

@@ -402,7 +402,7 @@ def imtl(*, learning_rate: float = 1e-3) -> Method:
   return Method("imtl", "gradient", init, update)
 
 
-METHODS = {
+METHODS: dict[str, Callable[..., Method]] = {
     "gradnorm": gradnorm,
     "pcgrad": pcgrad,
     "gradvac": gradvac,

@@ -12,7 +12,7 @@ gradient times a positive factor (the method's); T = 1 gives the gradient times 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
@@ -376,4 +376,4 @@ def upgrad(*, pref_vector: Sequence[float] | None = None, norm_eps: float = 1e-4
   return Method("upgrad", "gradient", init, update)
 
 
-METHODS = {"mgda": mgda, "cagrad": cagrad, "nash_mtl": nash_mtl, "aligned_mtl": aligned_mtl, "upgrad": upgrad}
+METHODS: dict[str, Callable[..., Method]] = {"mgda": mgda, "cagrad": cagrad, "nash_mtl": nash_mtl, "aligned_mtl": aligned_mtl, "upgrad": upgrad}

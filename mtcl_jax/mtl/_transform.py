@@ -233,6 +233,7 @@ def value_and_grad(
 
   def all_features(params: Params, args: tuple[Any, ...]) -> Any:
     if parts is None:
+      assert callable(features_fn)  # a mapping became ``parts``
       return features_fn(params, *args)
     return {name: fn(params, *args) for name, fn in parts.items()}
 
