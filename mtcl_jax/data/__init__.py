@@ -43,7 +43,7 @@ from mtcl_jax.data.tasks import TaskData
 from mtcl_jax.data.tasks import load_tasks
 from mtcl_jax.data.scarcity import hide_labels
 from mtcl_jax.data.scarcity import holdout_validation
-from mtcl_jax.data.scarcity import labelled_rows
+from mtcl_jax.data.scarcity import stratified_rows
 from mtcl_jax.data.tasks import register_task
 
 __all__ = [
@@ -69,5 +69,5 @@ __all__ = [
     "register_task",
     "hide_labels",
     "holdout_validation",
-    "labelled_rows",
+    "stratified_rows",
 ]
