@@ -16,7 +16,7 @@ class), the linear, svm and knn probes fit :data:`FEW_ROWS_DEFAULTS` (scikit-lea
 and say so in ``hparams["chosen_by"]``; the mlp probe, which needs held-out rows for early stopping, raises.
 
 A probe family is one :class:`ProbeFamily` record (name, hyper-parameter, default grid, few-rows default, fit,
-select, scores), one module each: ``_linear`` (linear and svm: ``optax.lbfgs`` vmapped over the C grid),
+select, scores), one module each: ``_linear`` (linear and svm: ``optax.lbfgs`` mapped over the C grid),
 ``_mlp`` and ``_knn``; ``_fitting`` holds the registry and the protocol. Each family fits its whole grid in one
 compiled program per task shape, with the grid as a traced array, so nothing compiles per hyper-parameter. Rows
 are padded (with weight 0) to a row bucket and classes (masked) to a multiple of ``CLASS_BUCKET``, so tasks of
@@ -36,5 +36,6 @@ from mtcl_jax.eval.probes._fitting import fit_probe
 from mtcl_jax.eval.probes._fitting import validation_split
 from mtcl_jax.eval.probes._knn import KNN_TEMPERATURE
 from mtcl_jax.eval.probes._linear import LBFGS_GRADIENT_TOLERANCE
+from mtcl_jax.eval.probes._linear import LINEAR_GRID_BATCH_SIZE
 from mtcl_jax.eval.probes._linear import LINEAR_ROW_BUCKET
 from mtcl_jax.eval.probes._mlp import MLP_MAX_STEPS
