@@ -13,8 +13,8 @@ first calls is what a fresh ``python -m mtcl_jax.run`` spends on that probe.
 
     python experiments/bench_probes.py                                  # every kind; JSON lines, then a table
     python experiments/bench_probes.py --kinds linear --out bench_probes.json
-    git show <commit>:mtcl_jax/eval/probes.py > /tmp/probes_old.py
-    python experiments/bench_probes.py --probes-module /tmp/probes_old.py     # the same on another version
+    git show 7cd5240:mtcl_jax/eval/probes.py > /tmp/probes_old.py      # the last single-file version
+    python experiments/bench_probes.py --probes-module /tmp/probes_old.py     # the same on that version
 
 Compilation is counted where it happens, so compare kinds run in separate processes (``--kinds`` one at a time)
 when their programs could be shared (the linear and svm probes score test rows with one program).
@@ -60,7 +60,7 @@ def make_task(num_train: int, num_test: int, num_classes: int, *, separation: fl
 
 
 def load_probes(path: pathlib.Path | None) -> ModuleType:
-  """``mtcl_jax.eval.probes``, or another version of that file (e.g. from ``git show``)."""
+  """``mtcl_jax.eval.probes``, or an older single-file version of it (e.g. from ``git show``)."""
   if path is None:
     from mtcl_jax.eval import probes
 
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--separation", type=float, default=1.5, help="distance scale of the class means")
   parser.add_argument("--row-scale", type=float, default=1.0, help="multiply every task's row counts (tests)")
   parser.add_argument("--probes-module", type=pathlib.Path, default=None,
-                      help="time this copy of probes.py instead of mtcl_jax.eval.probes")
+                      help="time this single-file probes.py (an older version) instead of mtcl_jax.eval.probes")
   parser.add_argument("--out", type=pathlib.Path, help="write the rows and device facts as JSON here")
   args = parser.parse_args(argv)
   if args.repeats < 0 or args.row_scale <= 0:

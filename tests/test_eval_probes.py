@@ -24,6 +24,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
 from mtcl_jax.eval import probes
+from mtcl_jax.eval.probes import _base, _fitting, _linear
 
 # One xdist worker takes the whole module (pyproject's --dist loadgroup), so every probe is fitted on digits once.
 pytestmark = pytest.mark.xdist_group("test_eval_probes")
@@ -123,23 +124,31 @@ def _float64_minimum(start, *args):
   return result.fun
 
 
+def _flat_params(probe):
+  """``[(F + 1) · C]`` float64: the weights, then the bias row."""
+  params = np.concatenate([np.asarray(probe.params["weights"]), np.asarray(probe.params["bias"])[None]])
+  return params.ravel().astype(np.float64)
+
+
+def _assert_each_fit_reaches_the_float64_optimum(kind, features, labels, grid):
+  num_classes = int(labels.max()) + 1
+  standardised = _standardised(features.astype(np.float64))
+  for inverse_strength in grid:
+    ours = _flat_params(probes.fit_probe(kind, features, labels, num_classes=num_classes, grid=(inverse_strength,)))
+    args = (standardised, labels, num_classes, inverse_strength, kind)
+    value = _objective(ours, *args)[0]
+    # scipy from zero can stop short of our float32 solution: polishing ours gives the better reference.
+    optimum = min(_float64_minimum(np.zeros_like(ours), *args), _float64_minimum(ours, *args))
+    assert value - optimum <= 1e-5 * abs(optimum) + 1e-9, (inverse_strength, value, optimum)
+
+
 @pytest.mark.parametrize("kind", ["linear", "svm"])
 def test_linear_probes_reach_the_float64_optimum(kind):
   # Overlapping classes, so every C has a different optimum; large C is the hard case for the solver.
   rng = np.random.default_rng(3)
   labels = rng.integers(0, 4, size=300)
   features = (rng.normal(size=(300, 12)) + 0.8 * np.eye(4, 12)[labels] * rng.uniform(1, 3, size=(300, 1)))
-  features = features.astype(np.float32)
-  standardised = _standardised(features.astype(np.float64))
-  for inverse_strength in probes.DEFAULT_GRIDS[kind]:
-    probe = probes.fit_probe(kind, features, labels, num_classes=4, grid=(inverse_strength,))
-    ours = np.concatenate([np.asarray(probe.params["weights"]), np.asarray(probe.params["bias"])[None]])
-    ours = ours.ravel().astype(np.float64)
-    args = (standardised, labels, 4, inverse_strength, kind)
-    value = _objective(ours, *args)[0]
-    # scipy from zero can stop short of our float32 solution: polishing ours gives the better reference.
-    optimum = min(_float64_minimum(np.zeros_like(ours), *args), _float64_minimum(ours, *args))
-    assert value - optimum <= 1e-5 * abs(optimum) + 1e-9, (inverse_strength, value, optimum)
+  _assert_each_fit_reaches_the_float64_optimum(kind, features.astype(np.float32), labels, probes.DEFAULT_GRIDS[kind])
 
 
 def test_strongly_regularised_softmax_fits_its_unpenalised_bias():
@@ -149,8 +158,7 @@ def test_strongly_regularised_softmax_fits_its_unpenalised_bias():
   labels = rng.choice(9, size=270, p=np.linspace(1, 3, 9) / np.linspace(1, 3, 9).sum())
   features = np.maximum(rng.normal(size=(270, 32)) + 1.5 * np.eye(9, 32)[labels], 0.0).astype(np.float32)
   probe = probes.fit_probe("linear", features, labels, num_classes=9, grid=(1e-4,))
-  ours = np.concatenate([np.asarray(probe.params["weights"]), np.asarray(probe.params["bias"])[None]])
-  _, grad = _objective(ours.ravel().astype(np.float64), _standardised(features.astype(np.float64)), labels, 9,
+  _, grad = _objective(_flat_params(probe), _standardised(features.astype(np.float64)), labels, 9,
                        1e-4, "linear")
   assert np.max(np.abs(grad)) <= 2 * probes.LBFGS_GRADIENT_TOLERANCE
 
@@ -187,13 +195,68 @@ def test_grid_search_matches_one_fit_per_value(kind):
                              rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("kind", ["linear", "svm"])
+def test_vmapped_grid_equals_each_grid_value_fit_alone(kind):
+  # The lanes of the grid are independent: a lane's fit does not depend on the other grid values, on how long
+  # the slowest lane runs under vmap, or on whether the lanes run side by side or one at a time.
+  rng = np.random.default_rng(8)
+  labels = rng.integers(0, 3, size=200)
+  features = (rng.normal(size=(200, 10)) + 1.2 * np.eye(3, 10)[labels]).astype(np.float32)
+  grid = probes.DEFAULT_GRIDS[kind]
+  task = _base.PaddedTask.of(features, labels, 3, _linear.LINEAR_ROW_BUCKET)
+  no_rows = task.row_weight(np.zeros(task.num_rows, bool))
+  row_loss = probes.FAMILIES[kind].fit.keywords["row_loss"]
+  alone = [probes.fit_probe(kind, features, labels, num_classes=3, grid=(value,)) for value in grid]
+  for grid_batch_size in (1, 4, len(grid)):
+    lanes = _linear._fit_linear_program(task.features, task.labels, task.class_valid, task.row_weight(), no_rows,
+                                        np.asarray(grid, np.float32), row_loss=row_loss,
+                                        grid_batch_size=grid_batch_size).lanes
+    # One lane at a time runs the single fit's very operations; vmapped products round differently, so a lane
+    # may stop at another point within the solver's gradient tolerance (1e-5, i.e. ~1e-4 in the parameters).
+    tolerance = {"rtol": 1e-6, "atol": 1e-7} if grid_batch_size == 1 else {"rtol": 1e-3, "atol": 1e-4}
+    for lane, fit in zip(np.asarray(lanes), alone):
+      np.testing.assert_allclose(lane[:-1, :3], np.asarray(fit.params["weights"]), **tolerance,
+                                 err_msg=f"weights at C={fit.hparams['C']}, {grid_batch_size} lanes at a time")
+      np.testing.assert_allclose(lane[-1, :3], np.asarray(fit.params["bias"]), **tolerance,
+                                 err_msg=f"bias at C={fit.hparams['C']}, {grid_batch_size} lanes at a time")
+
+
+def _hard_task(rng, num_rows):
+  """Columns scaled by 1e-4 .. 1e4, two nearly collinear pairs, and a class of one row (class 3)."""
+  labels = np.concatenate([rng.integers(0, 3, size=num_rows - 1), [3]])
+  latent = rng.normal(size=(num_rows, 8)) + 1.5 * np.eye(4, 8)[labels]
+  collinear = latent[:, :2] + 1e-3 * rng.normal(size=(num_rows, 2))
+  features = np.concatenate([latent, collinear], axis=1) * np.logspace(-4, 4, 10)[None, :]
+  return features.astype(np.float32), labels
+
+
+@pytest.mark.parametrize("kind", ["linear", "svm"])
+def test_linear_probes_on_hard_inputs_reach_the_float64_optimum_and_agree_with_scikit_learn(kind):
+  rng = np.random.default_rng(9)
+  features, labels = _hard_task(rng, 400)
+  test_features, _ = _hard_task(rng, 400)
+  _assert_each_fit_reaches_the_float64_optimum(kind, features, labels, (1e-2, 1.0, 100.0 if kind == "linear" else 10.0))
+  # scikit-learn on the same (float64-standardised) features, at its default C = 1.
+  scaler = StandardScaler().fit(features.astype(np.float64))
+  reference = (LogisticRegression(C=1.0, max_iter=10_000) if kind == "linear"
+               else LinearSVC(C=1.0, intercept_scaling=100.0, max_iter=200_000))
+  reference.fit(scaler.transform(features.astype(np.float64)), labels)
+  probe = probes.fit_probe(kind, features, labels, num_classes=4, grid=(1.0,))
+  agreement = np.mean(np.asarray(probe.predict(test_features))
+                      == reference.predict(scaler.transform(test_features.astype(np.float64))))
+  assert agreement >= 0.98, agreement
+  # With a grid, the one-row class stays in the fit rows and the choice still runs.
+  chosen = probes.fit_probe(kind, features, labels, num_classes=4, grid=(1e-2, 1.0))
+  assert chosen.hparams["C"] in (1e-2, 1.0) and 0.0 < chosen.validation_accuracy <= 100.0
+
+
 def test_padding_rows_and_classes_does_not_change_the_fit(monkeypatch):
   rng = np.random.default_rng(5)
   labels = rng.integers(0, 5, size=150)
   features = (rng.normal(size=(150, 6)) + np.eye(5, 6)[labels]).astype(np.float32)
   padded = probes.fit_probe("linear", features, labels, num_classes=5, grid=(0.1,))
-  monkeypatch.setattr(probes, "LINEAR_ROW_BUCKET", 1)
-  monkeypatch.setattr(probes, "CLASS_BUCKET", 1)
+  monkeypatch.setattr(_linear, "LINEAR_ROW_BUCKET", 1)
+  monkeypatch.setattr(_base, "CLASS_BUCKET", 1)
   unpadded = probes.fit_probe("linear", features, labels, num_classes=5, grid=(0.1,))
   for name in ("weights", "bias"):
     assert padded.params[name].shape == unpadded.params[name].shape
@@ -207,7 +270,7 @@ def test_nothing_compiles_per_hyperparameter_or_per_task_of_a_bucket():
     labels = np.arange(rows) % classes
     return (rng.normal(size=(rows, 16)) + np.eye(classes, 16)[labels]).astype(np.float32), labels
 
-  programs = (probes._fit_linear_program, probes._linear_scores)
+  programs = (_linear._fit_linear_program, _linear._linear_scores)
   probes.evaluate_task(*task(300, 10), *task(120, 10), num_classes=10)
   sizes = [program._cache_size() for program in programs]
   # Other grid values, and tasks with other row counts (within one row bucket) and 9 classes (one class
@@ -323,4 +386,4 @@ def test_fit_probe_rejects_bad_input():
 
 
 def test_docstring_examples():
-  assert doctest.testmod(probes).failed == 0
+  assert doctest.testmod(_fitting).failed == 0

@@ -27,7 +27,7 @@ def test_mini_reproduction_writes_every_table(tmp_path, capsys):
   reproduce = _reproduce_module()
   assert reproduce.main(["--mini", "--tables", "joint", "mnist1d", "--workdir", str(tmp_path)]) == 0
 
-  joint = tables.load_results(tmp_path / "results" / "joint.json")
+  joint = json.loads((tmp_path / "results" / "joint.json").read_text())["rows"]
   delta_rows = [row for row in joint if row["metric"] == "delta_m"]
   assert {row["method"] for row in delta_rows} == {f"{reproduce.JOINT.method} — head",
                                                   f"{reproduce.JOINT.method} — linear probe"}
@@ -46,7 +46,7 @@ def test_mini_reproduction_writes_every_table(tmp_path, capsys):
   assert head_delta["mean"] == pytest.approx(100 * sum(relative) / 3, abs=0.01)
 
   # SimCLR trains no head: only its probe is reported.
-  simclr = [row for row in tables.load_results(tmp_path / "results" / "mnist1d.json") if "SimCLR" in row["method"]]
+  simclr = [row for row in json.loads((tmp_path / "results" / "mnist1d.json").read_text())["rows"] if "SimCLR" in row["method"]]
   assert simclr and all(row["method"].endswith("linear probe") for row in simclr)
   assert "## joint" in capsys.readouterr().out
 
@@ -141,7 +141,7 @@ def test_the_balancing_methods_are_the_best_on_validation_and_every_regime_key_i
 def test_mini_regime_table_trains_selects_and_writes_its_rows(tmp_path):
   reproduce = _reproduce_module()
   assert reproduce.main(["--mini", "--tables", "interference", "--workdir", str(tmp_path)]) == 0
-  rows = tables.load_results(tmp_path / "results" / "interference.json")
+  rows = json.loads((tmp_path / "results" / "interference.json").read_text())["rows"]
   methods = {row["method"] for row in rows}
   assert {"single-task CE", "multi-task CE (static)", "ew + SupCon", "uw + SupCon"} <= methods
   assert {row["dataset"] for row in rows if row["metric"] == "accuracy"} == {

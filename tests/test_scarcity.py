@@ -22,20 +22,20 @@ def tasks():
 
 
 @pytest.mark.parametrize("fraction", [0.01, 0.05, 0.1, 0.5])
-def test_labelled_rows_keep_a_rounded_fraction_of_every_class_and_at_least_one(fraction):
+def test_stratified_rows_keep_a_rounded_fraction_of_every_class_and_at_least_one(fraction):
   labels = np.repeat(np.arange(5), [3, 10, 40, 101, 250])
-  kept = data.labelled_rows(labels, fraction, seed=3)
+  kept = data.stratified_rows(labels, fraction, seed=3)
   assert np.all(np.diff(kept) > 0)
   for label, count in zip(range(5), [3, 10, 40, 101, 250]):
     assert np.sum(labels[kept] == label) == max(1, int(np.floor(fraction * count + 0.5)))
-  np.testing.assert_array_equal(kept, data.labelled_rows(labels, fraction, seed=3))
-  assert not np.array_equal(kept, data.labelled_rows(labels, fraction, seed=4))
+  np.testing.assert_array_equal(kept, data.stratified_rows(labels, fraction, seed=3))
+  assert not np.array_equal(kept, data.stratified_rows(labels, fraction, seed=4))
 
 
 @pytest.mark.parametrize("fraction", [0.0, 1.5, float("nan"), True])
 def test_a_bad_label_fraction_is_one_line(fraction):
   with pytest.raises(ValueError, match="label fraction must be a number in"):
-    data.labelled_rows(np.zeros(4, np.int32), fraction, seed=0)
+    data.stratified_rows(np.zeros(4, np.int32), fraction, seed=0)
 
 
 def test_hide_labels_keeps_labelled_rows_and_the_rest_as_unlabelled_inputs(tasks):

@@ -11,7 +11,7 @@ import pytest
 
 from mtcl_jax import data, parallel
 from mtcl_jax.train import loop, rules, steps
-from mtcl_jax.train.evaluation import extract_features, predict_split
+from mtcl_jax.train.evaluation import predict_input
 from mtcl_jax.train.state import create_train_state
 
 from tiny import TINY_MODEL, config_with
@@ -176,10 +176,10 @@ def test_extract_features_matches_the_model(tasks):
   batcher = data.MultiTaskBatcher(tasks, batch_sizes=16, seed=0)
   state = create_train_state(model, optimizer, batcher.batch(0), seed=0)
   vowels = tasks[1]
-  features = extract_features(state, model, vowels, "test", batch_size=100, mesh=parallel.make_mesh(8))
+  features, _ = predict_input(state, model, vowels, "test", batch_size=100, mesh=parallel.make_mesh(8))
   assert features.shape == (vowels.test["y"].shape[0], 16)
   direct = model.apply(state.params, {"japanese_vowels": {"x": vowels.test["x"][:5], "mask": vowels.test["mask"][:5]}},
                        method=model.encode)["japanese_vowels"]
   np.testing.assert_allclose(features[:5], direct, rtol=1e-5, atol=1e-5)
-  _, logits = predict_split(state.params, model, vowels, "train", batch_size=64, mesh=parallel.make_mesh(1))
-  assert logits.shape == (vowels.train["y"].shape[0], 9)
+  _, logits = predict_input(state.params, model, vowels, "train", batch_size=64, mesh=parallel.make_mesh(1))
+  assert logits["japanese_vowels"].shape == (vowels.train["y"].shape[0], 9)

@@ -46,7 +46,7 @@ with _extras.requires("data", "mtcl_jax.data"):
   from mtcl_jax.data.tasks import load_tasks
   from mtcl_jax.data.scarcity import hide_labels
   from mtcl_jax.data.scarcity import holdout_validation
-  from mtcl_jax.data.scarcity import labelled_rows
+  from mtcl_jax.data.scarcity import stratified_rows
   from mtcl_jax.data.tasks import register_task
 
 __all__ = [
@@ -72,5 +72,5 @@ __all__ = [
     "register_task",
     "hide_labels",
     "holdout_validation",
-    "labelled_rows",
+    "stratified_rows",
 ]

@@ -7,7 +7,7 @@
   features --head[task]----------> logits [B_t, num_classes_t]  (per-task cross-entropy)
 
 Frozen features for probes are the trunk's output, ``features``: ``model.apply(params, batch,
-method=MultiTaskModel.encode)`` returns them alone (see also ``mtcl_jax.train.extract_features``).
+method=MultiTaskModel.encode)`` returns them alone (see also ``mtcl_jax.train.predict_input``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Training: config schema, train state, optimizers, jitted steps, checkpoints and the whole run.
 
 ``train_and_evaluate(config, workdir)`` is the entry point (``python -m mtcl_jax.run`` calls it);
-``extract_features(state_or_params, model, task_data, split)`` gives frozen trunk features for probes.
+``predict_input(state_or_params, model, task_data, split)`` gives frozen trunk features (for probes) and head logits.
 
 Where each concept lives:
 
@@ -27,9 +27,7 @@ with _extras.requires("train", "mtcl_jax.train"):
   from mtcl_jax.train.config import base_config
   from mtcl_jax.train.config import load_config
   from mtcl_jax.train.config import validate_config
-  from mtcl_jax.train.evaluation import extract_features
   from mtcl_jax.train.evaluation import predict_input
-  from mtcl_jax.train.evaluation import predict_split
   from mtcl_jax.train.loop import NonFiniteLossError
   from mtcl_jax.train.loop import train_and_evaluate
   from mtcl_jax.train.model import build_model
@@ -46,9 +44,7 @@ __all__ = [
     "base_config",
     "load_config",
     "validate_config",
-    "extract_features",
     "predict_input",
-    "predict_split",
     "NonFiniteLossError",
     "build_model",
     "train_and_evaluate",
