@@ -12,7 +12,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _SUBMODULES = ("data", "eval", "losses", "modalities", "models", "mtl", "pairs", "parallel", "run", "similarity",
-               "train")
+               "splits", "train")
 
 
 def __getattr__(name: str) -> Any:

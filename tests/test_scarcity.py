@@ -190,3 +190,12 @@ def test_the_validation_split_is_held_out_of_the_training_rows_and_replaces_test
     assert not rows(after.test) & rows(before.test)
   with pytest.raises(ValueError, match="leaves a class with no training row"):
     data.holdout_validation(data.hide_labels(tasks, 0.005, seed=0, keep_unlabelled=False), 0.5, seed=0)
+
+
+def test_splits_docstring_examples():
+  import doctest
+
+  from mtcl_jax import splits
+
+  result = doctest.testmod(splits)
+  assert result.attempted >= 3 and result.failed == 0

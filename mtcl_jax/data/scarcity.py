@@ -1,7 +1,7 @@
 """Label scarcity: keep a stratified fraction of each task's training labels, optionally keeping the other inputs.
 
 The label-scarcity benchmarks (``experiments/reproduce.py --tables scarcity``) train every method on the same
-labelled rows: :func:`stratified_rows` keeps ``round(fraction * n_c)`` rows of each class ``c``, at least one, drawn
+labelled rows: :func:`mtcl_jax.splits.stratified_rows` keeps ``round(fraction * n_c)`` rows of each class ``c``, at least one, drawn
 with a seeded generator, so the subset is a pure function of (labels, fraction, seed) and a smaller fraction's
 rows are *not* required to be inside a larger one's. :func:`hide_labels` applies it to a composition: the kept
 rows stay the task's ``train`` split (what its head, its supervised contrastive terms and the probes see), and
@@ -18,65 +18,16 @@ part of each task's training rows becomes its evaluation split, so the test spli
 from __future__ import annotations
 
 import dataclasses
-import math
 import zlib
 from collections.abc import Sequence
 
 import numpy as np
 
 from mtcl_jax.data.tasks import TaskData
+from mtcl_jax.splits import check_fraction as _check_fraction
+from mtcl_jax.splits import stratified_rows
 
-
-def _check_fraction(fraction: float) -> float:
-  if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
-    raise ValueError(f"label fraction must be a number in (0, 1]; got {fraction!r}")
-  return float(fraction)
-
-
-def stratified_rows(labels: np.ndarray, fraction: float, *, seed: int, at_least_one: bool = True,
-                    leave_one: bool = False) -> np.ndarray:
-  """The sorted row indices of a stratified, seeded ``fraction`` of ``labels``: ``round(fraction * n_c)`` per class.
-
-  The one stratified splitter: the labelled subset (:func:`hide_labels`), the validation split of a run
-  (:func:`holdout_validation`) and of a probe (:func:`mtcl_jax.eval.validation_split`) are all drawn by it.
-
-  Args:
-    labels: ``[n]`` integer classes.
-    fraction: in ``(0, 1]``; 1 keeps every row.
-    seed: a non-negative int; the same (labels, fraction, seed, flags) give the same rows.
-    at_least_one: take at least one row of every class (a class is never left unlabelled).
-    leave_one: leave at least one row of every class out (a class always keeps a row to fit on); it wins over
-      ``at_least_one`` for a class of one row.
-
-  Returns:
-    ``[k]`` int64 indices into ``labels``, ascending.
-
-  Examples:
-    >>> stratified_rows(np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1]), 0.5, seed=0).size
-    5
-    >>> stratified_rows(np.array([0, 0, 1]), 0.01, seed=0).size  # at least one row of each class
-    2
-    >>> stratified_rows(np.array([0, 0, 1]), 0.5, seed=0, at_least_one=False, leave_one=True).size
-    1
-  """
-  fraction = _check_fraction(fraction)
-  labels = np.asarray(labels)
-  if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-    raise ValueError(f"labels must be a 1-D integer array; got {labels.dtype} {labels.shape}")
-  if not isinstance(seed, (int, np.integer)) or seed < 0:
-    raise ValueError(f"seed must be a non-negative int; got {seed!r}")
-  if fraction == 1.0 and not leave_one:
-    return np.arange(labels.size)
-  # Salted with the function's former name, so the subsets of earlier runs are drawn again.
-  rng = np.random.default_rng([int(seed), zlib.crc32(b"labelled_rows")])
-  kept = [np.zeros(0, np.int64)]
-  for label in np.unique(labels):
-    rows = np.flatnonzero(labels == label)
-    count = math.floor(fraction * rows.size + 0.5)
-    count = max(count, 1) if at_least_one else count
-    count = min(count, rows.size - 1) if leave_one else count
-    kept.append(rng.choice(rows, size=count, replace=False))
-  return np.sort(np.concatenate(kept))
+__all__ = ["hide_labels", "holdout_validation", "stratified_rows"]
 
 
 def _split_train_rows(tasks: Sequence[TaskData], fraction: float, *, seed: int,

@@ -6,7 +6,7 @@ Every probe follows one protocol:
    (a constant feature is centred and left unscaled). Callers pass raw encoder outputs; test rows never
    contribute statistics. The kNN probe instead compares raw features by cosine (see ``_knn``).
 2. **Select** the probe's hyper-parameter on a stratified, seeded validation split of the *training* rows
-   (``val_fraction`` of each class, :func:`mtcl_jax.data.stratified_rows`): fit on the rest for each grid
+   (``val_fraction`` of each class, :func:`mtcl_jax.splits.stratified_rows`): fit on the rest for each grid
    value, keep the value with the best validation accuracy. Ties go to the earlier grid value; the default
    grids list the strongest regularisation first. Test labels are never an input of fitting.
 3. **Refit** on all training rows with the chosen value.

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from jax.typing import ArrayLike
 
-from mtcl_jax.data.scarcity import stratified_rows
+from mtcl_jax.splits import stratified_rows
 from mtcl_jax.eval import metrics
 from mtcl_jax.eval.probes import _base, _knn, _linear, _mlp
 
@@ -53,7 +53,7 @@ def validation_split(labels: ArrayLike, *, val_fraction: float, seed: int) -> np
   """Stratified, seeded choice of validation rows among the training rows.
 
   Each class gives ``round(val_fraction × its rows)`` rows to validation, but always keeps at least one
-  row for fitting (:func:`mtcl_jax.data.stratified_rows`).
+  row for fitting (:func:`mtcl_jax.splits.stratified_rows`).
 
   Args:
     labels: ``[N]`` integer class ids of the training rows.
