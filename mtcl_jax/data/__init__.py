@@ -26,28 +26,21 @@ from mtcl_jax import _extras
 
 with _extras.requires("data", "mtcl_jax.data"):
   from mtcl_jax.data import augment
-  from mtcl_jax.data.batching import HIDDEN_LABEL
-  from mtcl_jax.data.batching import MultiTaskBatcher
-  from mtcl_jax.data.batching import batch_sizes_from_weights
-  from mtcl_jax.data.batching import iterate_split
-  from mtcl_jax.data.sources import CorruptDatasetError
-  from mtcl_jax.data.sources import DATA_DIR_ENV
-  from mtcl_jax.data.sources import DatasetNotPreparedError
-  from mtcl_jax.data.sources import MODALITIES
-  from mtcl_jax.data.sources import OFFLINE_DATASETS
-  from mtcl_jax.data.sources import UnknownDatasetError
-  from mtcl_jax.data.sources import dataset_spec
-  from mtcl_jax.data.sources import load_arrays
-  from mtcl_jax.data.sources import load_lengths
-  from mtcl_jax.data.sources import resolve_data_dir
-  from mtcl_jax.data.tasks import COMPOSITIONS
-  from mtcl_jax.data.tasks import Task
-  from mtcl_jax.data.tasks import TaskData
-  from mtcl_jax.data.tasks import load_tasks
-  from mtcl_jax.data.scarcity import hide_labels
-  from mtcl_jax.data.scarcity import holdout_validation
-  from mtcl_jax.data.scarcity import stratified_rows
-  from mtcl_jax.data.tasks import register_task
+  from mtcl_jax.data.batching import HIDDEN_LABEL, MultiTaskBatcher, batch_sizes_from_weights, iterate_split
+  from mtcl_jax.data.scarcity import hide_labels, holdout_validation, stratified_rows
+  from mtcl_jax.data.sources import (
+    DATA_DIR_ENV,
+    MODALITIES,
+    OFFLINE_DATASETS,
+    CorruptDatasetError,
+    DatasetNotPreparedError,
+    UnknownDatasetError,
+    dataset_spec,
+    load_arrays,
+    load_lengths,
+    resolve_data_dir,
+  )
+  from mtcl_jax.data.tasks import COMPOSITIONS, Task, TaskData, load_tasks, register_task
 
 __all__ = [
     "augment",

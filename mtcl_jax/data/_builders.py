@@ -105,7 +105,7 @@ class Digits(OfflineBuilder):
 
   def _examples(self, split: str) -> Iterator[dict]:
     images, labels = _digits_split(split)
-    for image, label in zip(images, labels):
+    for image, label in zip(images, labels, strict=True):
       yield {"image": image[:, :, None], "label": int(label)}
 
 
@@ -156,7 +156,7 @@ class Mnist1d(OfflineBuilder):
 
   def _examples(self, split: str) -> Iterator[dict]:
     signals, labels = self._generated[split]
-    for signal, label in zip(signals.astype(np.float32), labels):
+    for signal, label in zip(signals.astype(np.float32), labels, strict=True):
       yield {"signal": signal[:, None], "label": int(label)}
 
 
@@ -189,7 +189,7 @@ class JapaneseVowels(OfflineBuilder):
 
     # The dataset ships inside aeon; load_classification reads it from there without a download.
     series, labels = load_classification("JapaneseVowels", split=split)
-    for channels_by_frames, label in zip(series, labels):
+    for channels_by_frames, label in zip(series, labels, strict=True):
       frames = np.asarray(channels_by_frames, np.float32).T
       padded = np.zeros((JAPANESE_VOWELS_MAX_FRAMES, JAPANESE_VOWELS_CHANNELS), np.float32)
       padded[: frames.shape[0]] = frames

@@ -1,13 +1,13 @@
 """Label scarcity: keep a stratified fraction of each task's training labels, optionally keeping the other inputs.
 
 The label-scarcity benchmarks (``experiments/reproduce.py --tables scarcity``) train every method on the same
-labelled rows: :func:`mtcl_jax.splits.stratified_rows` keeps ``round(fraction * n_c)`` rows of each class ``c``, at least one, drawn
-with a seeded generator, so the subset is a pure function of (labels, fraction, seed) and a smaller fraction's
-rows are *not* required to be inside a larger one's. :func:`hide_labels` applies it to a composition: the kept
-rows stay the task's ``train`` split (what its head, its supervised contrastive terms and the probes see), and
+labelled rows: :func:`mtcl_jax.splits.stratified_rows` keeps ``round(fraction * n_c)`` rows of each class ``c``, at
+least one, drawn with a seeded generator, so the subset is a pure function of (labels, fraction, seed) and a smaller
+fraction's rows are *not* required to be inside a larger one's. :func:`hide_labels` applies it to a composition: the
+kept rows stay the task's ``train`` split (what its head, its supervised contrastive terms and the probes see), and
 the rest become ``unlabelled`` inputs without labels, which only self-supervised terms may read (the trainer's
-``data.unlabelled="views"``). Tasks reading one input (``multi_digits``) keep the same rows, stratified by the
-first task's classes, so an item is labelled in every task or in none.
+``data.unlabelled="views"``). Tasks reading one input (``multi_digits``) keep the same rows, stratified by the first
+task's classes, so an item is labelled in every task or in none.
 
 Normalisation statistics stay those of all training inputs: they use no label.
 

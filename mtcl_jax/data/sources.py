@@ -248,7 +248,7 @@ class _Location:
     return [self.data_dir, tfds_default]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _open(name: str, location: _Location) -> _Opened:
   if name in _builders.BUILDERS:
     try:
@@ -341,7 +341,7 @@ def _read_records(opened: _Opened, split: str) -> list[Mapping]:
   return records
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _read_split(name: str, split: str, location: _Location) -> SplitArrays:
   opened = _open(name, location)
   _check_split(opened.spec, split)

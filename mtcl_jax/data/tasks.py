@@ -401,7 +401,7 @@ def register_task(
         f"layout={other!r}",
         stacklevel=2,
     )
-  for (key, y), x in zip(labels.items(), arrays.values()):
+  for (key, y), x in zip(labels.items(), arrays.values(), strict=True):
     if y.ndim != 1 or y.shape[0] != x.shape[0]:
       raise ValueError(f"{key} must be of shape [{x.shape[0]}], one label per item; got {y.dtype} {y.shape}")
   labels, class_names = _class_ids(name, labels, class_names)
@@ -410,7 +410,8 @@ def register_task(
     with_masks = [m.name for m in modalities.TABLE if m.frame_mask]
     raise ValueError(f"masks are for {' or '.join(with_masks)} tasks; modality is {modality!r}")
   splits = {}
-  for split, x, y, (mask_key, mask) in zip(("train", "test"), arrays.values(), labels.values(), masks.items()):
+  for split, x, y, (mask_key, mask) in zip(("train", "test"), arrays.values(), labels.values(), masks.items(),
+                                           strict=True):
     lengths = None
     if entry.frame_mask:
       if mask is None:

@@ -6,10 +6,23 @@ README tables and PNG figures; they are imported by name, e.g. ``from mtcl_jax.e
 """
 
 from mtcl_jax.eval import metrics
-from mtcl_jax.eval.probes import DEFAULT_GRIDS
-from mtcl_jax.eval.probes import HPARAM_NAMES
-from mtcl_jax.eval.probes import PROBE_KINDS
-from mtcl_jax.eval.probes import Probe
-from mtcl_jax.eval.probes import evaluate_task
-from mtcl_jax.eval.probes import fit_probe
-from mtcl_jax.eval.probes import validation_split
+from mtcl_jax.eval.probes import (
+    DEFAULT_GRIDS,
+    HPARAM_NAMES,
+    PROBE_KINDS,
+    Probe,
+    evaluate_task,
+    fit_probe,
+    validation_split,
+)
+
+__all__ = [
+    "DEFAULT_GRIDS",
+    "HPARAM_NAMES",
+    "PROBE_KINDS",
+    "Probe",
+    "evaluate_task",
+    "fit_probe",
+    "metrics",
+    "validation_split",
+]

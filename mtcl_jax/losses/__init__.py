@@ -14,18 +14,12 @@ sign, NaN or inf in the embeddings, a non-finite result) is checked in the check
 without it those checks compile to nothing and a traced τ <= 0 gives NaN or a meaningless value silently.
 """
 
-from mtcl_jax.losses._clip import clip
-from mtcl_jax.losses._clip import sigmoid_pairwise
+from mtcl_jax.losses._clip import clip, sigmoid_pairwise
 from mtcl_jax.losses._common import checked
 from mtcl_jax.losses._infonce import binary_infonce
-from mtcl_jax.losses._margin import margin_contrastive
-from mtcl_jax.losses._margin import triplet_margin
-from mtcl_jax.losses._ntxent import ntxent
-from mtcl_jax.losses._ntxent import supcon
-from mtcl_jax.losses._ntxent import task_contrastive
-from mtcl_jax.losses._sharded import all_gather_loss
-from mtcl_jax.losses._sharded import ring_loss
-from mtcl_jax.losses._sharded import sharded_loss
+from mtcl_jax.losses._margin import margin_contrastive, triplet_margin
+from mtcl_jax.losses._ntxent import ntxent, supcon, task_contrastive
+from mtcl_jax.losses._sharded import all_gather_loss, ring_loss, sharded_loss
 
 __all__ = (
     "all_gather_loss",

@@ -3,7 +3,7 @@
 from mtcl_jax import _extras
 
 with _extras.requires("train", "mtcl_jax.models"):
-  from mtcl_jax.modalities import NAMES as MODALITIES
+  from mtcl_jax.modalities import NAMES as MODALITIES  # noqa: F401 (the modality names, re-exported)
   from mtcl_jax.models.multitask import MLP as MLP
   from mtcl_jax.models.multitask import MultiTaskModel as MultiTaskModel
   from mtcl_jax.models.multitask import TaskInfo as TaskInfo

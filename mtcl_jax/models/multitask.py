@@ -142,7 +142,8 @@ class MultiTaskModel(nn.Module):
   def _check_tasks(self, batch: Mapping[str, object]) -> None:
     unknown = sorted(set(batch) - {task.name for task in self.tasks})
     if unknown:
-      raise ValueError(f"batch has tasks {unknown} the model does not know; model tasks: {[t.name for t in self.tasks]}")
+      known = [task.name for task in self.tasks]
+      raise ValueError(f"batch has tasks {unknown} the model does not know; model tasks: {known}")
 
   def encode(self, batch: Mapping[str, Mapping[str, jax.Array]]) -> dict[str, jax.Array]:
     """Shared-trunk features of every task in ``batch``.

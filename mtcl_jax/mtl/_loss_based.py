@@ -358,4 +358,6 @@ def famo(*, learning_rate: float = 0.025, gamma: float = 1e-3) -> Method:
   return Method("famo", "loss", init, update)
 
 
-METHODS: dict[str, Callable[..., Method]] = {"static": static, "ew": ew, "uw": uw, "dwa": dwa, "rlw": rlw, "gls": gls, "famo": famo}
+METHODS: dict[str, Callable[..., Method]] = {
+    "static": static, "ew": ew, "uw": uw, "dwa": dwa, "rlw": rlw, "gls": gls, "famo": famo,
+}

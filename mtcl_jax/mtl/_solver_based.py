@@ -1,10 +1,10 @@
 """Solver-based balancing: each method solves a small problem on the Gram matrix of the gradients (kind ``"gradient"``).
 
-Every ``update`` here computes the ``[T, T]`` Gram matrix of the per-objective gradients (a Jacobian pytree,
-leaves ``[T, ...]``) once, finds the coefficients ``w`` in that T-dimensional space (:mod:`mtcl_jax.mtl._solvers`),
-and returns the direction ``w @ grads``, which replaces the gradient of the shared parameters (LibMTL's
-semantics; balancing the shared features instead makes these the "-UB" variants). ``metrics["weights"]`` is that ``w``; the solvers'
-iteration counts are reported as ``metrics["solver_iterations"]`` (the largest, where there are several).
+Every ``update`` here computes the ``[T, T]`` Gram matrix of the per-objective gradients (a Jacobian pytree, leaves
+``[T, ...]``) once, finds the coefficients ``w`` in that T-dimensional space (:mod:`mtcl_jax.mtl._solvers`), and
+returns the direction ``w @ grads``, which replaces the gradient of the shared parameters (LibMTL's semantics;
+balancing the shared features instead makes these the "-UB" variants). ``metrics["weights"]`` is that ``w``; the
+solvers' iteration counts are reported as ``metrics["solver_iterations"]`` (the largest, where there are several).
 
 Results for degenerate inputs (all finite): zero gradients give a zero direction; identical gradients give that
 gradient times a positive factor (the method's); T = 1 gives the gradient times a positive factor; see each method.
@@ -376,4 +376,6 @@ def upgrad(*, pref_vector: Sequence[float] | None = None, norm_eps: float = 1e-4
   return Method("upgrad", "gradient", init, update)
 
 
-METHODS: dict[str, Callable[..., Method]] = {"mgda": mgda, "cagrad": cagrad, "nash_mtl": nash_mtl, "aligned_mtl": aligned_mtl, "upgrad": upgrad}
+METHODS: dict[str, Callable[..., Method]] = {
+    "mgda": mgda, "cagrad": cagrad, "nash_mtl": nash_mtl, "aligned_mtl": aligned_mtl, "upgrad": upgrad,
+}

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from mtcl_jax.mtl._base import Metrics, Method, State
+from mtcl_jax.mtl._base import Method, Metrics, State
 
 Params = Any
 BALANCES: tuple[str, ...] = ("parameters", "features")

@@ -22,21 +22,14 @@ Where each concept lives:
 from mtcl_jax import _extras
 
 with _extras.requires("train", "mtcl_jax.train"):
-  from mtcl_jax.train.checkpoint import CheckpointSaveError
-  from mtcl_jax.train.checkpoint import Checkpointer
-  from mtcl_jax.train.config import base_config
-  from mtcl_jax.train.config import load_config
-  from mtcl_jax.train.config import validate_config
+  from mtcl_jax.train.checkpoint import Checkpointer, CheckpointSaveError
+  from mtcl_jax.train.config import base_config, load_config, validate_config
   from mtcl_jax.train.evaluation import predict_input
-  from mtcl_jax.train.loop import NonFiniteLossError
-  from mtcl_jax.train.loop import train_and_evaluate
+  from mtcl_jax.train.loop import NonFiniteLossError, train_and_evaluate
   from mtcl_jax.train.model import build_model
-  from mtcl_jax.train.optim import build_optimizer
-  from mtcl_jax.train.optim import make_optimizer
-  from mtcl_jax.train.state import TrainState
-  from mtcl_jax.train.state import create_train_state
-  from mtcl_jax.train.steps import make_eval_step
-  from mtcl_jax.train.steps import make_train_step
+  from mtcl_jax.train.optim import build_optimizer, make_optimizer
+  from mtcl_jax.train.state import TrainState, create_train_state
+  from mtcl_jax.train.steps import make_eval_step, make_train_step
 
 __all__ = [
     "CheckpointSaveError",

@@ -314,7 +314,7 @@ class Checkpointer:
 
   def _move_aside(self, step: int, reason: str, *, fallback: int) -> None:
     """Moves an unreadable step out of the manager's directory, so that training saves that step anew."""
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S%fZ")
     destination = self.damaged_directory / f"{step}-{stamp}"
     if jax.process_index() == 0:
       destination.parent.mkdir(parents=True, exist_ok=True)

@@ -3,10 +3,11 @@
 A config file (``experiments/configs/*.py``) defines ``get_config()``, which starts from :func:`base_config` and
 sets what the experiment changes. ``ml_collections.config_flags`` loads it (``--config=FILE``, or
 :func:`load_config`) and applies its overrides (``--config.KEY=VALUE``, or ``load_config(FILE, ["KEY=VALUE"])``),
-each value parsed by its key's type; Python code changes a loaded config by assignment. The base config is locked, so an assignment to a key that does not exist, in
-the file or in an override, fails and names the key. The sections in ``OPEN_SECTIONS`` are open maps: two keyed
-by task name (``classification.task_weights`` and ``data.task_batch_sizes``), checked against the run's task names
-when the run starts, and the balancing method's options (``mtl.options``), checked by ``mtcl_jax.mtl``.
+each value parsed by its key's type; Python code changes a loaded config by assignment. The base config is locked,
+so an assignment to a key that does not exist, in the file or in an override, fails and names the key. The sections
+in ``OPEN_SECTIONS`` are open maps: two keyed by task name (``classification.task_weights`` and
+``data.task_batch_sizes``), checked against the run's task names when the run starts, and the balancing method's
+options (``mtl.options``), checked by ``mtcl_jax.mtl``.
 """
 
 from __future__ import annotations
@@ -27,8 +28,7 @@ from absl import flags
 from ml_collections import config_dict, config_flags
 
 from mtcl_jax import mtl
-from mtcl_jax.train import optim
-from mtcl_jax.train import rules
+from mtcl_jax.train import optim, rules
 
 CONTRASTIVE_RULES: tuple[str, ...] = (*rules.RULES, rules.NO_RULE)
 UNLABELLED_MODES: tuple[str, ...] = ("drop", "views")
@@ -224,7 +224,7 @@ _CONFIG_MODULE = f"{CONFIG_FLAG}_config"
 
 def _config_file_argument(argv: Sequence[str]) -> str | None:
   """The config file a command line names, as config_flags reads it: ``--config=FILE`` or ``--config FILE``."""
-  for argument, following in zip(argv, [*argv[1:], None]):
+  for argument, following in zip(argv, [*argv[1:], None], strict=True):
     if argument in (f"--{CONFIG_FLAG}", f"-{CONFIG_FLAG}"):
       return following
     if argument.startswith((f"--{CONFIG_FLAG}=", f"-{CONFIG_FLAG}=")):

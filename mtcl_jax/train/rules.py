@@ -38,6 +38,7 @@ from jax.typing import ArrayLike
 
 from mtcl_jax import losses, pairs
 
+
 def concat_groups(per_group: Mapping[str, jax.Array], order: Sequence[str]) -> jax.Array:
   """Concatenates per-group arrays along the batch axis in ``order``."""
   return jnp.concatenate([per_group[name] for name in order], axis=0)

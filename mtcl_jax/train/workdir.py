@@ -23,8 +23,7 @@ import ml_collections
 
 from mtcl_jax.eval import report
 from mtcl_jax.train import config as config_lib
-from mtcl_jax.train.checkpoint import CHECKPOINT_DIR
-from mtcl_jax.train.checkpoint import DAMAGED_DIR
+from mtcl_jax.train.checkpoint import CHECKPOINT_DIR, DAMAGED_DIR
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
@@ -54,7 +53,7 @@ def _archive_outputs(workdir: pathlib.Path) -> pathlib.Path | None:
   present = [workdir / name for name in _OUTPUTS if (workdir / name).exists()]
   if not present:
     return None
-  stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+  stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S%fZ")
   destination = workdir / ARCHIVE_DIR / stamp
   destination.mkdir(parents=True)
   for path in present:

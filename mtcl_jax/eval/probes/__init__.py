@@ -23,19 +23,36 @@ are padded (with weight 0) to a row bucket and classes (masked) to a multiple of
 similar shape share one compiled program.
 """
 
-from mtcl_jax.eval.probes._base import CLASS_BUCKET
-from mtcl_jax.eval.probes._base import Probe
-from mtcl_jax.eval.probes._base import ProbeFamily
-from mtcl_jax.eval.probes._fitting import DEFAULT_GRIDS
-from mtcl_jax.eval.probes._fitting import FAMILIES
-from mtcl_jax.eval.probes._fitting import FEW_ROWS_DEFAULTS
-from mtcl_jax.eval.probes._fitting import HPARAM_NAMES
-from mtcl_jax.eval.probes._fitting import PROBE_KINDS
-from mtcl_jax.eval.probes._fitting import evaluate_task
-from mtcl_jax.eval.probes._fitting import fit_probe
-from mtcl_jax.eval.probes._fitting import validation_split
+from mtcl_jax.eval.probes._base import CLASS_BUCKET, Probe, ProbeFamily
+from mtcl_jax.eval.probes._fitting import (
+    DEFAULT_GRIDS,
+    FAMILIES,
+    FEW_ROWS_DEFAULTS,
+    HPARAM_NAMES,
+    PROBE_KINDS,
+    evaluate_task,
+    fit_probe,
+    validation_split,
+)
 from mtcl_jax.eval.probes._knn import KNN_TEMPERATURE
-from mtcl_jax.eval.probes._linear import LBFGS_GRADIENT_TOLERANCE
-from mtcl_jax.eval.probes._linear import LINEAR_GRID_BATCH_SIZE
-from mtcl_jax.eval.probes._linear import LINEAR_ROW_BUCKET
+from mtcl_jax.eval.probes._linear import LBFGS_GRADIENT_TOLERANCE, LINEAR_GRID_BATCH_SIZE, LINEAR_ROW_BUCKET
 from mtcl_jax.eval.probes._mlp import MLP_MAX_STEPS
+
+__all__ = [
+    "CLASS_BUCKET",
+    "DEFAULT_GRIDS",
+    "FAMILIES",
+    "FEW_ROWS_DEFAULTS",
+    "HPARAM_NAMES",
+    "KNN_TEMPERATURE",
+    "LBFGS_GRADIENT_TOLERANCE",
+    "LINEAR_GRID_BATCH_SIZE",
+    "LINEAR_ROW_BUCKET",
+    "MLP_MAX_STEPS",
+    "PROBE_KINDS",
+    "Probe",
+    "ProbeFamily",
+    "evaluate_task",
+    "fit_probe",
+    "validation_split",
+]

@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 from jax.typing import ArrayLike
 
-from mtcl_jax.splits import stratified_rows
 from mtcl_jax.eval import metrics
 from mtcl_jax.eval.probes import _base, _knn, _linear, _mlp
+from mtcl_jax.splits import stratified_rows
 
 # One entry per probe family; everything else about the kinds is read from these records.
 FAMILIES: Mapping[str, _base.ProbeFamily] = {
