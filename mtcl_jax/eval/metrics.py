@@ -232,19 +232,19 @@ def paired_p_value(values: Sequence[float], baseline: Sequence[float]) -> float 
   """
   from scipy import stats  # scipy comes with scikit-learn, in the "data" extra
 
-  values, baseline = np.asarray(values, np.float64), np.asarray(baseline, np.float64)
-  if values.shape != baseline.shape or values.ndim != 1:
-    raise ValueError(f"paired_p_value needs two 1-D sequences of one length; got {values.shape} and {baseline.shape}")
-  if values.size < 2:
+  ours, theirs = np.asarray(values, np.float64), np.asarray(baseline, np.float64)
+  if ours.shape != theirs.shape or ours.ndim != 1:
+    raise ValueError(f"paired_p_value needs two 1-D sequences of one length; got {ours.shape} and {theirs.shape}")
+  if ours.size < 2:
     return None
-  differences = values - baseline
+  differences = ours - theirs
   if np.all(differences == differences[0]):
     # A constant difference: no spread to test against (scipy returns NaN); equal runs are no evidence of change.
     return 1.0 if differences[0] == 0 else 0.0
-  return float(stats.ttest_rel(values, baseline).pvalue)
+  return float(stats.ttest_rel(ours, theirs).pvalue)
 
 
 def one_sample_p_value(values: Sequence[float]) -> float | None:
   """Two-sided p-value of a t-test that the mean of ``values`` (e.g. Δm over seeds) is 0; None for < 2 values."""
-  values = np.asarray(values, np.float64)
-  return paired_p_value(values, np.zeros_like(values))
+  array = np.asarray(values, np.float64)
+  return paired_p_value(array.tolist(), np.zeros_like(array).tolist())

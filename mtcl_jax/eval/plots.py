@@ -100,12 +100,12 @@ def plot_feature_pca(
   """
   features = np.asarray(features, dtype=np.float64)
   labels = np.asarray(labels)
-  task_names = np.asarray([str(name) for name in task_names])
+  row_tasks = np.asarray([str(name) for name in task_names])
   if features.ndim != 2 or features.shape[0] < 2:
     raise ValueError(f"features must have shape [N >= 2, F]; got {features.shape}")
-  if task_names.shape != (features.shape[0],) or labels.shape != (features.shape[0],):
+  if row_tasks.shape != (features.shape[0],) or labels.shape != (features.shape[0],):
     raise ValueError(f"task_names and labels must have {features.shape[0]} entries (one per row); got "
-                     f"{task_names.shape} and {labels.shape}")
+                     f"{row_tasks.shape} and {labels.shape}")
   if not np.issubdtype(labels.dtype, np.integer):
     raise ValueError(f"labels must be integer class ids; got dtype {labels.dtype}")
 
@@ -121,7 +121,7 @@ def plot_feature_pca(
 
   figure = Figure(figsize=(11.0, 4.8), layout="constrained")
   by_task, by_class = figure.subplots(1, 2)
-  tasks = list(dict.fromkeys(task_names.tolist()))
+  tasks = list(dict.fromkeys(row_tasks.tolist()))
   markers = "os^Dv<>pP*"
   for task in tasks:
     rows = task_names == task

@@ -228,6 +228,7 @@ class Checkpointer:
     self._watcher = None
     error, self._pending_error = self._pending_error, None
     if error is not None:
+      assert self._pending_step is not None  # an error comes from a pending save
       self._fail(self._pending_step, error)
     self._last_good_step = self._pending_step
 

@@ -165,7 +165,7 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
-def _lookup(config: ml_collections.ConfigDict, dotted: str) -> object:
+def _lookup(config: ml_collections.ConfigDict, dotted: str) -> Any:
   node = config
   for part in dotted.split("."):
     node = node[part]
@@ -294,7 +294,9 @@ def parse_flags(flag_values: flags.FlagValues, argv: Sequence[str]) -> None:
   except flags.Error as error:
     if str(error).startswith(f"flag --{CONFIG_FLAG}={path}:"):
       # config_flags re-raises the file's TypeError or ValueError with the traceback as the message.
-      raise _config_file_error(path, file, error.__context__.__context__) from error
+      cause = error.__context__
+      raise _config_file_error(path, file, (cause.__context__ if cause is not None else None) or cause or error
+                               ) from error
     message = "; ".join(str(error).splitlines())  # absl gives a line per bad flag
     raise (ValueError if isinstance(error, flags.IllegalFlagValueError) else UsageError)(message) from None
   except Exception as error:  # anything else the file raises while it loads or runs get_config()

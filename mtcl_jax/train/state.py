@@ -13,8 +13,7 @@ import jax.numpy as jnp
 import optax
 
 
-@flax.struct.dataclass
-class TrainState:
+class TrainState(flax.struct.PyTreeNode):
   """Everything a run needs to continue, as one pytree; every update returns a new one.
 
   Attributes:
