@@ -72,8 +72,13 @@ CASES = {
     "margin_contrastive": (_margin_contrastive, (2, ROWS, DIM), 20.0, False),
     "triplet_margin": (_triplet_margin, (ROWS, DIM), 20.0, False),
 }
-PARAMS = [pytest.param(name, engine, id=f"{name}-{engine}")
+# The two-view NT-Xent (its SupCon form) runs in the slow tier here; the default tier checks it in the tangent and
+# badly-scaled tests below.
+PARAMS = [pytest.param(name, engine, id=f"{name}-{engine}", marks=pytest.mark.slow if "two_views" in name else ())
           for name, (*_, tiled) in CASES.items() for engine in (("plain", "tiled") if tiled else ("plain",))]
+# vmap of the tiled engine: in the default tier through test_losses_softmax's per-element-form test.
+VMAP_PARAMS = [pytest.param(*p.values, id=p.id, marks=pytest.mark.slow if p.values[1] == "tiled" else p.marks)
+               for p in PARAMS]
 
 
 def test_every_public_loss_has_a_case():
@@ -107,7 +112,7 @@ def test_tiled_tangents_and_gradients_are_the_plain_ones(name):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("name, engine", PARAMS)
+@pytest.mark.parametrize("name, engine", VMAP_PARAMS)
 def test_vmap_of_value_and_grad_is_a_loop(name, engine):
   fn, x, s = _case(name, engine)
   batch = jnp.stack([x, 2.0 * x[::-1], _case(name, engine, seed=2)[1]])
