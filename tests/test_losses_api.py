@@ -236,7 +236,7 @@ BY_HYPERPARAMETER = {
         lambda x, value: losses.sharded_loss(x, LABELS, mesh=MESH, temperature=value)),
     "sharded_loss(loss='supcon')": (
         "temperature", "local_embeddings",
-        lambda x, value: losses.sharded_loss(x, LABELS, mesh=MESH, loss="supcon", strategy="ring", temperature=value)),
+        lambda x, value: losses.sharded_loss(x, LABELS, mesh=MESH, loss=losses.supcon, strategy="ring", temperature=value)),
 }
 # The embeddings of sharded_loss are checked inside its shard_map, by the per-device function.
 EMBEDDINGS_REPORTED_AS = {

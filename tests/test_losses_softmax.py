@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,7 @@ import pytest
 from jax.test_util import check_grads
 
 from mtcl_jax import losses
-from mtcl_jax.losses import _ntxent
+from mtcl_jax.losses import _ntxent, _tiled
 
 import references
 from references import LABEL_PATTERNS
@@ -216,17 +217,6 @@ def test_binary_infonce_check_grads():
   )
 
 
-def test_ntxent_over_several_row_slabs(monkeypatch):
-  # Slabs of 2 rows: three full slabs and a remainder of one.
-  monkeypatch.setattr(_ntxent, "_SLAB_ENTRIES", 14)
-  x = _embeddings(7, 3, seed=7)
-  labels = np.array([0, 1, 0, 2, 1, 0, 3])
-  value, grad = jax.jit(jax.value_and_grad(lambda x: losses.ntxent(x, labels, temperature=0.3)))(x)
-  np.testing.assert_allclose(value, references.ntxent(x, labels, 0.3), rtol=2e-5)
-  expected = numeric_gradient(lambda v: references.ntxent(v, labels, 0.3), x)
-  np.testing.assert_allclose(grad, expected, rtol=1e-3, atol=1e-4)
-
-
 @pytest.mark.parametrize("name", ["ntxent", "supcon", "task_contrastive"])
 def test_block_size_hands_validated_inputs_to_tiled(monkeypatch, name):
   tiled = pytest.importorskip("mtcl_jax.losses._tiled")
@@ -254,43 +244,46 @@ def test_ntxent_block_size_gives_the_same_value():
   np.testing.assert_allclose(tiled, SUPCON_LIKE["ntxent"][0](x, labels, jnp.float32(0.2)), rtol=1e-5)
 
 
-# ------------------------------------------------------------------ each implementation, each form, forced
+# ------------------------------------------------------------------ each engine (plain, tiled), each form
 
-# The plain path runs "slabs" (a custom VJP) on CPU and "xla" (XLA autodiff) on accelerators; both run here.
-IMPLEMENTATIONS = sorted(_ntxent._IMPLEMENTATIONS)
-
-
-def _forced(loss: str, implementation: str, matmul_dtype=None):
-  """The plain ``loss`` by ``implementation``, with the public function's validation and normalisation."""
-
-  def loss_fn(x, labels, temperature):
-    z, labels, temperature, _ = _ntxent._prepare(x, labels, temperature, None, loss=loss)
-    return _ntxent._plain(loss, z, labels, temperature, matmul_dtype, implementation=implementation)
-
-  return jax.jit(loss_fn)
+# The plain engine (block_size=None, autodiff over the whole matrix) and the tiled one (3-row tiles, ragged, with
+# the custom_jvp gradient sweep); both run on every backend.
+ENGINES = ("plain", "tiled")
+TILE = 3
 
 
-FORCED = {(loss, impl): _forced(loss, impl) for loss in ("ntxent", "supcon") for impl in IMPLEMENTATIONS}
+def _forced(loss: str, engine: str):
+  """The public ``loss`` by ``engine``, with its validation and normalisation."""
+  block_size = TILE if engine == "tiled" else None
+  return jax.jit(lambda x, labels, temperature: getattr(losses, loss)(
+      x, labels, temperature=temperature, block_size=block_size))
+
+
+FORCED = {(loss, engine): _forced(loss, engine) for loss in ("ntxent", "supcon") for engine in ENGINES}
 REFERENCES = {"ntxent": references.ntxent, "supcon": references.supcon}
 
 
-def test_backend_chooses_the_implementation(monkeypatch):
+def test_the_engine_depends_on_block_size_alone(monkeypatch):
   x = _embeddings(N, D)
   labels = LABEL_PATTERNS["views"](N)
-  assert _ntxent._implementation() == "slabs"
-  assert "custom_vjp_call" in str(jax.make_jaxpr(lambda x: losses.ntxent(x, labels))(x))
-  for accelerator in ("gpu", "tpu"):
-    monkeypatch.setattr(jax, "default_backend", lambda accelerator=accelerator: accelerator)
-    assert _ntxent._implementation() == "xla"
-    jaxpr = str(jax.make_jaxpr(lambda x: losses.ntxent(x, labels))(x))
-    assert "custom_vjp_call" not in jaxpr and "cond" in jaxpr
+  programs = {}
+  for backend in ("cpu", "gpu", "tpu"):
+    monkeypatch.setattr(jax, "default_backend", lambda backend=backend: backend)
+    step = {block: jax.value_and_grad(lambda x, block=block: losses.ntxent(x, labels, block_size=block))
+            for block in (None, TILE)}
+    # The run-time checks' error codes count up from one trace to the next: all else must be the same program.
+    programs[backend] = {block: re.sub(r"\d+:i32\[\] -1:i32\[\]", "code", str(jax.make_jaxpr(fn)(x)))
+                         for block, fn in step.items()}
+  assert programs["cpu"] == programs["gpu"] == programs["tpu"]
+  assert "custom_jvp_call" not in str(jax.make_jaxpr(lambda x: losses.ntxent(x, labels))(x))
+  assert "custom_jvp_call" in str(jax.make_jaxpr(lambda x: losses.ntxent(x, labels, block_size=TILE))(x))
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("loss", ["ntxent", "supcon"])
 @pytest.mark.parametrize("pattern", sorted(LABEL_PATTERNS))
-def test_each_implementation_matches_numpy_loop(implementation, loss, pattern):
-  loss_fn = FORCED[loss, implementation]
+def test_each_engine_matches_numpy_loop(engine, loss, pattern):
+  loss_fn = FORCED[loss, engine]
   for n in (2, 7, N):
     x = _embeddings(n, D, seed=n)
     labels = LABEL_PATTERNS[pattern](n)
@@ -301,11 +294,11 @@ def test_each_implementation_matches_numpy_loop(implementation, loss, pattern):
       )
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("loss", ["ntxent", "supcon"])
 @pytest.mark.parametrize("pattern", ["views", "many", "singletons"])
-def test_each_implementation_gradient_matches_float64_differences(implementation, loss, pattern):
-  loss_fn = FORCED[loss, implementation]
+def test_each_engine_gradient_matches_float64_differences(engine, loss, pattern):
+  loss_fn = FORCED[loss, engine]
   x = _embeddings(N, D, seed=1)
   labels = LABEL_PATTERNS[pattern](N)
   grad_x, grad_t = jax.grad(loss_fn, argnums=(0, 2))(x, labels, jnp.float32(0.3))
@@ -320,16 +313,13 @@ def test_each_implementation_gradient_matches_float64_differences(implementation
 @pytest.mark.parametrize("loss", ["ntxent", "supcon"])
 @pytest.mark.parametrize("pattern", [
     "views", "many", pytest.param("equal", marks=pytest.mark.slow), pytest.param("distinct", marks=pytest.mark.slow)])
-def test_implementations_agree_over_several_slabs(monkeypatch, loss, pattern):
-  # 3-row slabs of 37 rows: twelve full slabs and a remainder of one.
-  monkeypatch.setattr(_ntxent, "_SLAB_ENTRIES", 3 * 37)
+def test_engines_agree_over_several_tiles(loss, pattern):
+  # 3-row tiles of 37 rows: thirteen blocks, the last one ragged.
   x = _embeddings(37, 16, seed=5)
   labels = LABEL_PATTERNS[pattern](37)
-  results = {}
-  for implementation in IMPLEMENTATIONS:
-    step = jax.jit(jax.value_and_grad(_forced(loss, implementation), argnums=(0, 2)))
-    results[implementation] = step(x, labels, jnp.float32(0.2))
-  (value, (grad_x, grad_t)), (other_value, (other_x, other_t)) = results.values()
+  results = [jax.jit(jax.value_and_grad(FORCED[loss, engine], argnums=(0, 2)))(x, labels, jnp.float32(0.2))
+             for engine in ENGINES]
+  (value, (grad_x, grad_t)), (other_value, (other_x, other_t)) = results
   np.testing.assert_allclose(value, REFERENCES[loss](x, labels, 0.2), rtol=2e-5)
   np.testing.assert_allclose(value, other_value, rtol=1e-5)
   np.testing.assert_allclose(grad_x, other_x, rtol=1e-4, atol=1e-6)
@@ -343,20 +333,18 @@ AT_MOST_ONE_POSITIVE = {
 }
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("pattern", sorted(AT_MOST_ONE_POSITIVE))
-def test_ntxent_forms_agree_with_at_most_one_positive_each(monkeypatch, implementation, pattern):
+def test_ntxent_forms_agree_with_at_most_one_positive_each(monkeypatch, engine, pattern):
   # With at most one positive per anchor NT-Xent runs in the SupCon form; force its own form on the same rows.
   x = _embeddings(10, D, seed=9)
   labels = AT_MOST_ONE_POSITIVE[pattern]
 
   def value_and_grads():
-    return jax.jit(jax.value_and_grad(_forced("ntxent", implementation), argnums=(0, 2)))(
-        x, labels, jnp.float32(0.2)
-    )
+    return jax.jit(jax.value_and_grad(_forced("ntxent", engine), argnums=(0, 2)))(x, labels, jnp.float32(0.2))
 
   supcon_form = value_and_grads()
-  monkeypatch.setattr(_ntxent, "_one_positive_each", lambda num_positives: jnp.bool_(False))
+  monkeypatch.setattr(_tiled, "one_positive_each", lambda num_positives: jnp.bool_(False))
   ntxent_form = value_and_grads()
   np.testing.assert_allclose(supcon_form[0], references.ntxent(x, labels, 0.2), rtol=2e-5, atol=1e-7)
   np.testing.assert_allclose(ntxent_form[0], supcon_form[0], rtol=2e-5, atol=1e-7)
@@ -364,18 +352,18 @@ def test_ntxent_forms_agree_with_at_most_one_positive_each(monkeypatch, implemen
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("loss", ["ntxent", "supcon"])
-def test_each_implementation_no_positive_gives_zero_and_zero_gradient(implementation, loss):
-  value, grad = jax.value_and_grad(FORCED[loss, implementation])(_embeddings(N, D), jnp.arange(N), jnp.float32(0.1))
+def test_each_engine_no_positive_gives_zero_and_zero_gradient(engine, loss):
+  value, grad = jax.value_and_grad(FORCED[loss, engine])(_embeddings(N, D), jnp.arange(N), jnp.float32(0.1))
   assert value == 0.0
   np.testing.assert_array_equal(grad, np.zeros((N, D)))
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-def test_vmap_over_labels_takes_each_batch_elements_form(implementation):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_vmap_over_labels_takes_each_batch_elements_form(engine):
   # Batched labels make the form a per-element choice: one element has two views, the other three views.
-  loss_fn = FORCED["ntxent", implementation]
+  loss_fn = FORCED["ntxent", engine]
   x = np.stack([_embeddings(12, D, seed=s) for s in range(2)])
   labels = np.stack([np.arange(12) % 6, np.arange(12) % 4])
   value_and_grad = jax.value_and_grad(loss_fn)
@@ -386,13 +374,13 @@ def test_vmap_over_labels_takes_each_batch_elements_form(implementation):
 
 
 @pytest.mark.parametrize("name", ["ntxent", "supcon"])
-def test_block_size_covering_the_batch_runs_the_plain_loss(monkeypatch, name):
-  tiled = pytest.importorskip("mtcl_jax.losses._tiled")
-  monkeypatch.setattr(tiled, f"{name}_tiled", lambda *args, **kwargs: pytest.fail("the tiles ran"))
+def test_block_size_covering_the_batch_is_one_tile_with_the_plain_value(name):
   x = _embeddings(N, D)
   labels = LABEL_PATTERNS["many"](N)
-  plain = getattr(losses, name)(x, labels, temperature=0.2)
-  np.testing.assert_array_equal(getattr(losses, name)(x, labels, temperature=0.2, block_size=N), plain)
+  plain = jax.value_and_grad(lambda x: getattr(losses, name)(x, labels, temperature=0.2))(x)
+  one_tile = jax.value_and_grad(lambda x: getattr(losses, name)(x, labels, temperature=0.2, block_size=N))(x)
+  np.testing.assert_allclose(one_tile[0], plain[0], rtol=1e-6)
+  np.testing.assert_allclose(one_tile[1], plain[1], rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ bf16 products
@@ -406,17 +394,15 @@ def _bf16_products_in(jaxpr) -> bool:
 @pytest.mark.parametrize("path, loss, pattern", [
     pytest.param(path, loss, pattern, id=f"{pattern}-{loss}-{path}",
                  marks=() if (loss, pattern) in {("ntxent", "many"), ("supcon", "views")} else pytest.mark.slow)
-    for pattern in ("views", "many") for loss in ("ntxent", "supcon") for path in (*IMPLEMENTATIONS, "tiled")])
+    for pattern in ("views", "many") for loss in ("ntxent", "supcon") for path in ENGINES])
 def test_bf16_products_stay_close_to_float32(path, loss, pattern):
   rng = np.random.default_rng(11)
   x = rng.normal(size=(64, 32)).astype(np.float32)
   labels = LABEL_PATTERNS[pattern](64)
 
   def loss_fn(matmul_dtype):
-    if path == "tiled":
-      return lambda x: getattr(losses, loss)(x, labels, temperature=0.1, block_size=24, matmul_dtype=matmul_dtype)
-    forced = _forced(loss, path, _ntxent._common.check_matmul_dtype(matmul_dtype))
-    return lambda x: forced(x, labels, jnp.float32(0.1))
+    block_size = 24 if path == "tiled" else None
+    return lambda x: getattr(losses, loss)(x, labels, temperature=0.1, block_size=block_size, matmul_dtype=matmul_dtype)
 
   value, grad = jax.jit(jax.value_and_grad(loss_fn(jnp.bfloat16)))(x)
   reference, reference_grad = jax.jit(jax.value_and_grad(loss_fn(None)))(x)
@@ -436,12 +422,12 @@ def test_float32_matmul_dtype_is_the_default():
     np.testing.assert_array_equal(fn(x, labels, matmul_dtype=jnp.float32), fn(x, labels))
 
 
-def test_label_stats_agree_on_every_backend(monkeypatch):
+def test_label_stats_count_positives_and_identify_labels():
   labels = jnp.asarray(np.random.default_rng(3).choice([np.iinfo(np.int32).min, -7, 0, 5, np.iinfo(np.int32).max], 40))
   ids, num_positives = _ntxent._common.label_stats(labels)
   same = np.asarray(labels)[:, None] == np.asarray(labels)[None, :]
   np.testing.assert_array_equal(num_positives, same.sum(axis=1) - 1)
   np.testing.assert_array_equal(np.asarray(ids)[:, None] == np.asarray(ids)[None, :], same)
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert ids.dtype == jnp.int32 and np.all((0 <= np.asarray(ids)) & (np.asarray(ids) < 40))
   for got, expected in zip(jax.jit(_ntxent._common.label_stats)(labels), (ids, num_positives), strict=True):
     np.testing.assert_array_equal(got, expected)

@@ -50,7 +50,7 @@ def test_matches_single_device(mesh, loss, strategy, pattern, block_size):
 
   def sharded(x, temperature):
     return _sharded.sharded_loss(
-        x, labels, mesh=mesh, loss=loss, strategy=strategy, temperature=temperature, block_size=block_size
+        x, labels, mesh=mesh, loss=plain_fn, strategy=strategy, temperature=temperature, block_size=block_size
     )
 
   temperature = jnp.float32(0.2)
@@ -70,7 +70,7 @@ def test_clip_matches_single_device(mesh, strategy, block_size):
 
   def sharded(a, b, temperature):
     return _sharded.sharded_loss(
-        a, mesh=mesh, loss="clip", strategy=strategy, temperature=temperature, block_size=block_size, b=b
+        a, mesh=mesh, loss=losses.clip, strategy=strategy, temperature=temperature, block_size=block_size, b=b
     )
 
   temperature = jnp.float32(0.07)
@@ -101,8 +101,8 @@ def test_local_functions_inside_a_users_shard_map(mesh):
   by_row = NamedSharding(mesh, P("data"))
 
   def per_device(x, labels):
-    ring = _sharded.ring_loss(x, labels, loss="supcon", temperature=0.3)
-    gather = _sharded.all_gather_loss(x, labels, loss="supcon", temperature=0.3)
+    ring = _sharded.ring_loss(x, labels, loss=losses.supcon, temperature=0.3)
+    gather = _sharded.all_gather_loss(x, labels, loss=losses.supcon, temperature=0.3)
     return ring, gather
 
   ring, gather = jax.jit(
@@ -117,12 +117,13 @@ def test_bad_arguments_raise(mesh):
   x, labels = _rows(6), np.arange(ROWS)
   with pytest.raises(ValueError, match="strategy"):
     _sharded.sharded_loss(x, labels, mesh=mesh, strategy="tree")
-  with pytest.raises(ValueError, match="loss"):
-    _sharded.sharded_loss(x, labels, mesh=mesh, loss="triplet")
+  for unknown in ("ntxent", losses.triplet_margin):  # a name is not a loss; a loss without a sharded form
+    with pytest.raises(ValueError, match="no sharded form of loss"):
+      _sharded.sharded_loss(x, labels, mesh=mesh, loss=unknown)
   with pytest.raises(ValueError, match="local_b"):
-    _sharded.sharded_loss(x, mesh=mesh, loss="clip")
+    _sharded.sharded_loss(x, mesh=mesh, loss=losses.clip)
   with pytest.raises(ValueError, match="labels"):
-    _sharded.sharded_loss(x, mesh=mesh, loss="ntxent")
+    _sharded.sharded_loss(x, mesh=mesh, loss=losses.ntxent)
   with pytest.raises(ValueError, match="split evenly"):
     _sharded.sharded_loss(x[:30], labels[:30], mesh=mesh)
   with pytest.raises(ValueError, match="no axis"):

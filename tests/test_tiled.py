@@ -193,9 +193,11 @@ def test_clip_bf16_products_stay_close_to_float32(block_size):
     assert np.max(np.abs(grad - expected)) <= 2e-2 * np.max(np.abs(expected))
 
 
-def test_clip_block_size_covering_the_batch_runs_the_plain_loss(monkeypatch):
-  monkeypatch.setattr(_tiled, "clip_tiled", lambda *args, **kwargs: pytest.fail("the tiles ran"))
+def test_clip_block_size_covering_the_batch_is_one_tile_with_the_plain_value():
   a, b = _unit_rows(1, 12), _unit_rows(2, 12)
-  np.testing.assert_array_equal(
-      losses.clip(a, b, temperature=0.1, block_size=12), losses.clip(a, b, temperature=0.1)
-  )
+  one_tile = _tiled_value_and_grads(lambda a, b, t: losses.clip(a, b, temperature=t, block_size=12), a, b,
+                                    temperature=0.1)
+  plain = _tiled_value_and_grads(lambda a, b, t: losses.clip(a, b, temperature=t), a, b, temperature=0.1)
+  np.testing.assert_allclose(one_tile[0], plain[0], rtol=1e-6)
+  for got, expected in zip(one_tile[1], plain[1], strict=True):
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)

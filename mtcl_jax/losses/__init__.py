@@ -2,10 +2,17 @@
 
 ``from mtcl_jax import losses; losses.supcon(z, labels)`` is the whole API. Every hyper-parameter is
 keyword-only; the math runs in float32 whatever the input dtype; a temperature may be a traced scalar.
-``ntxent``, ``supcon``, ``task_contrastive`` and ``clip`` take ``block_size`` for the tiled version that never
-holds the whole similarity matrix, and ``matmul_dtype=jnp.bfloat16`` for bf16 similarity products accumulated
-in float32; ``sharded_loss`` (or ``all_gather_loss`` / ``ring_loss`` inside
-``jax.shard_map``) computes them over a batch sharded across devices, negatives from every device.
+``jax.grad``, ``jax.jvp``, ``jax.vmap`` and ``jax.jit`` work on every loss.
+
+The softmax losses ``ntxent``, ``supcon``, ``task_contrastive`` and ``clip`` have two implementations, and the
+caller chooses by ``block_size``, the same on every backend: ``None`` (the default) for the plain one, the whole
+similarity matrix at once, differentiated by JAX autodiff; an int for the tiled one, which visits the matrix in
+``[block_size, block_size]`` tiles and never holds it whole (memory O(block_size² + N·dim)), with a hand-derived
+gradient sweep over the tiles (a ``custom_jvp``, so forward mode works too). Both read one definition of the
+per-row math. ``matmul_dtype=jnp.bfloat16`` gives bf16 similarity products accumulated in float32.
+``sharded_loss(..., loss=losses.supcon)`` (or ``all_gather_loss`` / ``ring_loss`` inside ``jax.shard_map``)
+computes one of them over a batch sharded across devices, negatives from every device; it takes the loss
+function itself.
 
 Bad input raises a one-line ``ValueError`` at trace time: wrong shapes or dtypes, zero-width embeddings, a
 concrete temperature or margin that is not finite and > 0. What only run time knows (a traced temperature's

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
 from mtcl_jax import similarity
-from mtcl_jax.losses import _common
+from mtcl_jax.losses import _common, _tiled
 
 
 def _prepare_pair(loss: str, a: ArrayLike, b: ArrayLike) -> tuple[jax.Array, jax.Array]:
@@ -36,8 +36,9 @@ def clip(
     b: ``[batch, dim]`` embeddings of the paired items in the other modality.
     temperature: finite τ > 0; may be a traced scalar (CLIP learns it, initialised at 0.07):
       a traced one is checked by :func:`~mtcl_jax.losses.checked`.
-    block_size: if given and smaller than the batch, visit the logits in ``[block_size, block_size]`` tiles
-      (:mod:`mtcl_jax.losses._tiled`), never holding the whole matrix; same value.
+    block_size: None for the plain loss over the whole matrix (autodiff); an int to visit the logits in
+      ``[block_size, block_size]`` tiles (:mod:`mtcl_jax.losses._tiled`), never holding the whole matrix; same
+      value.
     matmul_dtype: None (float32, the default) or ``jnp.bfloat16``: the [batch, batch]-sized products (the
       logits and the two of the gradient) round their operands to bf16 and accumulate in float32, at the bf16
       rate of accelerators; everything else stays float32. Error against float32, measured at batch 2048,
@@ -61,9 +62,7 @@ def clip(
   temperature = _common.check_positive("temperature", temperature, loss="clip")
   block_size = _common.check_block_size(block_size)
   matmul_dtype = _common.check_matmul_dtype(matmul_dtype)
-  if block_size is not None and block_size < a.shape[0]:
-    from mtcl_jax.losses import _tiled
-
+  if block_size is not None:
     return _common.check_finite_result(
         "clip", _tiled.clip_tiled(a, b, temperature, block_size, matmul_dtype=matmul_dtype)
     )

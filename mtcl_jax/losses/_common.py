@@ -22,6 +22,8 @@ from jax.typing import ArrayLike
 # Large negative used to mask logits: exp() of it is exactly 0 in float32, and unlike -inf it never
 # produces inf - inf = NaN in a max-subtracted log-sum-exp.
 MASK_VALUE = -1e9
+# The smallest normal float32: a floor for sums before their log, so log(0) never appears.
+TINY = float(np.finfo(np.float32).tiny)
 
 
 def checked(fn: Callable[..., Any], *, errors: frozenset = checkify.user_checks) -> Callable[..., Any]:
@@ -105,14 +107,6 @@ def as_labels(name: str, labels: ArrayLike, num_rows: int) -> jax.Array:
   return labels.astype(jnp.int32)
 
 
-def check_same_rows(**arrays: jax.Array) -> None:
-  """Raises if the arrays disagree on their leading dimension."""
-  rows = {name: a.shape[0] for name, a in arrays.items()}
-  if len(set(rows.values())) > 1:
-    shapes = ", ".join(f"{name} {a.shape}" for name, a in arrays.items())
-    raise ValueError(f"leading dimensions differ: {shapes}")
-
-
 def check_positive(name: str, value: ArrayLike, *, loss: str) -> jax.Array:
   """Returns ``value`` as a float32 scalar; raises if it is concrete and not finite and > 0 (τ = inf makes every
   logit 0 and the loss a constant). A traced one is checked at run time by :func:`checked`."""
@@ -138,15 +132,6 @@ def _check_scalar(name: str, value: ArrayLike, loss: str, *, positive: bool) -> 
   valid = jnp.isfinite(value) & (value > 0) if positive else jnp.isfinite(value)
   checkify.debug_check(valid, f"{loss}: {name} must be {requirement}; got {{}}", value)
   return value
-
-
-def masked_logsumexp(logits: jax.Array, mask: jax.Array, axis: int = -1) -> jax.Array:
-  """log Σ exp(logits) over the entries where ``mask`` is True; MASK_VALUE-ish where none is."""
-  logits = jnp.where(mask, logits, MASK_VALUE)
-  # The max is a constant shift for stability: no gradient should flow through it.
-  row_max = jax.lax.stop_gradient(jnp.max(logits, axis=axis, keepdims=True))
-  summed = jnp.sum(jnp.where(mask, jnp.exp(logits - row_max), 0.0), axis=axis, keepdims=True)
-  return jnp.squeeze(row_max + jnp.log(jnp.maximum(summed, jnp.finfo(jnp.float32).tiny)), axis)
 
 
 def check_block_size(block_size: int | None) -> int | None:
@@ -218,13 +203,10 @@ _low_precision_gram.defvjp(_low_precision_gram_fwd, _low_precision_gram_bwd)
 
 
 def label_stats(labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """From one sort instead of an [N, N] pass: labels as dense float ids (each label's first position in sorted
-  order, exact in float32 up to 2²⁴ rows), and each row's number of positives (rows sharing its label, itself
-  excluded), as float32."""
+  """From one sort instead of an [N, N] pass: each row's label as a dense id (its first position in sorted order,
+  int32 in [0, N)), and each row's number of positives (rows sharing its label, itself excluded), as float32."""
   ordered = jnp.sort(labels)
-  # jnp.searchsorted's default binary search is a loop of log2(N) steps, each a kernel launch and a
-  # host round trip on GPUs; its sort-based method is loop-free (JAX recommends it on accelerators).
-  method = "scan" if jax.default_backend() == "cpu" else "sort"
-  first = jnp.searchsorted(ordered, labels, method=method)
-  num_positives = jnp.searchsorted(ordered, labels, side="right", method=method) - first - 1
-  return first.astype(jnp.float32), num_positives.astype(jnp.float32)
+  # The sort-based search is loop-free (the default binary search is a loop of log2(N) dependent steps).
+  first = jnp.searchsorted(ordered, labels, method="sort")
+  num_positives = jnp.searchsorted(ordered, labels, side="right", method="sort") - first - 1
+  return first.astype(jnp.int32), num_positives.astype(jnp.float32)

@@ -14,13 +14,15 @@ of it is the single-device gradient, sharded as the rows are.
   met every row. The backward pass is a second ring in which each travelling block carries the gradient of its
   rows home.
 
-Both run on :mod:`mtcl_jax.losses._tiled`'s sweeps and custom VJPs: ``block_size`` tiles the per-device work
-(default: the device's row count, capped at 512 rows on CPU).
+Both run on :mod:`mtcl_jax.losses._tiled`'s sweeps and their ``custom_jvp`` gradient sweeps: ``block_size`` tiles
+the per-device work (default: the device's row count, one tile). The loss is the one-device function itself
+(``loss=losses.supcon``); :data:`LOSSES` holds the ones that have a sharded form.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Literal
 
 import jax
@@ -32,29 +34,41 @@ from jax.typing import ArrayLike
 
 from mtcl_jax import similarity
 from mtcl_jax.losses import _common, _tiled
+from mtcl_jax.losses._clip import clip
+from mtcl_jax.losses._ntxent import ntxent, supcon, task_contrastive
 
-Loss = Literal["ntxent", "supcon", "clip"]
 Strategy = Literal["all_gather", "ring"]
-LOSSES: tuple[str, ...] = ("ntxent", "supcon", "clip")
 STRATEGIES: tuple[str, ...] = ("all_gather", "ring")
 DATA_AXIS = "data"
+# The one-device losses with a sharded form, each with the tiled sums its labelled form reduces to (None: CLIP,
+# whose rows are paired with ``b`` instead of labelled).
+LOSSES: dict[Callable, Callable | None] = {
+    ntxent: _tiled.ntxent_sums,
+    supcon: _tiled.supcon_sums,
+    task_contrastive: _tiled.supcon_sums,
+    clip: None,
+}
+Loss = Callable[..., jax.Array]  # a key of LOSSES
 
 
-def _check_loss(loss: str, local_labels: ArrayLike | None, local_b: ArrayLike | None) -> None:
+def _loss_name(loss: Loss) -> str:
+  return getattr(loss, "__name__", repr(loss))
+
+
+def _check_loss(loss: Loss, local_labels: ArrayLike | None, local_b: ArrayLike | None) -> None:
   if loss not in LOSSES:
-    raise ValueError(f"unknown loss {loss!r}; expected one of {LOSSES}")
-  if loss == "clip" and local_b is None:
-    raise ValueError("loss='clip' needs local_b, the paired modality's rows")
-  if loss != "clip" and local_labels is None:
-    raise ValueError(f"loss={loss!r} needs labels")
+    raise ValueError(f"no sharded form of loss {loss!r}; expected one of {tuple(map(_loss_name, LOSSES))}")
+  if loss is clip and local_b is None:
+    raise ValueError("loss=clip needs local_b, the paired modality's rows")
+  if loss is not clip and local_labels is None:
+    raise ValueError(f"loss={_loss_name(loss)} needs labels")
 
 
 def _prepare(
-    name: str, loss: str, local_embeddings, local_labels, local_b, temperature, block_size, axis_name: str
+    name: str, loss: Loss, local_embeddings, local_labels, local_b, temperature, block_size, axis_name: str
 ) -> tuple[jax.Array, jax.Array | None, jax.Array | None, jax.Array, _tiled.Layout, jax.Array]:
   """Validates and normalises the local rows; returns them with the temperature, layout and global row index.
   ``name`` is what the run-time checks' messages call the function, e.g. ``"ring_loss(loss='ntxent')"``."""
-  _check_loss(loss, local_labels, local_b)
   z = similarity.l2_normalize(_common.as_float_embeddings("local_embeddings", local_embeddings, loss=name))
   num_local = z.shape[0]
   labels = None if local_labels is None else _common.as_labels("local_labels", local_labels, num_local)
@@ -84,7 +98,7 @@ def all_gather_loss(
     local_embeddings: ArrayLike,
     local_labels: ArrayLike | None = None,
     *,
-    loss: Loss = "ntxent",
+    loss: Loss = ntxent,
     temperature: ArrayLike = 0.1,
     axis_name: str = DATA_AXIS,
     local_b: ArrayLike | None = None,
@@ -95,31 +109,32 @@ def all_gather_loss(
   Args:
     local_embeddings: ``[n, dim]`` this device's rows (``a`` for CLIP); L2-normalised here, cast to float32.
     local_labels: ``[n]`` integer labels of those rows (unused by CLIP).
-    loss: ``"ntxent"``, ``"supcon"`` or ``"clip"``, with the semantics of :func:`mtcl_jax.losses.ntxent`,
-      :func:`mtcl_jax.losses.supcon` and :func:`mtcl_jax.losses.clip` over the whole batch.
+    loss: the one-device loss to compute over the whole batch, a key of :data:`LOSSES`:
+      :func:`mtcl_jax.losses.ntxent`, :func:`~mtcl_jax.losses.supcon`, :func:`~mtcl_jax.losses.task_contrastive`
+      or :func:`~mtcl_jax.losses.clip`, with its semantics.
     temperature: finite τ > 0; may be a traced scalar (its gradient is the sum over devices):
       a traced one is checked by :func:`~mtcl_jax.losses.checked`.
     axis_name: the mesh axis the batch is sharded over.
     local_b: ``[n, dim]`` CLIP only: this device's rows of the paired modality.
-    block_size: tile the per-device work in blocks of at most this many rows (default: ``n``; on CPU at most
-      512 rows, as in :mod:`mtcl_jax.losses._tiled`).
+    block_size: tile the per-device work in blocks of at most this many rows (default: ``n``, one tile).
 
   Returns:
     The loss over the whole batch, a float32 scalar equal on every device.
   """
-  name = f"all_gather_loss(loss={loss!r})"
+  _check_loss(loss, local_labels, local_b)
+  name = f"all_gather_loss(loss={_loss_name(loss)!r})"
   z, labels, b, temperature, layout, index = _prepare(
       name, loss, local_embeddings, local_labels, local_b, temperature, block_size, axis_name
   )
   gather = functools.partial(lax.all_gather, axis_name=axis_name, tiled=True)
   all_index = gather(index)
-  if loss == "clip":
+  if loss is clip:
     a_to_b = _tiled.lse_sums(layout, (z, index), (gather(b), all_index), temperature)
     b_to_a = _tiled.lse_sums(layout, (b, index), (gather(z), all_index), temperature)
     local_sum = a_to_b + b_to_a - 2.0 * _clip_matched(z, b, temperature)
     value = lax.psum(local_sum, axis_name) / (2.0 * all_index.shape[0])
   else:
-    sums = {"ntxent": _tiled.ntxent_sums, "supcon": _tiled.supcon_sums}[loss]
+    sums = LOSSES[loss]
     total, count = sums(layout, (z, labels, index), (gather(z), gather(labels), all_index), temperature)
     value = _global_mean(total, count, axis_name)
   return _common.check_finite_result(name, value)
@@ -129,7 +144,7 @@ def ring_loss(
     local_embeddings: ArrayLike,
     local_labels: ArrayLike | None = None,
     *,
-    loss: Loss = "ntxent",
+    loss: Loss = ntxent,
     temperature: ArrayLike = 0.1,
     axis_name: str = DATA_AXIS,
     local_b: ArrayLike | None = None,
@@ -146,18 +161,19 @@ def ring_loss(
   Returns:
     The loss over the whole batch, a float32 scalar equal on every device.
   """
-  name = f"ring_loss(loss={loss!r})"
+  _check_loss(loss, local_labels, local_b)
+  name = f"ring_loss(loss={_loss_name(loss)!r})"
   z, labels, b, temperature, layout, index = _prepare(
       name, loss, local_embeddings, local_labels, local_b, temperature, block_size, axis_name
   )
   num_rows = z.shape[0] * lax.axis_size(axis_name)
-  if loss == "clip":
+  if loss is clip:
     layout = layout._replace(mirror=True, axis_name=axis_name)
     both_lse = _tiled.lse_sums(layout, (z, index), (b, index), temperature)
     local_sum = both_lse - 2.0 * _clip_matched(z, b, temperature)
     value = lax.psum(local_sum, axis_name) / (2.0 * num_rows)
   else:
-    sums = {"ntxent": _tiled.ntxent_sums, "supcon": _tiled.supcon_sums}[loss]
+    sums = LOSSES[loss]
     total, count = sums(layout._replace(axis_name=axis_name), (z, labels, index), None, temperature)
     value = _global_mean(total, count, axis_name)
   return _common.check_finite_result(name, value)
@@ -168,7 +184,7 @@ def sharded_loss(
     labels: ArrayLike | None = None,
     *,
     mesh: Mesh,
-    loss: Loss = "ntxent",
+    loss: Loss = ntxent,
     strategy: Strategy = "all_gather",
     temperature: ArrayLike = 0.1,
     block_size: int | None = None,
@@ -184,7 +200,7 @@ def sharded_loss(
     embeddings: ``[N, dim]`` global rows (``a`` for CLIP); N must divide evenly over the axis.
     labels: ``[N]`` integer labels (unused by CLIP).
     mesh: the device mesh.
-    loss: ``"ntxent"``, ``"supcon"`` or ``"clip"``.
+    loss: the one-device loss, a key of :data:`LOSSES` (e.g. ``losses.supcon``).
     strategy: ``"all_gather"`` or ``"ring"``.
     temperature: finite τ > 0; may be a traced scalar: a traced one is checked by :func:`~mtcl_jax.losses.checked`.
     block_size: per-device tile size, as in :func:`all_gather_loss`.
@@ -219,7 +235,7 @@ def sharded_loss(
   by_row, replicated = NamedSharding(mesh, P(axis_name)), NamedSharding(mesh, P())
   rows = {name: jax.device_put(x, by_row) for name, x in rows.items()}
   # Inside shard_map every argument is traced: a concrete temperature is checked here, while it is concrete.
-  temperature = _common.check_positive("temperature", temperature, loss=f"sharded_loss(loss={loss!r})")
+  temperature = _common.check_positive("temperature", temperature, loss=f"sharded_loss(loss={_loss_name(loss)!r})")
   temperature = jax.device_put(temperature, replicated)
 
   def per_device(rows: dict[str, jax.Array], temperature: jax.Array) -> jax.Array:

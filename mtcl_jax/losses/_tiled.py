@@ -3,8 +3,9 @@
 Each loss here is a sum over anchors of a term built from log-sum-exps over the anchor's row of the logit matrix
 ``L = A Cᵀ / τ``. A sweep visits the tiles of ``L`` in a ``fori_loop`` and folds each tile into per-row running
 statistics: the online log-sum-exp of FlashAttention keeps a running max and a running sum rescaled whenever the
-max grows. The backward pass is a ``jax.custom_vjp`` that saves only the inputs and those per-row statistics and
-recomputes every tile, so memory is O(block² + N·D) both ways.
+max grows. The derivative is a ``jax.custom_jvp`` whose rule runs a second, gradient sweep from the inputs and
+those per-row statistics, recomputing every tile, so memory is O(block² + N·D) both ways; its tangent is linear in
+the input tangents, so ``jax.grad``, ``jax.jvp`` and ``jax.vmap`` of it all work.
 
 Three layouts share the tile code:
 
@@ -40,14 +41,9 @@ from jax.typing import ArrayLike
 from mtcl_jax.losses import _common
 from mtcl_jax.losses._common import MASK_VALUE
 
-_TINY = float(np.finfo(np.float32).tiny)
 # exp() of a logit minus its row's log-sum-exp is at most 1 where the mask is 1; the cap keeps it finite (so that
 # 0 · exp stays 0) where the mask is 0 and the row's log-sum-exp is about MASK_VALUE.
 _EXP_CAP = 60.0
-# XLA:CPU writes each tile-sized intermediate to memory, so a tile must stay in a core's cache to run at matmul
-# speed: 512 x 512 float32 is 1 MB. Measured at 2N = 16384, D = 128 (value and gradient, 2 shared cores), tiles of
-# 512 rows ran 1.4x faster than 1024, 3x than 2048 and 4x than 4096. Accelerators want the tiles as big as asked.
-_CPU_MAX_TILE_ROWS = 512
 
 # ---------------------------------------------------------------------------------------------------------------
 # Rows cut into blocks, and the layout of a sweep.
@@ -57,7 +53,7 @@ class Layout(NamedTuple):
   """How a sweep visits the tiles; static (hashable) so it can steer tracing.
 
   Attributes:
-    block_size: at most this many rows per block, on either side of a tile (at most 512 on CPU).
+    block_size: at most this many rows per block, on either side of a tile.
     symmetric: the columns are the anchors themselves; only tiles on or above the block diagonal are visited.
     mirror: in a cross or ring layout, each tile also updates the statistics of its column rows, which are anchors
       in their own right (CLIP's second direction). A symmetric layout always mirrors, except on diagonal tiles.
@@ -201,7 +197,8 @@ def _lse_add(state: _Lse, masked: jax.Array, axis: int) -> _Lse:
   # A row that has seen only sunk entries carries a garbage sum at a max near MASK_VALUE, which its first real
   # entry scales away by exp(-1e9) = 0; one that never sees a real entry ends near MASK_VALUE, which every user of
   # the value treats as "no entry".
-  new_max = jnp.maximum(state.max, jnp.max(masked, axis=axis))
+  # The max is a shift for stability, under stop_gradient: the plain losses differentiate this by autodiff.
+  new_max = lax.stop_gradient(jnp.maximum(state.max, jnp.max(masked, axis=axis)))
   tile_sum = jnp.sum(jnp.exp(masked - _along(new_max, axis)), axis=axis)
   return _Lse(new_max, state.sum * jnp.exp(state.max - new_max) + tile_sum)
 
@@ -212,7 +209,7 @@ def _lse_merge(a: _Lse, b: _Lse) -> _Lse:
 
 
 def _lse_value(state: _Lse) -> jax.Array:
-  return state.max + jnp.log(jnp.maximum(state.sum, _TINY))
+  return state.max + jnp.log(jnp.maximum(state.sum, _common.TINY))
 
 
 def _softmax_against(logits: jax.Array, lse: jax.Array, axis: int) -> jax.Array:
@@ -340,16 +337,9 @@ def _sweep(
 # Shared by the three losses: blocking, gradient accumulation, cotangents.
 
 
-def _tile_rows(block_size: int) -> int:
-  """Rows per tile side: ``block_size``, capped on CPU where bigger tiles fall out of cache."""
-  if jax.default_backend() == "cpu":
-    return min(block_size, _CPU_MAX_TILE_ROWS)
-  return block_size
-
-
 def _blocks(layout: Layout, anchor_arrays: tuple, column_arrays: tuple | None) -> tuple[_Rows, _Rows]:
   """Blocks both sides; ``column_arrays=None`` means the columns are the anchors (symmetric or ring)."""
-  block_size = _tile_rows(layout.block_size)
+  block_size = layout.block_size
 
   def rows(arrays: tuple) -> _Rows:
     if len(arrays) == 2:  # (embeddings, index): a loss without labels
@@ -414,7 +404,7 @@ def _gradient_tile(coupling_fn: Callable[[_Tile, Any, Any], jax.Array], matmul_d
   return tile_fn
 
 
-def _backward_sweep(
+def _gradient_sweep(
     layout: Layout,
     coupling_fn: Callable[[_Tile, Any, Any], jax.Array],
     anchor_arrays: tuple,
@@ -422,12 +412,15 @@ def _backward_sweep(
     anchor_stats: Any,
     column_stats: Any,
     temperature: jax.Array,
-    value_cotangent: jax.Array,
     logits: jax.Array | None,
-) -> tuple[tuple, tuple | None, jax.Array]:
-  """Accumulates ``Σ_k dLoss/dL_ik · c_k`` per row over every tile; returns the custom_vjp cotangents.
+) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+  """The gradient of the sums: ``Σ_k dSum/dL_ik · c_k`` per row, accumulated over every tile.
 
-  Tiles are recomputed, except a single resident tile whose ``logits`` the forward pass kept.
+  Tiles are recomputed, except a single resident tile whose ``logits`` the forward pass kept. Plain JAX (loops,
+  no custom rule of its own), so it can be differentiated again.
+
+  Returns:
+    ``(d/d anchor embeddings [n, dim], d/d column embeddings [m, dim] or None, d/dτ)``.
   """
   anchors, columns = _blocks(layout, anchor_arrays, column_arrays)
   dim = anchors.embeddings.shape[2]
@@ -435,22 +428,43 @@ def _backward_sweep(
   anchor_side, column_side = _sweep(
       layout, _gradient_tile(coupling_fn, layout.matmul_dtype), anchors, columns, carry, 1.0 / temperature, logits
   )
-  # L_ik = a_i·c_k / τ: each gradient row picks up 1/τ, and dLoss/dτ = -Σ_ik dLoss/dL_ik · L_ik / τ, where the sum
+  # L_ik = a_i·c_k / τ: each gradient row picks up 1/τ, and dSum/dτ = -Σ_ik dSum/dL_ik · L_ik / τ, where the sum
   # is Σ_i a_i · grad_i / τ over the anchor side; when both sides are the anchors' rows, half of it over both (a
   # diagonal tile puts both of its directions on the anchor side).
-  scale = value_cotangent / temperature
-  no_labels = (None,) * (len(anchor_arrays) - 1)
   if column_arrays is None:
     grad = anchor_side.grad + column_side.grad
     similarity_total = 0.5 * jnp.sum(anchors.embeddings * grad)
-    column_cotangent = None
+    column_grad = None
   else:
     grad = anchor_side.grad
     similarity_total = jnp.sum(anchors.embeddings * grad)
-    column_cotangent = (scale * _unblock(column_side.grad, column_arrays[0].shape[0]), *no_labels)
-  anchor_cotangent = (scale * _unblock(grad, anchor_arrays[0].shape[0]), *no_labels)
-  temperature_cotangent = -value_cotangent * similarity_total / jnp.square(temperature)
-  return anchor_cotangent, column_cotangent, temperature_cotangent
+    column_grad = _unblock(column_side.grad, column_arrays[0].shape[0]) / temperature
+  anchor_grad = _unblock(grad, anchor_arrays[0].shape[0]) / temperature
+  return anchor_grad, column_grad, -similarity_total / jnp.square(temperature)
+
+
+def _jvp_from_gradient(forward: Callable, gradient: Callable) -> Callable:
+  """The ``custom_jvp`` rule of a tiled sum: the value from ``forward``'s sweeps, the derivative from the gradient
+  sweep, ``tangent = Σ grad_embeddings · d embeddings + grad_τ · dτ``.
+
+  The tangent is linear in the tangents, so JAX transposes it for reverse mode: ``jax.grad`` runs the forward and
+  the gradient sweeps once each and scales the result, holding O(block² + N·dim) like the sweeps; ``jax.jvp`` and
+  ``jax.jacfwd`` work as well (a ``custom_vjp`` would refuse them). Labels and row indices have no tangent.
+  """
+
+  def rule(layout: Layout, primals: tuple, tangents: tuple) -> tuple[Any, Any]:
+    anchor_arrays, column_arrays, temperature = primals
+    anchor_tangent, column_tangent, temperature_tangent = tangents
+    outputs, residuals = forward(layout, anchor_arrays, column_arrays, temperature)
+    anchor_grad, column_grad, temperature_grad = gradient(layout, residuals)
+    derivative = jnp.sum(anchor_grad * anchor_tangent[0]) + temperature_grad * temperature_tangent
+    if column_grad is not None:
+      derivative = derivative + jnp.sum(column_grad * column_tangent[0])
+    if isinstance(outputs, tuple):  # (sum, count): the count has no derivative
+      return outputs, (derivative, jnp.zeros_like(outputs[1]))
+    return outputs, derivative
+
+  return rule
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -464,14 +478,14 @@ class _NtxentTerms(NamedTuple):
   count: jax.Array  # |P(i)|
 
 
-def _ntxent_masks(tile: _Tile) -> tuple[jax.Array, jax.Array]:
+def ntxent_masks(tile: _Tile) -> tuple[jax.Array, jax.Array]:
   """0/1 ``(negative, positive)`` masks of the tile."""
   valid, differ = tile.valid(), tile.differ_label()
   return valid * differ, valid * (1.0 - differ) * tile.distinct()
 
 
 def _negatives_tile(tile: _Tile, anchor_lse: _Lse, column_lse: _Lse | None) -> tuple[_Lse, _Lse | None]:
-  negative, _ = _ntxent_masks(tile)
+  negative, _ = ntxent_masks(tile)
   masked = _sink_masked(tile.logits, negative)
   anchor_lse = _lse_add(anchor_lse, masked, axis=1)
   if column_lse is not None:
@@ -491,7 +505,7 @@ def _add_positive_terms(terms: _NtxentTerms, logits: jax.Array, positive: jax.Ar
 
 
 def _positives_tile(tile: _Tile, anchor_terms: _NtxentTerms, column_terms: _NtxentTerms | None):
-  _, positive = _ntxent_masks(tile)
+  _, positive = ntxent_masks(tile)
 
   def accumulate(terms):
     anchor_terms, column_terms = terms
@@ -508,7 +522,7 @@ def _positives_tile(tile: _Tile, anchor_terms: _NtxentTerms, column_terms: _Ntxe
 
 def _ntxent_coupling(tile: _Tile, anchor_stats, column_stats) -> jax.Array:
   """dLoss/dL of the tile (before the 1/#pairs scale), both directions of each pair that count here."""
-  negative, positive = _ntxent_masks(tile)
+  negative, positive = ntxent_masks(tile)
 
   def direction(stats, mask: jax.Array, axis: int) -> jax.Array:
     negatives_lse, weight = stats
@@ -554,19 +568,17 @@ def _ntxent_forward(layout: Layout, anchor_arrays, column_arrays, temperature):
   return sums, (anchor_arrays, column_arrays, temperature, logits, negatives_lse, terms.weight)
 
 
-def _ntxent_backward(layout: Layout, residuals, cotangents):
+def _ntxent_gradient(layout: Layout, residuals):
   anchor_arrays, column_arrays, temperature, logits, negatives_lse, weight = residuals
-  value_cotangent, _ = cotangents
   anchors, _ = _blocks(layout, anchor_arrays, column_arrays)
   stats = (negatives_lse, weight)
   column_stats = stats if _mirrors(layout, anchors) else None
-  return _backward_sweep(
-      layout, _ntxent_coupling, anchor_arrays, column_arrays, stats, column_stats, temperature, value_cotangent,
-      logits,
+  return _gradient_sweep(
+      layout, _ntxent_coupling, anchor_arrays, column_arrays, stats, column_stats, temperature, logits
   )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def ntxent_sums(
     layout: Layout, anchor_arrays: tuple, column_arrays: tuple | None, temperature: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
@@ -586,7 +598,7 @@ def ntxent_sums(
   return _ntxent_forward(layout, anchor_arrays, column_arrays, temperature)[0]
 
 
-ntxent_sums.defvjp(_ntxent_forward, _ntxent_backward)
+ntxent_sums.defjvp(_jvp_from_gradient(_ntxent_forward, _ntxent_gradient))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -599,7 +611,7 @@ class _SupconTerms(NamedTuple):
   count: jax.Array  # |P(i)|
 
 
-def _supcon_masks(tile: _Tile) -> tuple[jax.Array, jax.Array]:
+def supcon_masks(tile: _Tile) -> tuple[jax.Array, jax.Array]:
   """0/1 ``(other, positive)`` masks: every other real row, and those of them with the anchor's label."""
   other = tile.valid() * tile.distinct()
   return other, other * (1.0 - tile.differ_label())
@@ -613,8 +625,17 @@ def _add_supcon_terms(terms: _SupconTerms, logits, masked, positive, axis: int) 
   )
 
 
+def supcon_totals(all_lse: jax.Array, positive_logits: jax.Array, count: jax.Array):
+  """``(Σ_i [ALL_i - mean_{p ∈ P(i)} L_ip], #{i : P(i) non-empty}, (has_positive, positive_share))`` from the
+  per-anchor ``ALL_i``, ``Σ_{p ∈ P(i)} L_ip`` and ``|P(i)|``; an anchor without positives adds 0."""
+  has_positive = (count > 0).astype(jnp.float32)
+  positive_share = has_positive / jnp.maximum(count, 1.0)
+  per_anchor = jnp.where(count > 0, all_lse - positive_share * positive_logits, 0.0)
+  return jnp.sum(per_anchor), jnp.sum(has_positive), (has_positive, positive_share)
+
+
 def _supcon_tile(tile: _Tile, anchor_terms: _SupconTerms, column_terms: _SupconTerms | None):
-  other, positive = _supcon_masks(tile)
+  other, positive = supcon_masks(tile)
   masked = _sink_masked(tile.logits, other)
   anchor_terms = _add_supcon_terms(anchor_terms, tile.logits, masked, positive, axis=1)
   if column_terms is not None:
@@ -625,7 +646,7 @@ def _supcon_tile(tile: _Tile, anchor_terms: _SupconTerms, column_terms: _SupconT
 
 
 def _supcon_coupling(tile: _Tile, anchor_stats, column_stats) -> jax.Array:
-  other, positive = _supcon_masks(tile)
+  other, positive = supcon_masks(tile)
 
   def direction(stats, mirror: jax.Array | float, axis: int) -> jax.Array:
     all_lse, has_positive, positive_share = stats
@@ -657,25 +678,20 @@ def _supcon_forward(layout: Layout, anchor_arrays, column_arrays, temperature):
         terms.count + column_terms.count,
     )
   all_lse = _lse_value(terms.lse)
-  has_positive = (terms.count > 0).astype(jnp.float32)
-  positive_share = has_positive / jnp.maximum(terms.count, 1.0)
-  per_anchor = jnp.where(terms.count > 0, all_lse - positive_share * terms.positive_logits, 0.0)
-  sums = (jnp.sum(per_anchor), jnp.sum(has_positive))
-  return sums, (anchor_arrays, column_arrays, temperature, logits, (all_lse, has_positive, positive_share))
+  total, count, (has_positive, positive_share) = supcon_totals(all_lse, terms.positive_logits, terms.count)
+  return (total, count), (anchor_arrays, column_arrays, temperature, logits, (all_lse, has_positive, positive_share))
 
 
-def _supcon_backward(layout: Layout, residuals, cotangents):
+def _supcon_gradient(layout: Layout, residuals):
   anchor_arrays, column_arrays, temperature, logits, stats = residuals
-  value_cotangent, _ = cotangents
   anchors, _ = _blocks(layout, anchor_arrays, column_arrays)
   column_stats = stats if _mirrors(layout, anchors) else None
-  return _backward_sweep(
-      layout, _supcon_coupling, anchor_arrays, column_arrays, stats, column_stats, temperature, value_cotangent,
-      logits,
+  return _gradient_sweep(
+      layout, _supcon_coupling, anchor_arrays, column_arrays, stats, column_stats, temperature, logits
   )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def supcon_sums(
     layout: Layout, anchor_arrays: tuple, column_arrays: tuple | None, temperature: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
@@ -693,7 +709,7 @@ def supcon_sums(
   return _supcon_forward(layout, anchor_arrays, column_arrays, temperature)[0]
 
 
-supcon_sums.defvjp(_supcon_forward, _supcon_backward)
+supcon_sums.defjvp(_jvp_from_gradient(_supcon_forward, _supcon_gradient))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -730,15 +746,14 @@ def _lse_forward(layout: Layout, anchor_arrays, column_arrays, temperature):
   return total, (anchor_arrays, column_arrays, temperature, logits, anchor_lse, column_lse)
 
 
-def _lse_backward(layout: Layout, residuals, value_cotangent):
+def _lse_gradient(layout: Layout, residuals):
   anchor_arrays, column_arrays, temperature, logits, anchor_lse, column_lse = residuals
-  return _backward_sweep(
-      layout, _lse_coupling, anchor_arrays, column_arrays, anchor_lse, column_lse, temperature, value_cotangent,
-      logits,
+  return _gradient_sweep(
+      layout, _lse_coupling, anchor_arrays, column_arrays, anchor_lse, column_lse, temperature, logits
   )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def lse_sums(layout: Layout, anchor_arrays: tuple, column_arrays: tuple, temperature: jax.Array) -> jax.Array:
   """Σ over the anchors of LSE_k L_ik against every column, plus Σ over the columns of LSE_i L_ik with mirror.
 
@@ -754,7 +769,35 @@ def lse_sums(layout: Layout, anchor_arrays: tuple, column_arrays: tuple, tempera
   return _lse_forward(layout, anchor_arrays, column_arrays, temperature)[0]
 
 
-lse_sums.defvjp(_lse_forward, _lse_backward)
+lse_sums.defjvp(_jvp_from_gradient(_lse_forward, _lse_gradient))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The whole matrix as one tile: the per-row math above, for the plain losses (mtcl_jax.losses._ntxent), which
+# differentiate it by autodiff.
+
+
+def one_positive_each(num_positives: jax.Array) -> jax.Array:
+  """Whether no anchor has more than one positive, where NT-Xent equals SupCon (and takes its one-sweep form)."""
+  return jnp.max(num_positives) <= 1.0
+
+
+def whole_matrix(embeddings: jax.Array, labels: jax.Array, logits: jax.Array) -> _Tile:
+  """The ``[N, N]`` ``logits`` of ``N`` rows against themselves as the single tile of a symmetric layout."""
+  rows = _Rows(embeddings, labels, _batch_index(labels.shape[0]), jnp.ones(labels.shape, jnp.float32))
+  return _Tile(rows, rows, logits, 0.0, True)
+
+
+def row_lse(tile: _Tile, mask: jax.Array) -> jax.Array:
+  """Each anchor's log-sum-exp over the entries of its row where ``mask`` is 1 (about MASK_VALUE where none is)."""
+  return _lse_value(_lse_add(_lse_init(tile.anchor), _sink_masked(tile.logits, mask), axis=1))
+
+
+def ntxent_pair_sums(tile: _Tile, negatives_lse: jax.Array, positive: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(Σ_i Σ_{j ∈ P(i)} softplus(NEG_i - L_ij), Σ_i |P(i)|)`` over the anchors of one tile."""
+  fresh = _NtxentTerms(negatives_lse, _zeros(tile.anchor), _zeros(tile.anchor), _zeros(tile.anchor))
+  terms = _add_positive_terms(fresh, tile.logits, positive, axis=1)
+  return jnp.sum(terms.value), jnp.sum(terms.count)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -785,8 +828,8 @@ def ntxent_tiled(
     embeddings: ``[N, dim]`` float32, L2-normalised rows.
     labels: ``[N]`` int32; rows with equal labels are positives.
     temperature: float32 scalar, may be traced (its gradient is returned).
-    block_size: at most this many rows per tile side; memory is O(block_size² + N·dim). On CPU tiles are capped
-      at 512 rows, which stay in cache (bigger ones run 1.4-4x slower there).
+    block_size: at most this many rows per tile side, on every backend; memory is O(block_size² + N·dim). On
+      CPU, tiles of 512 rows (1 MB, a core's cache) ran fastest in experiments/bench_losses.py.
     matmul_dtype: None (float32 products) or ``bfloat16`` (see :class:`Layout`).
 
   Returns:
@@ -804,7 +847,7 @@ def ntxent_tiled(
     return mean_or_zero(*sums(layout, (embeddings, labels, _batch_index(labels.shape[0])), None, temperature))
 
   return lax.cond(
-      jnp.max(num_positives) <= 1.0,
+      one_positive_each(num_positives),
       functools.partial(mean, supcon_sums),
       functools.partial(mean, ntxent_sums),
       embeddings,
@@ -824,7 +867,7 @@ def supcon_tiled(
     embeddings: ``[N, dim]`` float32, L2-normalised rows.
     labels: ``[N]`` int32.
     temperature: float32 scalar, may be traced.
-    block_size: at most this many rows per tile side (at most 512 on CPU).
+    block_size: at most this many rows per tile side.
     matmul_dtype: None (float32 products) or ``bfloat16`` (see :class:`Layout`).
 
   Returns:
@@ -852,7 +895,7 @@ def clip_tiled(
     a: ``[B, dim]`` float32, L2-normalised rows of one modality.
     b: ``[B, dim]`` float32, L2-normalised rows of the other; row ``i`` of each is a matched pair.
     temperature: float32 scalar, may be traced.
-    block_size: at most this many rows per tile side (at most 512 on CPU).
+    block_size: at most this many rows per tile side.
     matmul_dtype: None (float32 products) or ``bfloat16`` (see :class:`Layout`).
 
   Returns:

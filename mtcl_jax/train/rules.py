@@ -4,8 +4,9 @@ The rows of the contrastive loss are the batch's *items*: one row per row of eac
 has its own input (digits images, vowel recordings, ...) and the items are simply every task's rows; tasks
 that share an input (several label heads on one dataset) contribute each item once, as a group. Every rule sees
 the global batch: the groups' projections are concatenated in task order into ``z [N, P]``, whatever the
-number of devices. A rule's ``build`` returns the :class:`Rows` of one loss in :data:`LOSSES`;
-``mtcl_jax.train.steps`` computes that loss on them, replicated or with ``mtcl_jax.losses._sharded``.
+number of devices. A rule's ``build`` returns the :class:`Rows` its :class:`Loss` reads; ``mtcl_jax.train.steps``
+calls that loss on them (``rule.loss(rows, settings)``), replicated, or gives its function to
+``mtcl_jax.losses.sharded_loss``.
 
 ==================  ========  ==========================================================================
 rule                loss      positives of a row
@@ -24,11 +25,13 @@ rule                loss      positives of a row
 ==================  ========  ==========================================================================
 
 Adding a rule is adding a ``build`` function and one :data:`RULES` entry; the config's allowed values and the
-step's checks read the table.
+step's checks read the table. The config names a rule (``rule = "supcon"``); :data:`RULES` is the one place that
+turns the name into the entry, which holds the loss function itself.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -141,25 +144,6 @@ def view_rows(view_projections: Sequence[Mapping[str, jax.Array]], *, order: Seq
   return z, pairs.view_labels(z.shape[0] // len(view_projections), len(view_projections))
 
 
-def binary_infonce_loss(
-    key: jax.Array, z: jax.Array, group_ids: jax.Array, *, temperature: ArrayLike, num_triplets: int
-) -> jax.Array:
-  """The classic rule, literally: InfoNCE of sampled (anchor, same-task positive, other-task negative) triples.
-
-  Args:
-    key: this step's key.
-    z: ``[N, P]`` every group's rows.
-    group_ids: ``[N]`` task (group) id of each row.
-    temperature: τ, possibly traced.
-    num_triplets: triples per step (``pairs.sample_triplets``).
-
-  Returns:
-    float32 scalar, the mean over the triples.
-  """
-  anchor, positive, negative = pairs.sample_triplets(key, group_ids, num_triplets=num_triplets)
-  return jnp.mean(losses.binary_infonce(z[anchor], z[positive], z[negative], temperature=temperature))
-
-
 # ------------------------------------------------------------------------------------------------ the table
 
 
@@ -191,7 +175,7 @@ class RuleInputs(NamedTuple):
 
 
 class Rows(NamedTuple):
-  """The input of one loss in :data:`LOSSES`: rows ``[N, P]``, their labels, CLIP's partners, and validity.
+  """The input of a rule's :class:`Loss`: rows ``[N, P]``, their labels, CLIP's partners, and validity.
 
   ``valid`` (a bool scalar, or None for always) is False in a step with nothing to contrast: the term is then 0
   with no gradient.
@@ -203,38 +187,105 @@ class Rows(NamedTuple):
   valid: jax.Array | None = None
 
 
+class LossSettings(NamedTuple):
+  """What every loss call of a step gets besides its rows (each loss reads the fields it needs).
+
+  Attributes:
+    temperature: τ, possibly traced (learned).
+    key: the step's key, for the draws of a loss that samples its terms (binary InfoNCE's triples).
+    block_size: ``contrastive.block_size``: None for the plain softmax losses, an int for the tiled ones.
+    num_triplets: binary InfoNCE's triples per step.
+  """
+
+  temperature: jax.Array
+  key: jax.Array
+  block_size: int | None = None
+  num_triplets: int = 0
+
+
+def _labelled(fn: Callable, rows: Rows, settings: LossSettings) -> jax.Array:
+  return fn(rows.rows, rows.labels, temperature=settings.temperature, block_size=settings.block_size)
+
+
+def _paired(fn: Callable, rows: Rows, settings: LossSettings) -> jax.Array:
+  return fn(rows.rows, rows.paired, temperature=settings.temperature, block_size=settings.block_size)
+
+
+def _sampled_triplets(fn: Callable, rows: Rows, settings: LossSettings) -> jax.Array:
+  """The classic rule, literally: ``fn`` (InfoNCE) over sampled (anchor, same-task positive, other-task negative)
+  triples of the rows (``rows.labels``: each row's task or group id), averaged over the triples."""
+  anchor, positive, negative = pairs.sample_triplets(settings.key, rows.labels, num_triplets=settings.num_triplets)
+  z = rows.rows
+  return jnp.mean(fn(z[anchor], z[positive], z[negative], temperature=settings.temperature))
+
+
+class Loss(NamedTuple):
+  """A loss that rules feed: the public function, and how a rule's :class:`Rows` call it.
+
+  ``loss(rows, settings)`` is the one call shape of every entry, so the step needs no branch on which loss it is.
+
+  Attributes:
+    fn: the one-device function of :mod:`mtcl_jax.losses` (``losses.supcon``, ...); also what
+      ``mtcl_jax.losses.sharded_loss(..., loss=fn)`` takes, where it has a sharded form.
+    call: ``call(fn, rows, settings) -> float32 scalar``.
+  """
+
+  fn: Callable[..., jax.Array]
+  call: Callable[[Callable, Rows, LossSettings], jax.Array]
+
+  def __call__(self, rows: Rows, settings: LossSettings) -> jax.Array:
+    return self.call(self.fn, rows, settings)
+
+
+SUPCON = Loss(losses.supcon, _labelled)
+NTXENT = Loss(losses.ntxent, _labelled)
+CLIP = Loss(losses.clip, _paired)
+BINARY_INFONCE = Loss(losses.binary_infonce, _sampled_triplets)
+
+
 class Rule(NamedTuple):
   """One contrastive rule.
 
   Attributes:
-    loss: the loss its rows feed, one of :data:`LOSSES`.
+    loss: the :class:`Loss` its rows feed (:data:`SUPCON`, :data:`NTXENT`, :data:`CLIP`, :data:`BINARY_INFONCE`).
     build: ``build(inputs: RuleInputs) -> Rows``.
     views: whether the rule contrasts augmented views of the batch (the step encodes them).
     min_inputs: how many distinct inputs the run needs (contrasting tasks needs tasks that can be told apart).
   """
 
-  loss: str
+  loss: Loss
   build: Callable[[RuleInputs], Rows]
   views: bool = False
   min_inputs: int = 1
-
-
-LOSSES: tuple[str, ...] = ("supcon", "ntxent", "clip", "binary_infonce")
 
 
 def _group_ids(inputs: RuleInputs) -> dict[str, jax.Array]:
   return inputs.gather({rep: inputs.batch[rep]["task_id"] for rep in inputs.groups})
 
 
-def _supcon_rows(inputs: RuleInputs) -> Rows:
-  labels = {rep: item_labels(inputs.gather([inputs.batch[name]["y"] for name in members]))
-            for rep, members in inputs.groups.items()}
+def _supcon_rows(inputs: RuleInputs, *, views: bool = False) -> Rows:
+  """Task x class labels over the items, or with ``views`` over every view of them (SupCon over views).
+
+  An item whose label is hidden (``y = -1``, semi-supervised runs) gets a label of its own, so that its only
+  positives are its other views, as in SimCLR.
+  """
+  order = tuple(inputs.groups)
+  columns = {rep: inputs.gather([inputs.batch[name]["y"] for name in members]) for rep, members in inputs.groups.items()}
+  # A hidden label (-1) is hidden in every task of its input (mtcl_jax.data.hide_labels keeps rows per input).
+  hidden = concat_groups({rep: columns[rep][0] < 0 for rep in order}, order)
+  labels = {rep: item_labels([jnp.maximum(column, 0) for column in columns[rep]]) for rep in order}
   # Task x class labels need a bound on every group's labels: its class count, or its rows for a group.
   label_bound = max(inputs.num_classes[rep] if len(members) == 1 else inputs.batch[rep]["y"].shape[0]
                     for rep, members in inputs.groups.items())
-  rows, row_labels = group_rows("supcon", {rep: inputs.projections[rep] for rep in inputs.groups}, labels,
-                                _group_ids(inputs), order=tuple(inputs.groups), num_classes=label_bound)
-  return Rows(rows, row_labels)
+  ids = concat_groups(_group_ids(inputs), order)
+  known = pairs.task_class_labels(ids, concat_groups(labels, order), num_classes=label_bound)
+  # Task ids lie below the task count, so labels from here up are free: one per item whose label is hidden.
+  first_free = label_bound * sum(len(members) for members in inputs.groups.values())
+  item = jnp.where(hidden, first_free + jnp.arange(known.shape[0], dtype=known.dtype), known)
+  if not views:
+    return Rows(concat_groups({rep: inputs.projections[rep] for rep in order}, order), item)
+  rows, _ = view_rows(inputs.view_projections, order=order)
+  return Rows(rows, jnp.tile(item, len(inputs.view_projections)))
 
 
 def _task_rows(inputs: RuleInputs) -> Rows:
@@ -245,23 +296,6 @@ def _task_rows(inputs: RuleInputs) -> Rows:
 
 def _view_rows(inputs: RuleInputs) -> Rows:
   return Rows(*view_rows(inputs.view_projections, order=tuple(inputs.groups)))
-
-
-def _supcon_view_rows(inputs: RuleInputs) -> Rows:
-  order = tuple(inputs.groups)
-  columns = {rep: inputs.gather([inputs.batch[name]["y"] for name in members]) for rep, members in inputs.groups.items()}
-  # A hidden label (-1) is hidden in every task of its input (mtcl_jax.data.hide_labels keeps rows per input).
-  hidden = concat_groups({rep: columns[rep][0] < 0 for rep in order}, order)
-  labels = {rep: item_labels([jnp.maximum(column, 0) for column in columns[rep]]) for rep in order}
-  label_bound = max(inputs.num_classes[rep] if len(members) == 1 else inputs.batch[rep]["y"].shape[0]
-                    for rep, members in inputs.groups.items())
-  ids = concat_groups(_group_ids(inputs), order)
-  known = pairs.task_class_labels(ids, concat_groups(labels, order), num_classes=label_bound)
-  # Task ids lie below the task count, so labels from here up are free: one per item whose label is hidden.
-  first_free = label_bound * sum(len(members) for members in inputs.groups.values())
-  item = jnp.where(hidden, first_free + jnp.arange(known.shape[0], dtype=known.dtype), known)
-  rows, _ = view_rows(inputs.view_projections, order=order)
-  return Rows(rows, jnp.tile(item, len(inputs.view_projections)))
 
 
 def _clip_rows(inputs: RuleInputs) -> Rows:
@@ -282,12 +316,12 @@ def _triplet_rows(inputs: RuleInputs) -> Rows:
 
 
 RULES: dict[str, Rule] = {
-    "supcon": Rule("supcon", _supcon_rows),
-    "task_contrastive": Rule("supcon", _task_rows, min_inputs=2),
-    "ntxent": Rule("ntxent", _view_rows, views=True),
-    "supcon_views": Rule("supcon", _supcon_view_rows, views=True),
-    "clip": Rule("clip", _clip_rows, min_inputs=2),
-    "binary_infonce": Rule("binary_infonce", _triplet_rows, min_inputs=2),
+    "supcon": Rule(SUPCON, _supcon_rows),
+    "task_contrastive": Rule(SUPCON, _task_rows, min_inputs=2),
+    "ntxent": Rule(NTXENT, _view_rows, views=True),
+    "supcon_views": Rule(SUPCON, functools.partial(_supcon_rows, views=True), views=True),
+    "clip": Rule(CLIP, _clip_rows, min_inputs=2),
+    "binary_infonce": Rule(BINARY_INFONCE, _triplet_rows, min_inputs=2),
 }
 NO_RULE = "none"  # the contrastive.rule that turns the term off
 
@@ -310,7 +344,7 @@ def resolve(name: str, groups: Mapping[str, Sequence[str]], sources: Mapping[str
   rule = RULES[name]
   order = tuple(sources)
   pair = tuple(clip_tasks) if clip_tasks is not None else order[:2]
-  if rule.loss == "clip" and (len(pair) != 2 or len({sources.get(task) for task in pair}) != 2):
+  if rule.loss is CLIP and (len(pair) != 2 or len({sources.get(task) for task in pair}) != 2):
     raise ValueError(f"contrastive.rule='clip' pairs two tasks with different inputs; got {pair} "
                      f"with inputs {[sources.get(task) for task in pair]}")
   if len(groups) < rule.min_inputs:

@@ -7,7 +7,8 @@ A train step reads: batch -> per-objective losses -> balancing -> update.
   :attr:`Objectives.names` order. The contrastive rule comes from :data:`mtcl_jax.train.rules.RULES`; its loss
   sees the global batch: with ``contrastive.distributed = "replicate"`` the rows are constrained to replicated
   (XLA all-gathers them), ``"all_gather"`` and ``"ring"`` leave them sharded and call
-  ``mtcl_jax.losses._sharded.sharded_loss`` (binary InfoNCE draws a few triples and always gathers them).
+  ``mtcl_jax.losses._sharded.sharded_loss`` with the rule's loss function (a loss without a sharded form, binary
+  InfoNCE, draws a few triples and always gathers them).
 * **Balancing** (:func:`make_gradient_fn`): the config's ``mtl.method`` from :mod:`mtcl_jax.mtl`, applied by
   :func:`mtcl_jax.mtl.value_and_grad` — the same public transformation a user calls in their own loop. A loss
   method weights the objectives and the step back-propagates the weighted sum once (``"static"``: the plain sum,
@@ -162,18 +163,11 @@ def make_objectives(model: MultiTaskModel, config: ml_collections.ConfigDict, me
 
   def contrastive_loss(rows: rules.Rows, temperature: jax.Array, key: jax.Array) -> jax.Array:
     """The rule's loss on its rows, over the global batch."""
-    if rule.loss == "binary_infonce":
-      loss = rules.binary_infonce_loss(key, rows.rows, rows.labels, temperature=temperature,
-                                       num_triplets=contrastive.num_triplets)
-    elif contrastive.distributed == "replicate":
-      z, labels, paired = gather((rows.rows, rows.labels, rows.paired))
-      if rule.loss == "clip":
-        loss = losses.clip(z, paired, temperature=temperature, block_size=contrastive.block_size)
-      else:
-        loss_fn = {"ntxent": losses.ntxent, "supcon": losses.supcon}[rule.loss]
-        loss = loss_fn(z, labels, temperature=temperature, block_size=contrastive.block_size)
+    if contrastive.distributed == "replicate" or rule.loss.fn not in _sharded.LOSSES:
+      settings = rules.LossSettings(temperature, key, contrastive.block_size, contrastive.num_triplets)
+      loss = rule.loss(gather(rows), settings)
     else:
-      loss = _sharded.sharded_loss(rows.rows, rows.labels, mesh=mesh, loss=rule.loss,
+      loss = _sharded.sharded_loss(rows.rows, rows.labels, mesh=mesh, loss=rule.loss.fn,
                                    strategy=contrastive.distributed, temperature=temperature,
                                    block_size=contrastive.block_size, b=rows.paired)
     # A step with nothing to contrast (CLIP batches sharing no class) gives no loss and no gradient.
