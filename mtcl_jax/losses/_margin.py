@@ -147,7 +147,7 @@ def triplet_margin(
   else:
     # One anchor's [N, N] triplets at a time, batched to ~4M entries: O(N²) memory instead of O(N³).
     per_anchor = jax.lax.map(
-        lambda rows: _anchor_triplets(*rows, margin, mining),
+        lambda rows: _anchor_triplets(rows[0], rows[1], rows[2], margin, mining),
         (similarities, positive, ~same),
         batch_size=max(1, min(num_rows, 2**22 // max(num_rows * num_rows, 1))),
     )

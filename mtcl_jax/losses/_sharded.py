@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -129,12 +129,14 @@ def all_gather_loss(
   gather = functools.partial(lax.all_gather, axis_name=axis_name, tiled=True)
   all_index = gather(index)
   if loss is clip:
+    assert b is not None  # _prepare requires CLIP's partners
     a_to_b = _tiled.lse_sums(layout, (z, index), (gather(b), all_index), temperature)
     b_to_a = _tiled.lse_sums(layout, (b, index), (gather(z), all_index), temperature)
     local_sum = a_to_b + b_to_a - 2.0 * _clip_matched(z, b, temperature)
     value = lax.psum(local_sum, axis_name) / (2.0 * all_index.shape[0])
   else:
     sums = LOSSES[loss]
+    assert sums is not None  # every loss but CLIP has its sums
     total, count = sums(layout, (z, labels, index), (gather(z), gather(labels), all_index), temperature)
     value = _global_mean(total, count, axis_name)
   return _common.check_finite_result(name, value)
@@ -168,12 +170,14 @@ def ring_loss(
   )
   num_rows = z.shape[0] * lax.axis_size(axis_name)
   if loss is clip:
+    assert b is not None  # _prepare requires CLIP's partners
     layout = layout._replace(mirror=True, axis_name=axis_name)
     both_lse = _tiled.lse_sums(layout, (z, index), (b, index), temperature)
     local_sum = both_lse - 2.0 * _clip_matched(z, b, temperature)
     value = lax.psum(local_sum, axis_name) / (2.0 * num_rows)
   else:
     sums = LOSSES[loss]
+    assert sums is not None  # every loss but CLIP has its sums
     total, count = sums(layout._replace(axis_name=axis_name), (z, labels, index), None, temperature)
     value = _global_mean(total, count, axis_name)
   return _common.check_finite_result(name, value)
@@ -238,7 +242,7 @@ def sharded_loss(
   temperature = _common.check_positive("temperature", temperature, loss=f"sharded_loss(loss={_loss_name(loss)!r})")
   temperature = jax.device_put(temperature, replicated)
 
-  def per_device(rows: dict[str, jax.Array], temperature: jax.Array) -> jax.Array:
+  def per_device(rows: dict[str, Any], temperature: Any) -> jax.Array:
     return local_loss(
         **rows, loss=loss, temperature=temperature, axis_name=axis_name, block_size=block_size
     )

@@ -74,10 +74,12 @@ class _Rows(NamedTuple):
 
   embeddings: jax.Array  # [num_blocks, block, dim] float32
   labels: jax.Array  # [num_blocks, block] int32
-  index: jax.Array  # [num_blocks, block] int32: the row's position in the whole batch, -1 on padding
+  # [num_blocks, block] int32: the row's position in the whole batch, -1 on padding. (mypy: a field named like
+  # tuple.index.)
+  index: jax.Array  # type: ignore[assignment]
   valid: jax.Array  # [num_blocks, block] float32: 1 for a real row, 0 for padding
 
-  def block(self, i: jax.Array) -> _Rows:
+  def block(self, i: jax.Array | int) -> _Rows:
     return _Rows(*(lax.dynamic_index_in_dim(x, i, keepdims=False) for x in self))
 
 
@@ -119,7 +121,7 @@ def vary_like(tree: Any, reference: jax.Array) -> Any:
     missing = tuple(sorted(axes - _varying_axes(x)))
     if not missing:
       return x
-    return lax.pcast(x, missing, to="varying") if hasattr(lax, "pcast") else lax.pvary(x, missing)
+    return lax.pcast(x, missing, to="varying") if hasattr(lax, "pcast") else lax.pvary(x, missing)  # type: ignore[attr-defined]
 
   return jax.tree.map(cast, tree)
 
@@ -250,10 +252,10 @@ def _local_sweep(
 ) -> tuple[Any, Any]:
   num_anchor_blocks, num_column_blocks = anchors.index.shape[0], columns.index.shape[0]
   if symmetric:
-    anchor_ids, column_ids = np.triu_indices(num_anchor_blocks)
+    anchor_order, column_order = np.triu_indices(num_anchor_blocks)
   else:
-    anchor_ids, column_ids = np.divmod(np.arange(num_anchor_blocks * num_column_blocks), num_column_blocks)
-  anchor_ids, column_ids = jnp.asarray(anchor_ids, jnp.int32), jnp.asarray(column_ids, jnp.int32)
+    anchor_order, column_order = np.divmod(np.arange(num_anchor_blocks * num_column_blocks), num_column_blocks)
+  anchor_ids, column_ids = jnp.asarray(anchor_order, jnp.int32), jnp.asarray(column_order, jnp.int32)
 
   def visit(t: jax.Array, carry: tuple[Any, Any]) -> tuple[Any, Any]:
     anchor_state, column_state = carry
@@ -263,6 +265,8 @@ def _local_sweep(
       logits = _tile_logits(anchor, column, inv_temperature, matmul_dtype)
     else:
       logits = single_tile_logits
+    mirror_here: float | jax.Array
+    diagonal: bool | jax.Array
     if not symmetric:
       mirror_here, diagonal = float(mirror), False
     elif num_anchor_blocks == 1:
@@ -345,7 +349,8 @@ def _blocks(layout: Layout, anchor_arrays: tuple, column_arrays: tuple | None) -
     if len(arrays) == 2:  # (embeddings, index): a loss without labels
       embeddings, index = arrays
       return _to_rows(embeddings, jnp.zeros_like(index), index, block_size)
-    return _to_rows(*arrays, block_size)
+    embeddings, labels, index = arrays
+    return _to_rows(embeddings, labels, index, block_size)
 
   anchors = rows(anchor_arrays)
   return anchors, anchors if column_arrays is None else rows(column_arrays)
@@ -475,7 +480,7 @@ class _NtxentTerms(NamedTuple):
   negatives_lse: jax.Array  # NEG_i, read only
   value: jax.Array  # Σ_j softplus(NEG_i - L_ij) over i's positives j
   weight: jax.Array  # Σ_j sigmoid(NEG_i - L_ij) = dValue/dNEG_i
-  count: jax.Array  # |P(i)|
+  count: jax.Array  # type: ignore[assignment]  # |P(i)| (mypy: a field named like tuple.count)
 
 
 def ntxent_masks(tile: _Tile) -> tuple[jax.Array, jax.Array]:
@@ -560,8 +565,8 @@ def _ntxent_forward(layout: Layout, anchor_arrays, column_arrays, temperature):
   def fresh_terms() -> _NtxentTerms:
     return _NtxentTerms(negatives_lse, _zeros(anchors), _zeros(anchors), _zeros(anchors))
 
-  carry = (fresh_terms(), fresh_terms() if mirror else None)
-  terms, column_terms = _sweep(layout, _positives_tile, anchors, columns, carry, inv_temperature, logits)
+  terms_carry = (fresh_terms(), fresh_terms() if mirror else None)
+  terms, column_terms = _sweep(layout, _positives_tile, anchors, columns, terms_carry, inv_temperature, logits)
   if mirror:
     terms = _NtxentTerms(negatives_lse, *(a + b for a, b in zip(terms[1:], column_terms[1:], strict=True)))
   sums = (jnp.sum(terms.value), jnp.sum(terms.count))
@@ -608,7 +613,7 @@ ntxent_sums.defjvp(_jvp_from_gradient(_ntxent_forward, _ntxent_gradient))
 class _SupconTerms(NamedTuple):
   lse: _Lse
   positive_logits: jax.Array  # Σ_{p ∈ P(i)} L_ip
-  count: jax.Array  # |P(i)|
+  count: jax.Array  # type: ignore[assignment]  # |P(i)| (mypy: a field named like tuple.count)
 
 
 def supcon_masks(tile: _Tile) -> tuple[jax.Array, jax.Array]:

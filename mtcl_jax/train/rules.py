@@ -130,7 +130,8 @@ def group_rows(
   raise ValueError(f"group_rows handles 'supcon' and 'task_contrastive'; got {rule!r}")
 
 
-def view_rows(view_projections: Sequence[Mapping[str, jax.Array]], *, order: Sequence[str]) -> tuple[jax.Array, jax.Array]:
+def view_rows(view_projections: Sequence[Mapping[str, jax.Array]], *, order: Sequence[str]
+              ) -> tuple[jax.Array, jax.Array]:
   """The rows and labels of NT-Xent over augmented views: row ``v * N + i`` is view ``v`` of item ``i``.
 
   Args:
@@ -158,7 +159,7 @@ class RuleInputs(NamedTuple):
     batch: the step's batch ``{task: {"x", "y", "task_id", "mask"?}}``.
     groups: ``{representative: (tasks...)}``: the tasks reading each input, in task order, keyed by the first.
     num_classes: ``{task: classes}``.
-    clip_tasks: the two tasks CLIP pairs.
+    clip_tasks: the two tasks CLIP pairs (checked by :func:`resolve` for the CLIP rule).
     num_pairs: CLIP's pairs per step, or None for the smaller of the two batches.
     gather: constrains a pytree to replicated: the global batch on every device.
   """
@@ -169,7 +170,7 @@ class RuleInputs(NamedTuple):
   batch: Mapping[str, Mapping[str, jax.Array]]
   groups: Mapping[str, Sequence[str]]
   num_classes: Mapping[str, int]
-  clip_tasks: tuple[str, str]
+  clip_tasks: tuple[str, ...]
   num_pairs: int | None
   gather: Callable[[Any], Any]
 
@@ -214,6 +215,7 @@ def _paired(fn: Callable, rows: Rows, settings: LossSettings) -> jax.Array:
 def _sampled_triplets(fn: Callable, rows: Rows, settings: LossSettings) -> jax.Array:
   """The classic rule, literally: ``fn`` (InfoNCE) over sampled (anchor, same-task positive, other-task negative)
   triples of the rows (``rows.labels``: each row's task or group id), averaged over the triples."""
+  assert rows.labels is not None  # the triplet rule's rows always carry their task ids
   anchor, positive, negative = pairs.sample_triplets(settings.key, rows.labels, num_triplets=settings.num_triplets)
   z = rows.rows
   return jnp.mean(fn(z[anchor], z[positive], z[negative], temperature=settings.temperature))
@@ -270,7 +272,8 @@ def _supcon_rows(inputs: RuleInputs, *, views: bool = False) -> Rows:
   positives are its other views, as in SimCLR.
   """
   order = tuple(inputs.groups)
-  columns = {rep: inputs.gather([inputs.batch[name]["y"] for name in members]) for rep, members in inputs.groups.items()}
+  columns = {rep: inputs.gather([inputs.batch[name]["y"] for name in members])
+             for rep, members in inputs.groups.items()}
   # A hidden label (-1) is hidden in every task of its input (mtcl_jax.data.hide_labels keeps rows per input).
   hidden = concat_groups({rep: columns[rep][0] < 0 for rep in order}, order)
   labels = {rep: item_labels([jnp.maximum(column, 0) for column in columns[rep]]) for rep in order}
@@ -327,7 +330,7 @@ NO_RULE = "none"  # the contrastive.rule that turns the term off
 
 
 def resolve(name: str, groups: Mapping[str, Sequence[str]], sources: Mapping[str, str],
-            clip_tasks: Sequence[str] | None) -> tuple[Rule, tuple[str, str]]:
+            clip_tasks: Sequence[str] | None) -> tuple[Rule, tuple[str, ...]]:
   """The table entry of rule ``name``, checked against the run's inputs, and CLIP's two tasks.
 
   Args:

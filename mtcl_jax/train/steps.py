@@ -112,18 +112,19 @@ def make_objectives(model: MultiTaskModel, config: ml_collections.ConfigDict, me
   modality = {task.name: task.modality for task in model.tasks}
   source = {task.name: task.source for task in model.tasks}
   # Contrastive rows are items: tasks sharing an input form one group, represented by its first task.
-  groups: dict[str, list[str]] = {}
+  by_source: dict[str, list[str]] = {}
   for task in model.tasks:
-    groups.setdefault(task.source, []).append(task.name)
-  groups = {members[0]: tuple(members) for members in groups.values()}
+    by_source.setdefault(task.source, []).append(task.name)
+  groups = {members[0]: tuple(members) for members in by_source.values()}
   representative_of = {name: rep for rep, members in groups.items() for name in members}
-  rule = None
+  rule: rules.Rule | None = None
+  clip_tasks: tuple[str, ...] = ()
   if contrastive.rule != rules.NO_RULE:
     rule, clip_tasks = rules.resolve(contrastive.rule, groups, source, contrastive.clip_tasks)
   use_contrastive = CONTRASTIVE in names
   task_weights = {name: config.classification.weight * float(config.classification.task_weights.get(name, 1.0))
                   for name in names if name != CONTRASTIVE}
-  use_views = use_contrastive and rule.views
+  use_views = use_contrastive and rule is not None and rule.views
   # Semi-supervised runs carry rows whose label is hidden (y = -1): cross-entropy and accuracy skip them.
   hidden_labels = config.data.unlabelled == "views" and config.data.label_fraction < 1
   replicated = parallel.replicated(mesh)
@@ -136,13 +137,14 @@ def make_objectives(model: MultiTaskModel, config: ml_collections.ConfigDict, me
 
   def augmented_views(key: jax.Array, batch: Batch) -> list[dict[str, dict[str, jax.Array]]]:
     """``num_views`` batches of augmented inputs of each group, ``{representative: {"x", "mask"?}}``."""
-    views = [{} for _ in range(contrastive.num_views)]
+    views: list[dict[str, dict[str, jax.Array]]] = [{} for _ in range(contrastive.num_views)]
     for index, name in enumerate(groups):
       task_batch = batch[name]
-      make_views = functools.partial(augment.make_views, modality=modality[name], num_views=contrastive.num_views)
       task_key = jax.random.fold_in(key, index)
       mask = {"mask": task_batch["mask"]} if "mask" in task_batch else {}
-      stacked = jax.lax.with_sharding_constraint(make_views(task_key, task_batch["x"], **mask), views_sharding)
+      stacked = jax.lax.with_sharding_constraint(
+          augment.make_views(task_key, task_batch["x"], modality=modality[name], num_views=contrastive.num_views,
+                             mask=task_batch.get("mask")), views_sharding)
       for view in range(contrastive.num_views):
         views[view][name] = {"x": stacked[view], **mask}
     return views
@@ -150,8 +152,8 @@ def make_objectives(model: MultiTaskModel, config: ml_collections.ConfigDict, me
   def inputs(key: jax.Array, batch: Batch) -> dict[str, Any]:
     # One entry per input: tasks sharing an input share its features (one leaf, so a method balancing feature
     # gradients sees every objective's gradient of the same array).
-    encoder_inputs = {"batch": {rep: {key: value for key, value in batch[rep].items() if key in ("x", "mask")}
-                                for rep in groups}}
+    encoder_inputs: dict[str, Any] = {
+        "batch": {rep: {key: value for key, value in batch[rep].items() if key in ("x", "mask")} for rep in groups}}
     if use_views:
       encoder_inputs["views"] = augmented_views(key, batch)
     return encoder_inputs
@@ -163,6 +165,7 @@ def make_objectives(model: MultiTaskModel, config: ml_collections.ConfigDict, me
 
   def contrastive_loss(rows: rules.Rows, temperature: jax.Array, key: jax.Array) -> jax.Array:
     """The rule's loss on its rows, over the global batch."""
+    assert rule is not None  # only a run with a contrastive rule has a contrastive objective
     if contrastive.distributed == "replicate" or rule.loss.fn not in _sharded.LOSSES:
       settings = rules.LossSettings(temperature, key, contrastive.block_size, contrastive.num_triplets)
       loss = rule.loss(gather(rows), settings)
@@ -183,7 +186,7 @@ def make_objectives(model: MultiTaskModel, config: ml_collections.ConfigDict, me
     if task_weights:
       batch_features = {name: features["batch"][representative_of[name]] for name in task_weights}
       head_input = jax.lax.stop_gradient(batch_features) if stage == "heads" else batch_features
-      logits = model.apply(params, head_input, method=MultiTaskModel.classify)
+      logits: Any = model.apply(params, head_input, method=MultiTaskModel.classify)
       for name, weight in task_weights.items():
         labels = batch[name]["y"]
         correct = (jnp.argmax(logits[name], axis=-1) == labels).astype(jnp.float32)
@@ -201,9 +204,10 @@ def make_objectives(model: MultiTaskModel, config: ml_collections.ConfigDict, me
         metrics[f"train/{name}/accuracy"] = 100.0 * accuracy
       metrics["classification_loss"] = functools.reduce(jnp.add, entries.values())
     if use_contrastive:
-      projections = model.apply(params, features["batch"], method=MultiTaskModel.project)
-      view_projections = [model.apply(params, view, method=MultiTaskModel.project)
-                          for view in features.get("views", ())]
+      assert rule is not None
+      projections: Any = model.apply(params, features["batch"], method=MultiTaskModel.project)
+      view_projections: list[Any] = [model.apply(params, view, method=MultiTaskModel.project)
+                                     for view in features.get("views", ())]
       rule_inputs = rules.RuleInputs(
           key=key, projections={name: projections[representative_of[name]] for name in representative_of},
           view_projections=view_projections, batch=batch, groups=groups, num_classes=num_classes,
@@ -289,7 +293,7 @@ def make_gradient_fn(
       del key, batch
       return objectives.encode(trainable[0], _select_input(encoder_inputs, representative))
 
-    features_fn = {rep: functools.partial(encode_part, representative=rep) for rep in inputs_read}
+    features_fn: Any = {rep: functools.partial(encode_part, representative=rep) for rep in inputs_read}
     reads = objectives.reads
 
     def objectives_fn(trainable, features_by_input, *args):
@@ -375,10 +379,11 @@ def make_eval_step(
   """
 
   def eval_step(params: Any, batch: Batch) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
-    features = model.apply(params, batch, method=MultiTaskModel.encode)
+    features: Any = model.apply(params, batch, method=MultiTaskModel.encode)
     by_source = {task.source: features[task.name] for task in model.tasks if task.name in batch}
     head_inputs = {task.name: by_source[task.source] for task in model.tasks if task.source in by_source}
-    return features, model.apply(params, head_inputs, method=MultiTaskModel.classify)
+    logits: Any = model.apply(params, head_inputs, method=MultiTaskModel.classify)
+    return features, logits
 
   return jax.jit(
       eval_step,
