@@ -2,11 +2,15 @@
 
 Build, warnings as errors, from the repository root:
   python -m sphinx -W --keep-going -b html docs docs/_build/html
-  python -m sphinx -b doctest docs docs/_build/doctest      # the docstrings' examples, run
+
+The docstrings' examples run as doctests in their modules' namespaces, through pytest (BUILD.md, "Documentation"):
+  python -m pytest -n 0 -q --doctest-modules mtcl_jax/losses mtcl_jax/mtl ...
 """
 
 import pathlib
 import sys
+
+import sphinx.util.inspect
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the checkout's mtcl_jax, installed or not
@@ -18,8 +22,6 @@ copyright = "the mtcl_jax authors"
 extensions = [
     "myst_parser",
     "sphinx.ext.autodoc",
-    "sphinx.ext.autosummary",
-    "sphinx.ext.doctest",
     "sphinx.ext.napoleon",
     "sphinx.ext.viewcode",
 ]
@@ -27,8 +29,7 @@ source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
 exclude_patterns = ["_build"]
 root_doc = "index"
 
-# MyST: ```{directive} blocks, $-free markdown, heading anchors for the pages' links to one another.
-myst_enable_extensions = ["colon_fence", "deflist"]
+# Heading anchors, so a page can link to a section of another (guides/data.md#bring-your-own-data).
 myst_heading_anchors = 3
 
 # Google-style docstrings (Args:, Returns:, Raises:, Examples:).
@@ -41,10 +42,12 @@ autodoc_member_order = "bysource"
 autodoc_typehints = "description"
 autodoc_typehints_format = "short"
 autodoc_preserve_defaults = True
-
-# The docstrings' >>> examples are doctests: `-b doctest` runs every one of them.
-doctest_global_setup = "import jax\nimport jax.numpy as jnp\nimport numpy as np"
-doctest_test_doctest_blocks = "default"
+# Annotations are strings (``from __future__ import annotations``): keep the array aliases' names instead of
+# expanding ``ArrayLike`` into its eight member types on every parameter.
+autodoc_type_aliases = {"ArrayLike": "ArrayLike", "DTypeLike": "DTypeLike"}
+# Sphinx 9.0 writes an alias inside a union (``ArrayLike | None``) by its repr, "TypeAliasForwardRef('ArrayLike')";
+# its name is what a reader should see.
+sphinx.util.inspect.TypeAliasForwardRef.__repr__ = lambda self: self.name
 
 html_theme = "furo"
 html_title = "mtcl_jax"
