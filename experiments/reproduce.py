@@ -277,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   scores = {(run.key, seed): _scores(reports[(run.key, seed)], run)
             for run in _runs_needed(old_tables) for seed in args.seeds}
   for name in old_tables:
-    _publish(name, table_rows(name, scores, args.seeds), args, anchors=ANCHORS)
+    _publish(name, table_rows(name, scores, args.seeds), args)
 
   # The regime tables: the balancing methods are chosen first (on a validation split), then every line runs.
   selected: list[str] = []

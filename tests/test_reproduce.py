@@ -51,7 +51,7 @@ def test_mini_reproduction_writes_every_table(tmp_path, capsys):
   assert simclr and all(row["method"].endswith("linear probe") for row in simclr)
   assert "## joint" in capsys.readouterr().out
   page = (tmp_path / "pages" / "joint.md").read_text()
-  assert page.startswith(f"# {reproduce.PAGES['joint'][0]}\n") and tables.markdown_table(joint) in page
+  assert page.startswith(f"# {reproduce.PAGES['joint'][0]}\n") and tables.markdown_table(joint, anchors=reproduce.ANCHORS) in page
 
 
 def test_committed_results_pages_are_what_render_only_writes_from_the_results_files(tmp_path):
