@@ -199,30 +199,33 @@ def table_rows(name: str, scores: dict[tuple[str, int], dict], seeds: Sequence[i
 DEFAULT_TABLES = ["digits", "mnist1d", "japanese_vowels", *regimes.TABLE_NAMES]
 # Each table's page: its title and what its rows are. Seeds, means and p-values come from the results file.
 PAGES: dict[str, tuple[str, str]] = {
-    "digits": ("digits", "The single-task model on scikit-learn's 8×8 digits (1000 steps), its head and a linear "
-               "probe on the frozen trunk features, beside the classical anchors."),
-    "mnist1d": ("MNIST-1D", "The single-task models on MNIST-1D (1000 steps): SupCon + CE, and SimCLR (augmented "
-                "views only, no labels) read by a linear probe."),
+    "digits": ("digits", (
+        "The single-task model on scikit-learn's 8×8 digits (1000 steps), its head and a linear probe on the "
+        "frozen trunk features, beside the classical anchors.")),
+    "mnist1d": ("MNIST-1D", (
+        "The single-task models on MNIST-1D (1000 steps): SupCon + CE, and SimCLR (augmented views only, no "
+        "labels) read by a linear probe.")),
     "japanese_vowels": ("JapaneseVowels", "The single-task model on aeon's JapaneseVowels speakers (1000 steps)."),
-    "joint": ("All three jointly, one shared encoder", "digits, JapaneseVowels and MNIST-1D on one encoder with "
-              "SupCon over task × class (1000 steps); Δm of accuracy against the single-task models of the same "
-              "code and budget."),
-    "ablation": ("Ablation of the pair rule on the joint model", "The joint model of the three datasets with each "
-                 "pair rule, and without a contrastive term or without cross-entropy (1000 steps)."),
-    "scarcity": ("Label scarcity (three tasks, three modalities, one encoder)", "The joint model when each task "
-                 "keeps 1%, 5%, 10% or 100% of its training labels (`data.label_fraction`; 200 steps). "
-                 "`(p=…)`: a paired t-test across seeds against multi-task CE at the same fraction; for Δm, a "
-                 "t-test of Δm (accuracy, against single-task CE at the same fraction) against 0."),
-    "interference": ("Task interference (`multi_digits`: two heads on one input)", "The left and the right digit "
-                     "of one canvas, two heads on one encoder, all labels (200 steps); p-values as in the "
-                     "label-scarcity table."),
-    "balancing_selection": ("Choosing the balancing methods (validation split)", "Every balancing method with "
-                            "SupCon at 10% labels, scored on a validation split held out of the training rows "
-                            "(`data.validation_fraction=0.2`); the two best by mean head accuracy, marked "
-                            "*(selected)*, are the balancing lines of the other regime tables."),
+    "joint": ("All three jointly, one shared encoder", (
+        "digits, JapaneseVowels and MNIST-1D on one encoder with SupCon over task × class (1000 steps); Δm of "
+        "accuracy against the single-task models of the same code and budget.")),
+    "ablation": ("Ablation of the pair rule on the joint model", (
+        "The joint model of the three datasets with each pair rule, and without a contrastive term or without "
+        "cross-entropy (1000 steps).")),
+    "scarcity": ("Label scarcity (three tasks, three modalities, one encoder)", (
+        "The joint model when each task keeps 1%, 5%, 10% or 100% of its training labels "
+        "(`data.label_fraction`; 200 steps). `(p=…)`: a paired t-test across seeds against multi-task CE at the "
+        "same fraction; for Δm, a t-test of Δm (accuracy, against single-task CE at the same fraction) against 0.")),
+    "interference": ("Task interference (`multi_digits`: two heads on one input)", (
+        "The left and the right digit of one canvas, two heads on one encoder, all labels (200 steps); p-values "
+        "as in the label-scarcity table.")),
+    "balancing_selection": ("Choosing the balancing methods (validation split)", (
+        "Every balancing method with SupCon at 10% labels, scored on a validation split held out of the training "
+        "rows (`data.validation_fraction=0.2`); the two best by mean head accuracy, marked *(selected)*, are the "
+        "balancing lines of the other regime tables.")),
 }
-FIGURES = {"scarcity": ("scarcity_accuracy.png", "Test accuracy against the fraction of training labels kept, per "
-                        "task and method, mean ± std over the seeds")}
+FIGURES = {"scarcity": ("scarcity_accuracy.png", (
+    "Test accuracy against the fraction of training labels kept, per task and method, mean ± std over the seeds"))}
 # --mini: the regime tables at the smoke config's size (their 300-step budget replaced).
 MINI_REGIME_OVERRIDES = ("train.num_steps=6", "train.log_every=3", "train.checkpoint_every=6")
 
@@ -329,13 +332,13 @@ def render_page(name: str, markdown: str, rows: Sequence[dict[str, Any]], *, fig
   """
   title, what = PAGES[name]
   seeds = sorted({seed for row in rows for seed in row["seeds"]})
+  provenance = (f"Mean ± sample std over seeds {', '.join(map(str, seeds))}; accuracy and macro-F1 in percent. "
+                f"Results file: `experiments/results/{name}.json`; trained by `python experiments/reproduce.py "
+                f"--tables {name}`, this page rewritten from the file by `python experiments/reproduce.py "
+                f"--render-only --tables {name}`.")
   lines = [f"# {title}", "",
-           "<!-- Written by experiments/reproduce.py from experiments/results/" f"{name}.json; do not edit. -->", "",
-           what, "",
-           f"Mean ± sample std over seeds {', '.join(map(str, seeds))}; accuracy and macro-F1 in percent. Results "
-           f"file: `experiments/results/{name}.json`; trained by `python experiments/reproduce.py --tables {name}`, "
-           f"this page rewritten from the file by `python experiments/reproduce.py --render-only --tables {name}`.",
-           ""]
+           f"<!-- Written by experiments/reproduce.py from experiments/results/{name}.json; do not edit. -->", "",
+           what, "", provenance, ""]
   if name in FIGURES:
     figure, caption = FIGURES[name]
     lines += [f"![{caption}]({pathlib.PurePath(figure_dir, figure).as_posix()})", ""]

@@ -23,7 +23,7 @@ def test_the_site_builds_with_warnings_as_errors(tmp_path):
   pytest.importorskip("myst_parser")
   pytest.importorskip("furo")
   built = subprocess.run([sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html",
-                          str(REPO / "docs"), str(tmp_path / "html")], capture_output=True, text=True)
+                          str(REPO / "docs"), str(tmp_path / "html")], capture_output=True, text=True, check=False)
   assert built.returncode == 0, built.stderr
   api = (tmp_path / "html" / "api" / "losses.html").read_text()
   assert "mtcl_jax.losses.supcon" in api  # the reference is rendered from the docstrings, not left empty
