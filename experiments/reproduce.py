@@ -1,10 +1,11 @@
-"""Reproduces the README's benchmark tables (shared/BENCHMARKS.md §2) from committed configs and seeds.
+"""Reproduces the benchmark tables of the documentation's results pages from committed configs and seeds.
 
 Every run is the trainer's own ``train_and_evaluate`` on ``experiments/configs/default.py`` with the overrides
 below, so the numbers come from exactly the code users run. Each table is trained over several seeds; results go
 to ``experiments/results/<table>.json`` as rows ``{"dataset", "method", "metric", "mean", "std", "seeds"}``
-(accuracy and macro-F1 in percent, Δm in percent) and the README's table sections are regenerated from those
-files, each with its anchor beside it.
+(accuracy and macro-F1 in percent, Δm in percent), and each table's page ``docs/results/<table>.md`` is
+written from that file, each dataset with its anchor beside it. ``--render-only`` rewrites the pages from the
+committed results files without training.
 
 The regime tables (``balancing_selection``, ``scarcity``, ``interference``: label scarcity and task interference,
 where the answer is not saturated) are described in ``experiments/regimes.py``; ``scarcity`` also writes
@@ -15,6 +16,7 @@ Commands:
   python experiments/reproduce.py --tables digits --seeds 0
   python experiments/reproduce.py --tables joint ablation   # the older 1000-step joint tables (not in the default)
   python experiments/reproduce.py --mini                   # CI miniature: smoke-sized model, one seed, temp dir
+  python experiments/reproduce.py --render-only            # every page from experiments/results/*.json, no training
 
 Single-task baselines for Δm are the runs of the ``digits``, ``mnist1d`` (SupCon) and ``japanese_vowels`` tables:
 same code, same steps and same per-task batch size as the joint model. Tables ``joint`` and ``ablation`` reuse
@@ -28,6 +30,7 @@ import concurrent.futures
 import dataclasses
 import json
 import multiprocessing
+import os
 import pathlib
 import sys
 import time
@@ -45,7 +48,7 @@ import regimes  # noqa: E402
 DEFAULT_CONFIG = REPO / "experiments" / "configs" / "default.py"
 SMOKE_CONFIG = REPO / "experiments" / "configs" / "smoke.py"
 RESULTS_DIR = REPO / "experiments" / "results"
-README = REPO / "README.md"
+PAGES_DIR = REPO / "docs" / "results"
 
 # Shared by every run of the reproduction, so single-task and joint models get the same budget.
 COMMON_OVERRIDES = ("eval.probes=('linear',)", "eval.plots=False", "train.eval_every=0")
@@ -192,8 +195,37 @@ def table_rows(name: str, scores: dict[tuple[str, int], dict], seeds: Sequence[i
 
 
 # The default reproduction: the single-dataset tables and the regime tables. The 1000-step joint and ablation
-# tables (every method at 98.5-99.3%) stay reproducible by name; their committed results are in the README.
+# tables (every method at 98.5-99.3%) stay reproducible by name; their committed results keep their pages.
 DEFAULT_TABLES = ["digits", "mnist1d", "japanese_vowels", *regimes.TABLE_NAMES]
+# Each table's page: its title and what its rows are. Seeds, means and p-values come from the results file.
+PAGES: dict[str, tuple[str, str]] = {
+    "digits": ("digits", (
+        "The single-task model on scikit-learn's 8×8 digits (1000 steps), its head and a linear probe on the "
+        "frozen trunk features, beside the classical anchors.")),
+    "mnist1d": ("MNIST-1D", (
+        "The single-task models on MNIST-1D (1000 steps): SupCon + CE, and SimCLR (augmented views only, no "
+        "labels) read by a linear probe.")),
+    "japanese_vowels": ("JapaneseVowels", "The single-task model on aeon's JapaneseVowels speakers (1000 steps)."),
+    "joint": ("All three jointly, one shared encoder", (
+        "digits, JapaneseVowels and MNIST-1D on one encoder with SupCon over task × class (1000 steps); Δm of "
+        "accuracy against the single-task models of the same code and budget.")),
+    "ablation": ("Ablation of the pair rule on the joint model", (
+        "The joint model of the three datasets with each pair rule, and without a contrastive term or without "
+        "cross-entropy (1000 steps).")),
+    "scarcity": ("Label scarcity (three tasks, three modalities, one encoder)", (
+        "The joint model when each task keeps 1%, 5%, 10% or 100% of its training labels "
+        "(`data.label_fraction`; 200 steps). `(p=…)`: a paired t-test across seeds against multi-task CE at the "
+        "same fraction; for Δm, a t-test of Δm (accuracy, against single-task CE at the same fraction) against 0.")),
+    "interference": ("Task interference (`multi_digits`: two heads on one input)", (
+        "The left and the right digit of one canvas, two heads on one encoder, all labels (200 steps); p-values "
+        "as in the label-scarcity table.")),
+    "balancing_selection": ("Choosing the balancing methods (validation split)", (
+        "Every balancing method with SupCon at 10% labels, scored on a validation split held out of the training "
+        "rows (`data.validation_fraction=0.2`); the two best by mean head accuracy, marked *(selected)*, are the "
+        "balancing lines of the other regime tables.")),
+}
+FIGURES = {"scarcity": ("scarcity_accuracy.png", (
+    "Test accuracy against the fraction of training labels kept, per task and method, mean ± std over the seeds"))}
 # --mini: the regime tables at the smoke config's size (their 300-step budget replaced).
 MINI_REGIME_OVERRIDES = ("train.num_steps=6", "train.log_every=3", "train.checkpoint_every=6")
 
@@ -212,24 +244,31 @@ def _runs_needed(names: Sequence[str]) -> list[Run]:
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--tables", nargs="+", choices=sorted([*TABLES, *regimes.TABLE_NAMES]),
-                      default=DEFAULT_TABLES)
+                      help="default: the default reproduction; with --render-only, every table")
   parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
   parser.add_argument("--workdir", type=pathlib.Path, default=REPO / "workdirs" / "reproduce",
                       help="run directories; a run whose report.json exists there is not trained again")
   parser.add_argument("--results-dir", type=pathlib.Path, default=RESULTS_DIR)
-  parser.add_argument("--readme", default=str(README), help="README whose table sections to update ('' for none)")
+  parser.add_argument("--pages-dir", default=str(PAGES_DIR), help="where each table's page is written ('' for none)")
   parser.add_argument("--mini", action="store_true",
-                      help="CI miniature: smoke config, seed 0 only, results and runs under --workdir, README untouched")
+                      help="CI miniature: smoke config, seed 0 only, results, pages and runs under --workdir")
+  parser.add_argument("--render-only", action="store_true",
+                      help="write the pages of --tables (default: every table) from --results-dir, training nothing")
   parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                       help="extra config overrides for every run, each read as mtcl-run's --config.KEY=VALUE")
   parser.add_argument("--jobs", type=int, default=1, help="training processes at once (2 suits 2 CPU cores)")
   args = parser.parse_args(argv)
+  if args.render_only:
+    for name in args.tables or list(PAGES):
+      _publish(name, tables.load_results(args.results_dir / f"{name}.json"), args, write_results=False)
+    return 0
+  args.tables = args.tables or DEFAULT_TABLES
   base, extra = DEFAULT_CONFIG, [*TABLE_BUDGET, *args.overrides]
   regime_extra = list(args.overrides)
   if args.mini:
     base, extra, args.seeds = SMOKE_CONFIG, args.overrides, args.seeds[:1]
     regime_extra = [*MINI_REGIME_OVERRIDES, *args.overrides]
-    args.results_dir, args.readme = args.workdir / "results", None
+    args.results_dir, args.pages_dir = args.workdir / "results", args.workdir / "pages"
   run_kwargs = {"workers": args.jobs, "base_config": base, "workdir": args.workdir}
   plan = regimes.MINI if args.mini else regimes.FULL
 
@@ -241,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   scores = {(run.key, seed): _scores(reports[(run.key, seed)], run)
             for run in _runs_needed(old_tables) for seed in args.seeds}
   for name in old_tables:
-    _publish(name, table_rows(name, scores, args.seeds), args, anchors=ANCHORS)
+    _publish(name, table_rows(name, scores, args.seeds), args)
 
   # The regime tables: the balancing methods are chosen first (on a validation split), then every line runs.
   selected: list[str] = []
@@ -258,23 +297,52 @@ def main(argv: Sequence[str] | None = None) -> int:
   for name in new_tables:
     seeds = list(regimes.SELECTION_SEEDS) if name == "balancing_selection" else args.seeds
     rows = regimes.table_rows(name, regime_scores, seeds, selected, plan)
-    _publish(name, rows, args)
-    if name == "scarcity":
-      figure = regimes.plot_label_fractions(rows, args.results_dir / "scarcity_accuracy.png")
+    if name in FIGURES:
+      figure = regimes.plot_label_fractions(rows, args.results_dir / FIGURES[name][0])
       print(f"figure: {figure}")
+    _publish(name, rows, args)
   runs = len(reports) + len(regime_scores)
   print(f"\nreproduce: {runs} runs in {time.perf_counter() - start:.0f} s", flush=True)
   return 0
 
 
-def _publish(name: str, rows: list[dict[str, Any]], args: argparse.Namespace,
-             anchors: dict[str, str] | None = None) -> None:
-  """Writes a table's results file, prints it, and updates its README section."""
-  path = tables.write_results(rows, args.results_dir / f"{name}.json")
-  markdown = tables.markdown_table(rows, anchors=anchors)
+def _publish(name: str, rows: list[dict[str, Any]], args: argparse.Namespace, *,
+             write_results: bool = True) -> None:
+  """Writes a table's results file (unless ``write_results`` is False), prints the table, and writes its page."""
+  path = args.results_dir / f"{name}.json"
+  if write_results:
+    tables.write_results(rows, path)
+  markdown = tables.markdown_table(rows, anchors=ANCHORS if name in TABLES else None)
   print(f"\n## {name} ({path})\n{markdown}")
-  if args.readme:
-    tables.update_readme_section(pathlib.Path(args.readme), name, markdown)
+  if args.pages_dir:
+    pages_dir = pathlib.Path(args.pages_dir)
+    pages_dir.mkdir(parents=True, exist_ok=True)
+    page = render_page(name, markdown, rows, figure_dir=os.path.relpath(args.results_dir, pages_dir))
+    (pages_dir / f"{name}.md").write_text(page, encoding="utf-8")
+
+
+def render_page(name: str, markdown: str, rows: Sequence[dict[str, Any]], *, figure_dir: str) -> str:
+  """The markdown page of one table: title, what its rows are, how to regenerate it, its figure, the table.
+
+  Args:
+    name: the table, a key of ``PAGES``.
+    markdown: the table itself, from ``tables.markdown_table``.
+    rows: the table's results rows (their seeds are named on the page).
+    figure_dir: the directory of the table's figure, relative to the page.
+  """
+  title, what = PAGES[name]
+  seeds = sorted({seed for row in rows for seed in row["seeds"]})
+  provenance = (f"Mean ± sample std over seeds {', '.join(map(str, seeds))}; accuracy and macro-F1 in percent. "
+                f"Results file: `experiments/results/{name}.json`; trained by `python experiments/reproduce.py "
+                f"--tables {name}`, this page rewritten from the file by `python experiments/reproduce.py "
+                f"--render-only --tables {name}`.")
+  lines = [f"# {title}", "",
+           f"<!-- Written by experiments/reproduce.py from experiments/results/{name}.json; do not edit. -->", "",
+           what, "", provenance, ""]
+  if name in FIGURES:
+    figure, caption = FIGURES[name]
+    lines += [f"![{caption}]({pathlib.PurePath(figure_dir, figure).as_posix()})", ""]
+  return "\n".join([*lines, markdown, ""])
 
 
 if __name__ == "__main__":

@@ -672,15 +672,15 @@ def test_prepared_variable_length_tfds_dataset_becomes_a_masked_sequence_task(tm
 
 
 # --------------------------------------------------------------------------------------------------------
-# The README's "Bring your own data" example, run as written.
+# The data guide's "Bring your own data" example (docs/guides/data.md), run as written.
 # --------------------------------------------------------------------------------------------------------
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+README = pathlib.Path(__file__).resolve().parents[1] / "docs" / "guides" / "data.md"
 
 
 def _readme_example() -> list[tuple[str, str]]:
   """``(code, printed output)`` of each Python block of the section, with the plain block after it."""
-  section = re.split(r"\n##+ ", README.read_text().split("### Bring your own data\n", 1)[1])[0]
+  section = re.split(r"\n##+ ", README.read_text().split("## Bring your own data\n", 1)[1])[0]
   return re.findall(r"```python\n(.*?)```\n\n```\n(.*?)```", section, flags=re.DOTALL)
 
 

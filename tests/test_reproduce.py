@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import pathlib
+import re
 import sys
 
 import numpy as np
@@ -49,6 +50,20 @@ def test_mini_reproduction_writes_every_table(tmp_path, capsys):
   simclr = [row for row in json.loads((tmp_path / "results" / "mnist1d.json").read_text())["rows"] if "SimCLR" in row["method"]]
   assert simclr and all(row["method"].endswith("linear probe") for row in simclr)
   assert "## joint" in capsys.readouterr().out
+  page = (tmp_path / "pages" / "joint.md").read_text()
+  assert page.startswith(f"# {reproduce.PAGES['joint'][0]}\n") and tables.markdown_table(joint, anchors=reproduce.ANCHORS) in page
+
+
+def test_committed_results_pages_are_what_render_only_writes_from_the_results_files(tmp_path):
+  reproduce = _reproduce_module()
+  assert reproduce.main(["--render-only", "--pages-dir", str(tmp_path)]) == 0
+  committed = REPO / "docs" / "results"
+  figure = re.compile(r"\]\([^)]*/(scarcity_accuracy\.png)\)")
+  for name in reproduce.PAGES:
+    written = figure.sub(r"](\1)", (tmp_path / f"{name}.md").read_text())
+    assert written == figure.sub(r"](\1)", (committed / f"{name}.md").read_text()), (
+        f"docs/results/{name}.md is not what `python experiments/reproduce.py --render-only` writes")
+  assert "](../../experiments/results/scarcity_accuracy.png)" in (committed / "scarcity.md").read_text()
 
 
 def test_one_cache_key_means_one_config():
