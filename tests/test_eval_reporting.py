@@ -8,9 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from mtcl_jax.eval import plots
-from mtcl_jax.eval import report
-from mtcl_jax.eval import tables
+from mtcl_jax.eval import plots, report, tables
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -70,21 +68,6 @@ def test_markdown_table_with_anchors():
       "| all | supcon | — | — | 0.61 ± 0.10 | 3 |  |",
   ]
   assert "anchor" not in tables.markdown_table(_rows())
-
-
-def test_update_readme_section_replaces_only_between_markers(tmp_path):
-  readme = tmp_path / "README.md"
-  readme.write_text("intro\n<!-- results:digits:start -->\nold table\n<!-- results:digits:end -->\noutro\n")
-  tables.update_readme_section(readme, "digits", "| new |\n")
-  expected = "intro\n<!-- results:digits:start -->\n| new |\n<!-- results:digits:end -->\noutro\n"
-  assert readme.read_text() == expected
-  tables.update_readme_section(readme, "digits", "| new |")
-  assert readme.read_text() == expected
-  with pytest.raises(ValueError, match="mnist1d"):
-    tables.update_readme_section(readme, "mnist1d", "x")
-  readme.write_text("<!-- results:digits:end -->\n<!-- results:digits:start -->\n")
-  with pytest.raises(ValueError, match="before"):
-    tables.update_readme_section(readme, "digits", "x")
 
 
 def test_tables_docstring_examples():

@@ -23,12 +23,13 @@ of :func:`make_views`, make ``modality``, ``num_views`` and any of those structu
 (:mod:`mtcl_jax.modalities`).
 
 References:
-  Chen et al., "A Simple Framework for Contrastive Learning of Visual Representations" (SimCLR), ICML 2020.
-  DeVries and Taylor, "Improved Regularization of Convolutional Neural Networks with Cutout", 2017.
-  Park et al., "SpecAugment" (time masking), Interspeech 2019.
-  Um et al., "Data Augmentation of Wearable Sensor Data" (scaling, jitter, cropping), ICMI 2017.
-  Greydanus and Kobak, "Scaling Down Deep Learning with MNIST-1D", ICML 2024 (its SimCLR notebook's views:
-    de-trending, circular shift, random offset and slope).
+
+* Chen et al., "A Simple Framework for Contrastive Learning of Visual Representations" (SimCLR), ICML 2020.
+* DeVries and Taylor, "Improved Regularization of Convolutional Neural Networks with Cutout", 2017.
+* Park et al., "SpecAugment" (time masking), Interspeech 2019.
+* Um et al., "Data Augmentation of Wearable Sensor Data" (scaling, jitter, cropping), ICMI 2017.
+* Greydanus and Kobak, "Scaling Down Deep Learning with MNIST-1D", ICML 2024 (its SimCLR notebook's views:
+  de-trending, circular shift, random offset and slope).
 """
 
 from __future__ import annotations

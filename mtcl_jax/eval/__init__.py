@@ -2,7 +2,7 @@
 
 ``evaluate_task`` is the entry point the trainer calls once per task; ``metrics`` holds the scores and Δm.
 The sub-modules ``report``, ``tables`` and ``plots`` (which imports matplotlib) turn results into markdown,
-README tables and PNG figures; they are imported by name, e.g. ``from mtcl_jax.eval import plots``.
+the results pages' tables and PNG figures; they are imported by name, e.g. ``from mtcl_jax.eval import plots``.
 """
 
 from mtcl_jax.eval import metrics

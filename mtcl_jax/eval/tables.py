@@ -1,4 +1,5 @@
-"""Results files (mean ± std over seeds per dataset, method and metric) and the README tables made from them.
+"""Results files (mean ± std over seeds per dataset, method and metric) and the markdown tables made from them
+(the results pages under ``docs/results/``, written by ``experiments/reproduce.py``).
 
 A results file is JSON, ``{"rows": [row, ...]}``, one row per (dataset, method, metric)::
 
@@ -16,7 +17,6 @@ import json
 import math
 import os
 import pathlib
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -150,34 +150,3 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], *, anchors: Mapping[str, s
         line.append(anchors.get(dataset, "") if position == 0 else "")
       lines.append("| " + " | ".join(text.replace("|", "\\|") for text in line) + " |")
   return "\n".join(lines)
-
-
-def update_readme_section(readme_path: str | os.PathLike, marker: str, markdown: str) -> pathlib.Path:
-  """Replaces the text between ``<!-- results:MARKER:start -->`` and ``<!-- results:MARKER:end -->``.
-
-  The marker comments stay, so the section can be regenerated any number of times.
-
-  Args:
-    readme_path: the markdown file to edit in place.
-    marker: the section's name, e.g. ``"digits"``.
-    markdown: the new content of the section.
-
-  Returns:
-    The path edited.
-
-  Raises:
-    ValueError: if either marker is missing or repeated, or the end comes before the start.
-  """
-  if not re.fullmatch(r"[A-Za-z0-9_.\-]+", marker):
-    raise ValueError(f"marker must be letters, digits, '_', '.' or '-'; got {marker!r}")
-  path = pathlib.Path(readme_path)
-  text = path.read_text(encoding="utf-8")
-  start, end = f"<!-- results:{marker}:start -->", f"<!-- results:{marker}:end -->"
-  for comment in (start, end):
-    if text.count(comment) != 1:
-      raise ValueError(f"{path} must contain {comment} exactly once; found it {text.count(comment)} times")
-  start_index, end_index = text.index(start) + len(start), text.index(end)
-  if end_index < start_index:
-    raise ValueError(f"{path}: {end} comes before {start}")
-  path.write_text(text[:start_index] + "\n" + markdown.strip("\n") + "\n" + text[end_index:], encoding="utf-8")
-  return path
