@@ -11,6 +11,7 @@ import functools
 import importlib.util
 import pathlib
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,9 +68,8 @@ def _hand_written(method: mtl.Method, params, state, x, key):
 
 
 def _assert_trees_close(actual, expected, rtol=2e-5, atol=1e-6):
-  assert jax.tree.structure(actual) == jax.tree.structure(expected)
-  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=rtol, atol=atol)
+  """Same structure, every leaf close (chex names the first leaf that differs, by its path)."""
+  chex.assert_trees_all_close(actual, expected, rtol=rtol, atol=atol)
 
 
 def _fixed_weights(weights) -> mtl.Method:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,9 +56,8 @@ def _gradients(config, tasks, method, *, representation=False, mesh=None):
 
 
 def _assert_trees_close(actual, expected, rtol=1e-5, atol=1e-6):
-  assert jax.tree.structure(actual) == jax.tree.structure(expected)
-  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
-    np.testing.assert_allclose(a, e, rtol=rtol, atol=atol)
+  """Same structure, every leaf close (chex names the first leaf that differs, by its path)."""
+  chex.assert_trees_all_close(actual, expected, rtol=rtol, atol=atol)
 
 
 # NT-Xent (one positive each) is SupCon's special case: the slow tier runs it.
