@@ -80,6 +80,8 @@ def test_smoke_run_writes_report_metrics_plots_and_checkpoints(smoke_run):
   assert [row["step"] for row in rows if "loss" in row] == [2, 4, 6, 8]
   assert [row["step"] for row in rows if "eval/digits/accuracy" in row] == [4, 8]
   assert all(row["examples_per_second"] > 0 for row in rows if "loss" in row)
+  # The same rows as TensorBoard scalars (tests/test_metrics_log.py reads them back).
+  assert [path.stat().st_size > 0 for path in (workdir / "tensorboard").glob("events.out.tfevents.*")] == [True]
   for figure in ("loss_curves.png", "task_accuracy.png", "feature_pca.png"):
     assert (workdir / "plots" / figure).stat().st_size > 1000
   assert sorted(path.name for path in (workdir / "checkpoints").iterdir() if path.name.isdigit()) == ["4", "8"]
