@@ -35,6 +35,7 @@ def test_bench_train_reports_flops_throughput_and_matmul_fraction(tmp_path):
   assert 0 < row["fraction_of_matmul"] and math.isfinite(row["final_loss"])
 
 
+@pytest.mark.slow  # runs the device check's stages in subprocesses
 def test_device_check_parses_pytest_and_writes_a_summary_of_what_ran(tmp_path):
   device_check = _module("device_check")
   log = tmp_path / "tests.log"

@@ -317,6 +317,7 @@ def _resume(argv: Sequence[str], reference: pathlib.Path, from_step: int) -> tup
   return stdout, stderr
 
 
+@pytest.mark.slow  # resumes the smoke run's workdir: one more training run
 def test_a_truncated_newest_checkpoint_falls_back_and_the_run_finishes(smoke_run, tmp_path):
   workdir = tmp_path / "run"
   shutil.copytree(smoke_run[0], workdir)
@@ -333,6 +334,7 @@ def test_a_truncated_newest_checkpoint_falls_back_and_the_run_finishes(smoke_run
   assert json.loads((workdir / "report.json").read_text())["run"]["resumed_from_step"] == 4
 
 
+@pytest.mark.slow  # resumes the smoke run's workdir: one more training run
 def test_a_removed_item_metadata_file_falls_back_and_the_python_api_prints_the_scores(smoke_run, tmp_path, capsys):
   workdir = tmp_path / "run"
   shutil.copytree(smoke_run[0], workdir)
@@ -463,6 +465,7 @@ def test_a_process_killed_during_a_save_resumes_from_the_last_complete_checkpoin
   _resume(argv, smoke_run[0], 2)
 
 
+@pytest.mark.slow  # resumes the smoke run's workdir: one more training run
 def test_resuming_past_a_smaller_step_budget_names_it(smoke_run, tmp_path):
   workdir = tmp_path / "run"
   shutil.copytree(smoke_run[0], workdir)

@@ -153,6 +153,7 @@ def test_unlabelled_views_need_a_rule_with_views():
     config_lib.validate_config(config)
 
 
+@pytest.mark.slow  # a whole semi-supervised run with its probes
 def test_a_semi_supervised_run_trains_its_heads_and_probes_on_the_labelled_rows_only(tmp_path):
   config = config_with({
       **TINY_MODEL, "data.tasks": "digits+japanese_vowels", "data.batch_size": 16, "data.label_fraction": 0.005,

@@ -18,18 +18,18 @@ LABEL_PATTERNS = {
     "huge_labels": lambda n: np.where(np.arange(n) % 2 == 0, np.iinfo(np.int32).max, np.iinfo(np.int32).min),
 }
 # (loss, label pattern, rows, block_size): blocks that divide the rows and blocks that do not, one block larger
-# than the batch, one-row blocks; each label pattern at least once per loss.
+# than the batch, one-row blocks; each label pattern at least once per loss (in the default tier: each pattern once).
 CASES = [
     ("ntxent", "views", 37, 8),
     ("ntxent", "classes", 20, 64),
     ("ntxent", "distinct", 24, 8),
     ("ntxent", "equal", 7, 1),
-    ("ntxent", "singletons", 24, 8),
-    ("ntxent", "huge_labels", 37, 16),
-    ("supcon", "views", 24, 8),
-    ("supcon", "classes", 37, 8),
-    ("supcon", "distinct", 20, 64),
-    ("supcon", "equal", 37, 16),
+    pytest.param(*("ntxent", "singletons", 24, 8), marks=pytest.mark.slow),
+    pytest.param(*("ntxent", "huge_labels", 37, 16), marks=pytest.mark.slow),
+    pytest.param(*("supcon", "views", 24, 8), marks=pytest.mark.slow),
+    pytest.param(*("supcon", "classes", 37, 8), marks=pytest.mark.slow),
+    pytest.param(*("supcon", "distinct", 20, 64), marks=pytest.mark.slow),
+    pytest.param(*("supcon", "equal", 37, 16), marks=pytest.mark.slow),
     ("supcon", "singletons", 7, 1),
     ("supcon", "huge_labels", 24, 8),
 ]
