@@ -397,8 +397,8 @@ def test_a_failed_first_save_leaves_a_workdir_that_starts_again_without_fresh(tm
   status, stdout, stderr = _main(*argv)
   assert status == 0, stderr
   (archived,) = (workdir / "archive").iterdir()
-  assert (f"{workdir} holds a start that saved no checkpoint: moved its metrics.jsonl, config.json to {archived} and "
-          "starting again") in stdout
+  assert (f"{workdir} holds a start that saved no checkpoint: moved its metrics.jsonl, config.json, tensorboard to "
+          f"{archived} and starting again") in stdout
   assert (archived / "metrics.jsonl").read_text() == metrics and (workdir / "report.json").exists()
 
 
