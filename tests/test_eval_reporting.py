@@ -29,6 +29,10 @@ def _rows():
 def test_results_round_trip(tmp_path):
   path = tables.write_results(_rows(), tmp_path / "results" / "digits.json")
   assert json.loads(path.read_text()) == {"rows": _rows()}
+  assert tables.load_results(path) == _rows()
+  path.write_text(json.dumps({"rows": _rows(), "extra": 1}))
+  with pytest.raises(ValueError, match="single key 'rows'"):
+    tables.load_results(path)
 
 
 @pytest.mark.parametrize(

@@ -100,6 +100,22 @@ def write_results(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) ->
   return path
 
 
+def load_results(path: str | os.PathLike) -> list[dict[str, Any]]:
+  """Reads and validates a results file written by :func:`write_results` (``reproduce.py --render-only`` reads
+  the committed ones with it).
+
+  Args:
+    path: the JSON results file.
+
+  Returns:
+    Its rows, validated.
+  """
+  content = json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
+  if not isinstance(content, Mapping) or set(content) != {"rows"}:
+    raise ValueError(f"{path} must hold a JSON object with the single key 'rows'")
+  return validate_rows(content["rows"])
+
+
 def _seed_count(cells: Mapping[str, Mapping[str, Any]]) -> str:
   counts = sorted({len(row["seeds"]) for row in cells.values()})
   return "/".join(str(count) for count in counts)
