@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from mtcl_jax import _extras
 from mtcl_jax.eval import report
 from mtcl_jax.train import config as config_lib
 from mtcl_jax.train.checkpoint import CHECKPOINT_DIR, DAMAGED_DIR
@@ -185,11 +186,8 @@ class MetricsLog:
     self._enabled = enabled
     self._events = None
     if enabled and tensorboard:
-      try:
-        import tensorboardX  # noqa: PLC0415 (the trainer's extra; the library does not need it)
-      except ImportError as error:
-        raise ImportError("train.tensorboard=True needs tensorboardX: pip install 'mtcl_jax[train]', or set "
-                          "--config.train.tensorboard=False") from error
+      with _extras.requires("train", "train.tensorboard=True (--config.train.tensorboard=False turns it off)"):
+        import tensorboardX  # the trainer's extra; the library does not need it
       # The file name tensorboardX gives has whole seconds: a resumption within the same second would replace the
       # earlier file without the suffix.
       self._events = tensorboardX.SummaryWriter(str(workdir / TENSORBOARD_DIR), purge_step=start_step or None,
