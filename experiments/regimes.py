@@ -37,7 +37,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from mtcl_jax import mtl
-from mtcl_jax.eval import metrics
+from mtcl_jax.eval import metrics, tables
 
 REGIME_BUDGET = ("train.num_steps=200", "train.log_every=100", "train.checkpoint_every=200", "eval.probes=()",
                  "train.eval_every=0", "eval.plots=False")
@@ -181,9 +181,9 @@ def table_rows(table: str, scores: Mapping[tuple[str, int], Mapping[str, Any]], 
       name = run.key.removeprefix("balancing_selection_")
       for task in JOINT_TASKS:
         values = [_accuracy(scores[(run.key, seed)], task, "head") for seed in SELECTION_SEEDS]
-        rows.append(_row(f"{task} @ {_percent(SELECTION_FRACTION)} labels, validation split",
-                         f"{name} + SupCon{' (selected)' if name in selected else ''}", "accuracy", values,
-                         SELECTION_SEEDS))
+        dataset = f"{task} @ {_percent(SELECTION_FRACTION)} labels, validation split"
+        method = f"{name} + SupCon{' (selected)' if name in selected else ''}"
+        rows.append(tables.summary_row(dataset, method, "accuracy", values, SELECTION_SEEDS))
     return rows
 
   lines = table_plan(table, selected, plan)
@@ -207,32 +207,22 @@ def table_rows(table: str, scores: Mapping[tuple[str, int], Mapping[str, Any]], 
         p_value = None
         if method.name != BASELINE:
           p_value = metrics.paired_p_value(values, per_seed(baseline_method, baseline_of[fraction], task, metric))
-        rows.append(_row(dataset, label, metric, values, seeds, p_value))
+        rows.append(tables.summary_row(dataset, label, metric, values, seeds, p_value=p_value))
     if method.name != SINGLE:
       deltas = []
       for index in range(len(seeds)):
         multi = {task: per_seed(method, runs, task, "accuracy")[index] for task in tasks}
         single = {task: per_seed(single_method, single_of[fraction], task, "accuracy")[index] for task in tasks}
         deltas.append(metrics.delta_m(multi, single))
-      rows.append(_row(f"Δm vs single-task CE @ {_percent(fraction)} labels", label, "delta_m", deltas, seeds,
-                       metrics.one_sample_p_value(deltas)))
+      rows.append(tables.summary_row(f"Δm vs single-task CE @ {_percent(fraction)} labels", label, "delta_m", deltas,
+                                     seeds, p_value=metrics.one_sample_p_value(deltas)))
   return rows
 
 
-def _row(dataset: str, method: str, metric: str, values: Sequence[float], seeds: Sequence[int],
-         p_value: float | None = None) -> dict[str, Any]:
-  mean, std = metrics.mean_std(values)
-  row = {"dataset": dataset, "method": method, "metric": metric, "mean": round(mean, 2), "std": round(std, 2),
-         "seeds": list(seeds)}
-  if p_value is not None:
-    row["p_value"] = round(p_value, 4)
-  return row
-
-
-def runs_needed(tables: Sequence[str], selected: Sequence[str] | None, plan: Plan = FULL) -> list[RegimeRun]:
+def runs_needed(table_names: Sequence[str], selected: Sequence[str] | None, plan: Plan = FULL) -> list[RegimeRun]:
   """Every run the tables need; the balancing lines only once ``selected`` is known."""
   runs: dict[str, RegimeRun] = {}
-  for table in tables:
+  for table in table_names:
     if table == "balancing_selection":
       plan_runs = selection_runs(plan)
     else:
@@ -255,12 +245,12 @@ def plot_label_fractions(rows: Sequence[Mapping[str, Any]], path: pathlib.Path,
         (float(match["percent"]), row["mean"], row["std"]))
   figure = Figure(figsize=(5.0 * len(series), 4.2), layout="constrained")
   axes = figure.subplots(1, len(series), squeeze=False)[0]
-  for axis, (task, methods) in zip(axes, series.items()):
+  for axis, (task, methods) in zip(axes, series.items(), strict=True):
     for method, points in methods.items():
       points = sorted(points)
       if len(points) < 2:
         continue
-      x, mean, std = (np.array(column) for column in zip(*points))
+      x, mean, std = (np.array(column) for column in zip(*points, strict=True))
       (line,) = axis.plot(x, mean, marker="o", label=method)
       axis.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
     axis.set_xscale("log")

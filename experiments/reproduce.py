@@ -2,9 +2,11 @@
 
 Every run is the trainer's own ``train_and_evaluate`` on ``experiments/configs/default.py`` with the overrides
 below, so the numbers come from exactly the code users run. Each table is trained over several seeds; results go
-to ``experiments/results/<table>.json`` as rows ``{"dataset", "method", "metric", "mean", "std", "seeds"}``
-(accuracy and macro-F1 in percent, Δm in percent), and each table's page ``docs/results/<table>.md`` is
-written from that file, each dataset with its anchor beside it. ``--render-only`` rewrites the pages from the
+to ``experiments/results/<table>.json`` as rows ``{"dataset", "method", "metric", "mean", "std", "seeds",
+"values"}`` (the per-seed values beside their mean and std; accuracy, macro-F1 and Δm in percent) with the
+table's provenance (the command, the base config and every run's overrides, the package versions, the git
+commit), and each table's page ``docs/results/<table>.md`` is written from that file, each dataset with its
+anchor beside it. ``--render-only`` rewrites the pages from the
 committed results files without training.
 
 The regime tables (``balancing_selection``, ``scarcity``, ``interference``: label scarcity and task interference,
@@ -32,9 +34,13 @@ import json
 import multiprocessing
 import os
 import pathlib
+import platform
+import shlex
+import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from importlib import metadata
 from typing import Any
 
 from mtcl_jax.eval import metrics, tables
@@ -45,6 +51,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
 
 import regimes  # noqa: E402
+
 DEFAULT_CONFIG = REPO / "experiments" / "configs" / "default.py"
 SMOKE_CONFIG = REPO / "experiments" / "configs" / "smoke.py"
 RESULTS_DIR = REPO / "experiments" / "results"
@@ -158,12 +165,6 @@ def _scores(report: dict[str, Any], run: Run) -> dict[str, dict[str, dict[str, f
   return scores
 
 
-def _row(dataset: str, method: str, metric: str, values: Sequence[float], seeds: Sequence[int]) -> dict[str, Any]:
-  mean, std = metrics.mean_std(values)
-  return {"dataset": dataset, "method": method, "metric": metric, "mean": round(float(mean), 2),
-          "std": round(float(std), 2), "seeds": list(seeds)}
-
-
 def table_rows(name: str, scores: dict[tuple[str, int], dict], seeds: Sequence[int]) -> list[dict[str, Any]]:
   """Results rows of one table from per-(run key, seed) scores."""
   rows = []
@@ -177,7 +178,7 @@ def table_rows(name: str, scores: dict[tuple[str, int], dict], seeds: Sequence[i
         for metric in ("accuracy", "macro_f1"):
           values = [scores[(run.key, seed)][task][evaluator][metric] for seed in seeds]
           dataset = task if run.tasks == task else f"{task} (joint)"
-          rows.append(_row(dataset, f"{run.method} — {evaluator}", metric, values, seeds))
+          rows.append(tables.summary_row(dataset, f"{run.method} — {evaluator}", metric, values, seeds))
   if name in ("joint", "ablation"):
     for run in runs:
       if run.tasks != JOINT_TASKS:
@@ -189,8 +190,7 @@ def table_rows(name: str, scores: dict[tuple[str, int], dict], seeds: Sequence[i
           joint = {task: s[evaluator]["accuracy"] for task, s in scores[(run.key, seed)].items()}
           single = {task: scores[(SINGLE[task].key, seed)][task][evaluator]["accuracy"] for task in joint}
           delta.append(metrics.delta_m(joint, single))
-        rows.append(_row(DELTA_DATASET, f"{run.method} — {evaluator}", "delta_m",
-                         delta, seeds))
+        rows.append(tables.summary_row(DELTA_DATASET, f"{run.method} — {evaluator}", "delta_m", delta, seeds))
   return rows
 
 
@@ -241,6 +241,47 @@ def _runs_needed(names: Sequence[str]) -> list[Run]:
   return list(needed.values())
 
 
+# The packages whose versions a results file records.
+PROVENANCE_PACKAGES = ("mtcl_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "scikit-learn",
+                       "scipy", "tensorflow-datasets", "mnist1d", "aeon")
+
+
+def _git_commit() -> str:
+  """The checkout's commit, with ``+dirty`` when tracked files differ from it ("unknown" outside git)."""
+  try:
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                            check=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"
+  return commit + ("+dirty" if dirty else "")
+
+
+def provenance(argv: Sequence[str], base_config: pathlib.Path, extra: Sequence[str],
+               runs: Sequence[Run | regimes.RegimeRun], seeds: Sequence[int]) -> dict[str, Any]:
+  """What a results file records of how its rows were made: enough to rerun any row's training by hand."""
+  import jax
+
+  versions = {}
+  for package in PROVENANCE_PACKAGES:
+    try:
+      versions[package] = metadata.version(package)
+    except metadata.PackageNotFoundError:
+      versions[package] = None
+  return {
+      "command": shlex.join(["python", "experiments/reproduce.py", *argv]),
+      "base_config": base_config.relative_to(REPO).as_posix(),
+      "common_overrides": [*COMMON_OVERRIDES, *extra],
+      "runs": {run.key: [f"data.tasks={run.tasks}", *run.overrides] for run in runs},
+      "seeds": list(seeds),
+      "git_commit": _git_commit(),
+      "python": platform.python_version(),
+      "platform": f"{platform.system()} {platform.machine()}, {jax.devices()[0].device_kind}",
+      "versions": versions,
+  }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--tables", nargs="+", choices=sorted([*TABLES, *regimes.TABLE_NAMES]),
@@ -257,10 +298,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                       help="extra config overrides for every run, each read as mtcl-run's --config.KEY=VALUE")
   parser.add_argument("--jobs", type=int, default=1, help="training processes at once (2 suits 2 CPU cores)")
+  argv = list(sys.argv[1:] if argv is None else argv)
   args = parser.parse_args(argv)
   if args.render_only:
     for name in args.tables or list(PAGES):
-      _publish(name, tables.load_results(args.results_dir / f"{name}.json"), args, write_results=False)
+      path = args.results_dir / f"{name}.json"
+      _publish(name, tables.load_results(path), args, provenance=tables.load_provenance(path), write_results=False)
     return 0
   args.tables = args.tables or DEFAULT_TABLES
   base, extra = DEFAULT_CONFIG, [*TABLE_BUDGET, *args.overrides]
@@ -280,7 +323,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   scores = {(run.key, seed): _scores(reports[(run.key, seed)], run)
             for run in _runs_needed(old_tables) for seed in args.seeds}
   for name in old_tables:
-    _publish(name, table_rows(name, scores, args.seeds), args)
+    table_runs = _runs_needed([name])
+    _publish(name, table_rows(name, scores, args.seeds), args,
+             provenance=provenance(argv, base, extra, table_runs, args.seeds))
 
   # The regime tables: the balancing methods are chosen first (on a validation split), then every line runs.
   selected: list[str] = []
@@ -300,45 +345,52 @@ def main(argv: Sequence[str] | None = None) -> int:
     if name in FIGURES:
       figure = regimes.plot_label_fractions(rows, args.results_dir / FIGURES[name][0])
       print(f"figure: {figure}")
-    _publish(name, rows, args)
+    table_runs = regimes.runs_needed([name], selected, plan)
+    _publish(name, rows, args, provenance=provenance(argv, base, regime_extra, table_runs, seeds))
   runs = len(reports) + len(regime_scores)
   print(f"\nreproduce: {runs} runs in {time.perf_counter() - start:.0f} s", flush=True)
   return 0
 
 
 def _publish(name: str, rows: list[dict[str, Any]], args: argparse.Namespace, *,
-             write_results: bool = True) -> None:
+             provenance: Mapping[str, Any], write_results: bool = True) -> None:
   """Writes a table's results file (unless ``write_results`` is False), prints the table, and writes its page."""
   path = args.results_dir / f"{name}.json"
   if write_results:
-    tables.write_results(rows, path)
+    tables.write_results(rows, path, provenance=provenance)
   markdown = tables.markdown_table(rows, anchors=ANCHORS if name in TABLES else None)
   print(f"\n## {name} ({path})\n{markdown}")
   if args.pages_dir:
     pages_dir = pathlib.Path(args.pages_dir)
     pages_dir.mkdir(parents=True, exist_ok=True)
-    page = render_page(name, markdown, rows, figure_dir=os.path.relpath(args.results_dir, pages_dir))
+    page = render_page(name, markdown, rows, provenance, figure_dir=os.path.relpath(args.results_dir, pages_dir))
     (pages_dir / f"{name}.md").write_text(page, encoding="utf-8")
 
 
-def render_page(name: str, markdown: str, rows: Sequence[dict[str, Any]], *, figure_dir: str) -> str:
-  """The markdown page of one table: title, what its rows are, how to regenerate it, its figure, the table.
+def render_page(name: str, markdown: str, rows: Sequence[dict[str, Any]], provenance: Mapping[str, Any], *,
+                figure_dir: str) -> str:
+  """The markdown page of one table: title, what its rows are, how it was made, its figure, the table.
 
   Args:
     name: the table, a key of ``PAGES``.
     markdown: the table itself, from ``tables.markdown_table``.
     rows: the table's results rows (their seeds are named on the page).
+    provenance: the results file's provenance (its command and package versions are named on the page).
     figure_dir: the directory of the table's figure, relative to the page.
   """
   title, what = PAGES[name]
   seeds = sorted({seed for row in rows for seed in row["seeds"]})
-  provenance = (f"Mean ± sample std over seeds {', '.join(map(str, seeds))}; accuracy and macro-F1 in percent. "
-                f"Results file: `experiments/results/{name}.json`; trained by `python experiments/reproduce.py "
-                f"--tables {name}`, this page rewritten from the file by `python experiments/reproduce.py "
-                f"--render-only --tables {name}`.")
+  how = (f"Mean ± sample std over seeds {', '.join(map(str, seeds))}; accuracy and macro-F1 in percent. "
+         f"Results file, with every row's per-seed values and each run's overrides: "
+         f"`experiments/results/{name}.json`; trained by `{provenance.get('command', 'unknown')}`, this page "
+         f"rewritten from the file by `python experiments/reproduce.py --render-only --tables {name}`.")
+  versions = provenance.get("versions", {})
+  if versions:
+    named = ", ".join(f"{package} {version}" for package, version in versions.items() if version)
+    how += f" Trained with Python {provenance.get('python', '?')} on {provenance.get('platform', '?')}: {named}."
   lines = [f"# {title}", "",
            f"<!-- Written by experiments/reproduce.py from experiments/results/{name}.json; do not edit. -->", "",
-           what, "", provenance, ""]
+           what, "", how, ""]
   if name in FIGURES:
     figure, caption = FIGURES[name]
     lines += [f"![{caption}]({pathlib.PurePath(figure_dir, figure).as_posix()})", ""]

@@ -13,26 +13,39 @@ from mtcl_jax.eval import plots, report, tables
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def _row(dataset, method, metric, mean, std, seeds):
-  return {"dataset": dataset, "method": method, "metric": metric, "mean": mean, "std": std, "seeds": seeds}
+def _row(dataset, method, metric, mean, std, seeds, values):
+  return {"dataset": dataset, "method": method, "metric": metric, "mean": mean, "std": std, "seeds": seeds,
+          "values": values}
 
 
 def _rows():
   return [
-      _row("digits", "supcon", "accuracy", 98.904, 0.2, [0, 1, 2]),
-      _row("digits", "supcon", "macro_f1", 98.8, 0.25, [0, 1, 2]),
-      _row("digits", "single", "accuracy", 97.0, 0.0, [0]),
-      _row("all", "supcon", "delta_m", 0.61, 0.1, [0, 1, 2]),
+      _row("digits", "supcon", "accuracy", 98.904, 0.2, [0, 1, 2], [98.704, 99.104, 98.904]),
+      _row("digits", "supcon", "macro_f1", 98.8, 0.25, [0, 1, 2], [98.55, 99.05, 98.8]),
+      _row("digits", "single", "accuracy", 97.0, 0.0, [0], [97.0]),
+      _row("all", "supcon", "delta_m", 0.61, 0.1, [0, 1, 2], [0.51, 0.71, 0.61]),
   ]
 
 
-def test_results_round_trip(tmp_path):
-  path = tables.write_results(_rows(), tmp_path / "results" / "digits.json")
-  assert json.loads(path.read_text()) == {"rows": _rows()}
-  assert tables.load_results(path) == _rows()
+def test_results_round_trip_with_provenance(tmp_path):
+  provenance = {"command": "python experiments/reproduce.py --tables digits", "versions": {"jax": "0.10.2"}}
+  path = tables.write_results(_rows(), tmp_path / "results" / "digits.json", provenance=provenance)
+  assert json.loads(path.read_text()) == {"rows": _rows(), "provenance": provenance}
+  assert tables.load_results(path) == _rows() and tables.load_provenance(path) == provenance
+  assert not list(path.parent.glob(".*.tmp"))  # written beside and renamed over
+  tables.write_results(_rows(), path)
+  assert tables.load_provenance(path) == {}
   path.write_text(json.dumps({"rows": _rows(), "extra": 1}))
-  with pytest.raises(ValueError, match="single key 'rows'"):
+  with pytest.raises(ValueError, match="the key 'rows'"):
     tables.load_results(path)
+
+
+def test_summary_row_keeps_the_per_seed_values_its_mean_and_std_come_from():
+  values = [99.259259, 99.259259, 99.444444]
+  row = tables.summary_row("digits", "supcon", "accuracy", values, [0, 1, 2], p_value=0.123456)
+  assert row["values"] == [99.2593, 99.2593, 99.4444] and row["p_value"] == 0.1235
+  assert row["mean"] == pytest.approx(np.mean(values), abs=0.005)
+  assert row["std"] == pytest.approx(np.std(values, ddof=1), abs=0.005)
 
 
 @pytest.mark.parametrize(
@@ -45,6 +58,10 @@ def test_results_round_trip(tmp_path):
         {"seeds": [0, 0]},
         {"dataset": ""},
         {"extra": 1},
+        {"values": [98.7, 99.1]},  # one per seed
+        {"values": [98.7, float("inf"), 98.9]},
+        {"mean": 97.0},  # not the mean of its values
+        {"std": 0.0},  # a "± 0.00" that its values contradict
     ],
 )
 def test_results_rows_are_validated(tmp_path, change):
