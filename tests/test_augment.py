@@ -269,6 +269,7 @@ def test_bad_input_is_rejected(call, message):
     call()
 
 
+@pytest.mark.slow  # fits a classifier on augmented views of a whole dataset
 @pytest.mark.parametrize("spec, floor", [("digits", 0.8), ("japanese_vowels", 0.9)])
 def test_default_views_stay_classifiable(spec, floor, data_dir):
   """The documented defaults keep the class: an RBF SVM fit on train views reads test views.

@@ -6,7 +6,6 @@ scikit-learn so these tests do not depend on ``mtcl_jax.data``.
 
 from __future__ import annotations
 
-import doctest
 import importlib.util
 import json
 import pathlib
@@ -163,7 +162,7 @@ def test_strongly_regularised_softmax_fits_its_unpenalised_bias():
   assert np.max(np.abs(grad)) <= 2 * probes.LBFGS_GRADIENT_TOLERANCE
 
 
-@pytest.mark.parametrize("kind", ["linear", "svm", "mlp"])
+@pytest.mark.parametrize("kind", ["linear", "svm", pytest.param("mlp", marks=pytest.mark.slow)])
 def test_grid_search_matches_one_fit_per_value(kind):
   # The batched fits of a grid choose what separate fits on the fit rows, scored on the validation rows,
   # would choose, and the refit is the single-value fit on all rows.
@@ -195,7 +194,7 @@ def test_grid_search_matches_one_fit_per_value(kind):
                              rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("kind", ["linear", "svm"])
+@pytest.mark.parametrize("kind", ["linear", pytest.param("svm", marks=pytest.mark.slow)])
 def test_vmapped_grid_equals_each_grid_value_fit_alone(kind):
   # The lanes of the grid are independent: a lane's fit does not depend on the other grid values, on how long
   # the slowest lane runs under vmap, or on whether the lanes run side by side or one at a time.
@@ -280,6 +279,7 @@ def test_nothing_compiles_per_hyperparameter_or_per_task_of_a_bucket():
   assert [program._cache_size() for program in programs] == sizes
 
 
+@pytest.mark.slow  # runs the benchmark script
 def test_bench_probes_reports_compile_and_steady_seconds(tmp_path):
   spec = importlib.util.spec_from_file_location(
       "bench_probes", pathlib.Path(__file__).resolve().parents[1] / "experiments" / "bench_probes.py")
@@ -383,7 +383,3 @@ def test_fit_probe_rejects_bad_input():
     probe.predict(np.zeros((2, 4), np.float32))
   with pytest.raises(ValueError, match="unknown probes"):
     probes.evaluate_task(features, labels, features, labels, num_classes=2, probes=("linear", "tree"))
-
-
-def test_docstring_examples():
-  assert doctest.testmod(_fitting).failed == 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
 import json
 
 import numpy as np
@@ -89,10 +88,6 @@ def test_markdown_table_with_anchors():
       "| all | supcon | — | — | 0.61 ± 0.10 | 3 |  |",
   ]
   assert "anchor" not in tables.markdown_table(_rows())
-
-
-def test_tables_docstring_examples():
-  assert doctest.testmod(tables).failed == 0
 
 
 def test_markdown_report(tmp_path):

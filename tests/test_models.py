@@ -59,6 +59,7 @@ def test_outputs_have_expected_shapes_and_float32_dtype(model_batch_params):
   assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(outputs))
 
 
+@pytest.mark.slow  # a second compile of the model in bfloat16
 def test_bfloat16_compute_returns_float32_close_to_float32_compute(model_batch_params):
   model, batch, params = model_batch_params
   half = models.MultiTaskModel(tasks=TASKS, dtype=jnp.bfloat16, **SMALL)

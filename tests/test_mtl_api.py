@@ -18,6 +18,8 @@ from mtcl_jax import mtl
 
 NAMES = sorted(mtl.METHODS)
 CHECKPOINTABLE = (jnp.float32, jnp.int32)
+# The one method whose direction is no combination of the gradients (it keeps or drops each element by its sign).
+NO_WEIGHTS = frozenset({"graddrop"})
 
 
 @functools.cache
@@ -66,10 +68,14 @@ def test_state_keeps_its_structure_and_outputs_are_finite(name, num_objectives):
     assert output.dtype == jnp.float32
     assert output.shape == ((num_objectives,) if method.kind == "loss" else (17,))
     assert np.all(np.isfinite(output))
-    for metric_name, value in metrics.items():
+    for metric_name, value in metrics.items():  # scalars or one per objective, float32: what the loop logs
+      assert value.dtype == jnp.float32 and value.shape in ((), (num_objectives,)), metric_name
       assert np.all(np.isfinite(value)), metric_name
+    assert "weights" in metrics or name in NO_WEIGHTS, name
     if "weights" in metrics:
       assert metrics["weights"].shape == (num_objectives,)
+      if method.kind == "gradient" and name not in NO_WEIGHTS:  # the direction is the reported combination
+        np.testing.assert_allclose(output, metrics["weights"] @ grads, rtol=1e-5, atol=1e-6)
     if method.kind == "loss":
       assert np.all(np.asarray(output) >= 0)
 

@@ -42,9 +42,9 @@ EPS32 = float(np.finfo(np.float32).eps)
 
 # ----------------------------------------------------------------------------------------------- helpers
 
-# One method of each family in the default tier for the costly transformation checks (jit against eager, vmap, the
+# One method of each family (loss weights, projection, solver) in the default tier for the costly transformation checks (jit against eager, vmap, the
 # pytree Jacobian: each compiles or runs the method op by op again); the slow tier (CI) checks every method.
-REPRESENTATIVES = ("static", "uw", "famo", "pcgrad", "graddrop", "mgda", "upgrad")
+REPRESENTATIVES = ("static", "uw", "pcgrad", "upgrad")
 
 
 def _tiered(names):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
 
 import jax
 import jax.numpy as jnp
@@ -94,8 +93,3 @@ def test_sample_triplets_without_any_valid_anchor():
   )
   np.testing.assert_array_equal(anchor, positive)
   np.testing.assert_array_equal(anchor, negative)
-
-
-def test_docstring_examples():
-  result = doctest.testmod(pairs, optionflags=doctest.NORMALIZE_WHITESPACE)
-  assert result.attempted > 0 and result.failed == 0

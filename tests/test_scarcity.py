@@ -85,6 +85,7 @@ def _rule_inputs(view_projections, batch, groups, num_classes):
                           gather=lambda tree: tree)
 
 
+@pytest.mark.slow  # four loss programs of the joint step
 def test_supcon_views_is_ntxent_without_labels_and_supcon_over_views_with_them():
   rng = np.random.default_rng(0)
   sizes = {"a": 6, "b": 4}
@@ -191,12 +192,3 @@ def test_the_validation_split_is_held_out_of_the_training_rows_and_replaces_test
     assert not rows(after.test) & rows(before.test)
   with pytest.raises(ValueError, match="leaves a class with no training row"):
     data.holdout_validation(data.hide_labels(tasks, 0.005, seed=0, keep_unlabelled=False), 0.5, seed=0)
-
-
-def test_splits_docstring_examples():
-  import doctest
-
-  from mtcl_jax import splits
-
-  result = doctest.testmod(splits)
-  assert result.attempted >= 3 and result.failed == 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
 
 import jax
 import jax.numpy as jnp
@@ -84,8 +83,3 @@ def test_bad_input():
     similarity.paired(np.ones((2, 3)), np.ones((2, 4)))
   with pytest.raises(ValueError, match="unknown metric"):
     similarity.paired(np.ones((2, 3)), np.ones((2, 3)), metric="l1")
-
-
-def test_docstring_examples():
-  result = doctest.testmod(similarity, optionflags=doctest.NORMALIZE_WHITESPACE)
-  assert result.attempted > 0 and result.failed == 0

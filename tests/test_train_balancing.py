@@ -60,8 +60,8 @@ def _assert_trees_close(actual, expected, rtol=1e-5, atol=1e-6):
   chex.assert_trees_all_close(actual, expected, rtol=rtol, atol=atol)
 
 
-# NT-Xent (one positive each) is SupCon's special case: the slow tier runs it.
-@pytest.mark.parametrize("rule", ["supcon", pytest.param("ntxent", marks=pytest.mark.slow)])
+@pytest.mark.slow  # three gradient programs of the joint step per rule; test_loss_method_weights_... stays fast
+@pytest.mark.parametrize("rule", ["supcon", "ntxent"])
 def test_summed_per_objective_gradients_equal_the_static_gradient(tasks, rule):
   config = _config({"contrastive.rule": rule, "contrastive.learn_temperature": True,
                     "classification.task_weights.digits": 2.0, "contrastive.weight": 0.5})
@@ -77,6 +77,7 @@ def test_summed_per_objective_gradients_equal_the_static_gradient(tasks, rule):
     assert metrics["mtl/contrastive/weight"] == 1.0
 
 
+@pytest.mark.slow  # jacrev of the objectives and two gradient programs
 def test_per_objective_gradients_are_each_objectives_gradient(tasks):
   """Keeping only the contrastive gradient: the encoder gets exactly that, the heads their plain gradients."""
   config = _config()
@@ -185,6 +186,7 @@ def test_a_method_chosen_on_the_command_line_trains_and_resumes_with_its_state(t
   assert all(np.isfinite(row["mtl/contrastive/weight"]) for row in rows if "loss" in row)
 
 
+@pytest.mark.slow  # a short training loop
 def test_a_method_whose_state_repeats_an_array_trains_with_the_donated_state(tasks):
   config = _config({"mtl.method": "dwa", "mtl.options.period": 1})
   assert len({id(leaf) for leaf in jax.tree.leaves(mtl.make("dwa", period=1).init(3))}) < 4  # aliased by init
@@ -225,6 +227,7 @@ def test_every_metric_a_method_reports_is_a_scalar_the_loop_can_log(tasks, name)
     assert {f"mtl/{objective}/log_variance" for objective in objectives.names} <= set(metrics)
 
 
+@pytest.mark.slow  # the mgda gradient program of the joint step
 def test_a_methods_scalar_metrics_are_logged_once_prefixed(tasks):
   _, metrics, objectives, *_ = _gradients(_config(), tasks, mtl.make("mgda"))
   assert "mtl/solver_iterations" in metrics
