@@ -3,12 +3,15 @@
 ``make(name, **options)`` returns a :class:`Method`; ``METHODS`` maps every name to its factory, whose
 keyword arguments are the method's hyper-parameters (a config's ``mtl.options``). :func:`value_and_grad` turns a
 function of per-objective losses into one that returns the balanced gradient, for any training loop.
+:func:`gradient_cosines` and :func:`lookahead_affinity` measure how the objectives relate (conflict, affinity).
 """
 
 import inspect
 from collections.abc import Callable
 
 from mtcl_jax.mtl import _loss_based, _projection, _solver_based
+from mtcl_jax.mtl._affinity import gradient_cosines as gradient_cosines
+from mtcl_jax.mtl._affinity import lookahead_affinity as lookahead_affinity
 from mtcl_jax.mtl._base import KINDS as KINDS
 from mtcl_jax.mtl._base import InitFn as InitFn
 from mtcl_jax.mtl._base import Method as Method
@@ -49,6 +52,8 @@ __all__ = [
     "Method",
     "Partition",
     "UpdateFn",
+    "gradient_cosines",
+    "lookahead_affinity",
     "make",
     "partition",
     "value_and_grad",
