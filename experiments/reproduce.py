@@ -380,9 +380,13 @@ def render_page(name: str, markdown: str, rows: Sequence[dict[str, Any]], proven
   """
   title, what = PAGES[name]
   seeds = sorted({seed for row in rows for seed in row["seeds"]})
+  command = provenance.get("command", f"python experiments/reproduce.py --tables {name}")
+  if tables.has_values(rows):
+    kept = "with every row's per-seed values and each run's overrides"
+  else:
+    kept = "written before results files kept per-seed values and provenance, so without them until it is rerun"
   how = (f"Mean ± sample std over seeds {', '.join(map(str, seeds))}; accuracy and macro-F1 in percent. "
-         f"Results file, with every row's per-seed values and each run's overrides: "
-         f"`experiments/results/{name}.json`; trained by `{provenance.get('command', 'unknown')}`, this page "
+         f"Results file ({kept}): `experiments/results/{name}.json`; trained by `{command}`, this page "
          f"rewritten from the file by `python experiments/reproduce.py --render-only --tables {name}`.")
   versions = provenance.get("versions", {})
   if versions:

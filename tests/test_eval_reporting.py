@@ -45,6 +45,7 @@ def test_summary_row_keeps_the_per_seed_values_its_mean_and_std_come_from():
   assert row["values"] == [99.2593, 99.2593, 99.4444] and row["p_value"] == 0.1235
   assert row["mean"] == pytest.approx(np.mean(values), abs=0.005)
   assert row["std"] == pytest.approx(np.std(values, ddof=1), abs=0.005)
+  assert tables.has_values([row]) and not tables.has_values([{k: v for k, v in row.items() if k != "values"}])
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,8 @@ A results file is JSON, ``{"rows": [row, ...], "provenance": {...}}``, one row p
 
 Scores are in percent; ``values`` are the per-seed scores in the order of ``seeds``, and ``mean``/``std`` their
 mean and sample standard deviation (0 for one seed, see ``metrics.mean_std``), checked against them on every
-read, so a ``± 0.00`` can be checked. A row may also carry ``"p_value"``: a paired test across the same seeds
+read, so a ``± 0.00`` can be checked. :func:`summary_row` always writes ``values``; a results file written before
+they were kept has rows without them, which load, and whose pages say so (:func:`has_values`). A row may also carry ``"p_value"``: a paired test across the same seeds
 against the table's baseline (``metrics.paired_p_value``; for Δm, against 0), shown beside the number as
 ``(p=0.03)``. ``provenance`` (optional, free-form JSON) says how the rows were made: the command, the config
 and overrides, the package versions (``experiments/reproduce.py`` writes them).
@@ -27,14 +28,28 @@ from mtcl_jax.eval import metrics
 
 METRICS: tuple[str, ...] = ("accuracy", "macro_f1", "delta_m")
 _METRIC_HEADERS = {"accuracy": "accuracy", "macro_f1": "macro-F1", "delta_m": "Δm"}
-_ROW_KEYS = frozenset({"dataset", "method", "metric", "mean", "std", "seeds", "values"})
+_ROW_KEYS = frozenset({"dataset", "method", "metric", "mean", "std", "seeds"})
 _FILE_KEYS = frozenset({"rows", "provenance"})
 # mean and std are stored to two decimals, values to four: a row whose summary disagrees with its values by more
 # than the rounding was edited by hand or computed from other values.
 _SUMMARY_DECIMALS, _VALUE_DECIMALS = 2, 4
 _SUMMARY_TOLERANCE = 0.5 * 10.0**-_SUMMARY_DECIMALS + 10.0**-_VALUE_DECIMALS
-_OPTIONAL_KEYS = frozenset({"p_value"})
+_OPTIONAL_KEYS = frozenset({"p_value", "values"})
 _MISSING = "—"
+
+
+def _check_values(index: int, row: Mapping[str, Any]) -> list[float]:
+  values, seeds = row["values"], row["seeds"]
+  if (not isinstance(values, Sequence) or isinstance(values, str) or len(values) != len(seeds)
+      or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)):
+    raise ValueError(f"results row {index}: values must be one finite number per seed ({len(seeds)}); "
+                     f"got {values!r}")
+  mean, std = metrics.mean_std(values)
+  for key, expected in (("mean", mean), ("std", std)):
+    if abs(row[key] - expected) > _SUMMARY_TOLERANCE:
+      raise ValueError(f"results row {index} ({row['dataset']}, {row['method']}, {row['metric']}): {key} "
+                       f"{row[key]} is not the {key} of its values {list(values)} ({expected:.4f})")
+  return [float(v) for v in values]
 
 
 def _check_row(index: int, row: Any) -> dict[str, Any]:
@@ -59,19 +74,10 @@ def _check_row(index: int, row: Any) -> dict[str, Any]:
       or not all(isinstance(seed, int) and not isinstance(seed, bool) for seed in seeds)
       or len(set(seeds)) != len(seeds)):
     raise ValueError(f"results row {index}: seeds must be a non-empty list of distinct ints; got {seeds!r}")
-  values = row["values"]
-  if (not isinstance(values, Sequence) or isinstance(values, str) or len(values) != len(seeds)
-      or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)):
-    raise ValueError(f"results row {index}: values must be one finite number per seed ({len(seeds)}); "
-                     f"got {values!r}")
-  mean, std = metrics.mean_std(values)
-  for key, expected in (("mean", mean), ("std", std)):
-    if abs(row[key] - expected) > _SUMMARY_TOLERANCE:
-      raise ValueError(f"results row {index} ({row['dataset']}, {row['method']}, {row['metric']}): {key} "
-                       f"{row[key]} is not the {key} of its values {list(values)} ({expected:.4f})")
   checked = {"dataset": row["dataset"], "method": row["method"], "metric": row["metric"],
-             "mean": float(row["mean"]), "std": float(row["std"]), "seeds": list(seeds),
-             "values": [float(v) for v in values]}
+             "mean": float(row["mean"]), "std": float(row["std"]), "seeds": list(seeds)}
+  if "values" in row:
+    checked["values"] = _check_values(index, row)
   if "p_value" in row:
     p_value = row["p_value"]
     if isinstance(p_value, bool) or not isinstance(p_value, (int, float)) or not 0.0 <= p_value <= 1.0:
@@ -130,6 +136,11 @@ def summary_row(dataset: str, method: str, metric: str, values: Sequence[float],
   if p_value is not None:
     row["p_value"] = round(float(p_value), 4)
   return validate_rows([row])[0]
+
+
+def has_values(rows: Sequence[Mapping[str, Any]]) -> bool:
+  """Whether every row keeps its per-seed ``values`` (results files written before they were kept do not)."""
+  return all("values" in row for row in rows)
 
 
 def write_results(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
