@@ -9,10 +9,11 @@ A results file is JSON, ``{"rows": [row, ...], "provenance": {...}}``, one row p
 Scores are in percent; ``values`` are the per-seed scores in the order of ``seeds``, and ``mean``/``std`` their
 mean and sample standard deviation (0 for one seed, see ``metrics.mean_std``), checked against them on every
 read, so a ``± 0.00`` can be checked. :func:`summary_row` always writes ``values``; a results file written before
-they were kept has rows without them, which load, and whose pages say so (:func:`has_values`). A row may also carry ``"p_value"``: a paired test across the same seeds
-against the table's baseline (``metrics.paired_p_value``; for Δm, against 0), shown beside the number as
-``(p=0.03)``. ``provenance`` (optional, free-form JSON) says how the rows were made: the command, the config
-and overrides, the package versions (``experiments/reproduce.py`` writes them).
+they were kept has rows without them, which load, and whose pages say so (:func:`has_values`). A row may also
+carry ``"p_value"``: a paired test across the same seeds against the table's baseline
+(``metrics.paired_p_value``; for Δm, against 0), shown beside the number as ``(p=0.03)``. ``provenance``
+(optional, free-form JSON) says how the rows were made: the command, the config and overrides, the package
+versions (``experiments/reproduce.py`` writes them).
 """
 
 from __future__ import annotations
