@@ -65,15 +65,34 @@ def _positive_partners(z: jax.Array, label_ids: jax.Array) -> jax.Array:
   return jax.ops.segment_sum(z, label_ids, num_segments=z.shape[0])[label_ids] - z
 
 
+@jax.custom_jvp
+def _positive_total(z: jax.Array, label_ids: jax.Array, positive_share: jax.Array) -> jax.Array:
+  """``Σ_i share_i Σ_{j ∈ P(i)} z_i · z_j``, a float32 scalar, for a ``positive_share`` equal across each label.
+
+  The pairs count both ways with equal weights, so the derivative is ``2 share_i Σ_{j ∈ P(i)} z_j`` per row, from
+  the forward's partner sums: no second pass over the labels (autodiff would transpose the segment sum into a
+  scatter and its gather into another). The rule is jnp code, so it is differentiable again.
+  """
+  return jnp.sum(positive_share * jnp.sum(z * _positive_partners(z, label_ids), axis=1))
+
+
+@_positive_total.defjvp
+def _positive_total_jvp(primals, tangents):
+  z, label_ids, positive_share = primals
+  z_tangent = tangents[0]
+  gradient = 2.0 * positive_share[:, None] * _positive_partners(z, label_ids)
+  return jnp.sum(0.5 * gradient * z), jnp.sum(gradient * z_tangent)
+
+
 def _plain_form(form: str, matmul_dtype, z, labels, label_ids, num_positives, temperature) -> jax.Array:
   """The loss in ``form`` over the whole matrix of rows ``z``, as jnp code for autodiff."""
   # 1/τ scales z, not the [N, N] logits.
-  scaled = z / temperature
-  tile = _tiled.whole_matrix(z, labels, _common.gram(scaled, z, matmul_dtype))
+  tile = _tiled.whole_matrix(z, labels, _common.gram(z / temperature, z, matmul_dtype))
   if form == _SUPCON:
     other, _ = _tiled.supcon_masks(tile)
-    positive_logits = jnp.sum(scaled * _positive_partners(z, label_ids), axis=1)
-    total, count, _ = _tiled.supcon_totals(_tiled.row_lse(tile, other), positive_logits, num_positives)
+    has_positive, positive_share = _tiled.supcon_weights(num_positives)
+    positive_total = _positive_total(z, label_ids, lax.stop_gradient(positive_share)) / temperature
+    total, count = _tiled.supcon_totals(_tiled.row_lse(tile, other), positive_total, has_positive)
   else:
     negative, positive = _tiled.ntxent_masks(tile)
     total, count = _tiled.ntxent_pair_sums(tile, _tiled.row_lse(tile, negative), positive)
