@@ -203,10 +203,16 @@ _low_precision_gram.defvjp(_low_precision_gram_fwd, _low_precision_gram_bwd)
 
 
 def label_stats(labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """From one sort instead of an [N, N] pass: each row's label as a dense id (its first position in sorted order,
-  int32 in [0, N)), and each row's number of positives (rows sharing its label, itself excluded), as float32."""
-  ordered = jnp.sort(labels)
-  # The sort-based search is loop-free (the default binary search is a loop of log2(N) dependent steps).
-  first = jnp.searchsorted(ordered, labels, method="sort")
-  num_positives = jnp.searchsorted(ordered, labels, side="right", method="sort") - first - 1
-  return first.astype(jnp.int32), num_positives.astype(jnp.float32)
+  """From one sort instead of an [N, N] pass: each row's label as a dense id (the first position of its label in
+  sorted order, int32 in [0, N)), and each row's number of positives (rows sharing its label, itself excluded), as
+  float32. Constant labels fold away under jit; traced ones cost one N-element sort and one N-row scatter."""
+  num_rows = labels.shape[0]
+  position = jnp.arange(num_rows, dtype=jnp.int32)
+  ordered, order = jax.lax.sort((labels, position), num_keys=1)
+  change = ordered[1:] != ordered[:-1]
+  # Each run of equal labels in sorted order: its first position carried forward, its last carried backward.
+  first = jax.lax.cummax(jnp.where(jnp.concatenate([jnp.ones(1, bool), change]), position, 0))
+  last = jax.lax.cummin(jnp.where(jnp.concatenate([change, jnp.ones(1, bool)]), position, num_rows), reverse=True)
+  sorted_stats = jnp.stack([first, last - first], axis=1)
+  stats = jnp.zeros_like(sorted_stats).at[order].set(sorted_stats, unique_indices=True)
+  return stats[:, 0], stats[:, 1].astype(jnp.float32)

@@ -630,13 +630,17 @@ def _add_supcon_terms(terms: _SupconTerms, logits, masked, positive, axis: int) 
   )
 
 
-def supcon_totals(all_lse: jax.Array, positive_logits: jax.Array, count: jax.Array):
-  """``(Σ_i [ALL_i - mean_{p ∈ P(i)} L_ip], #{i : P(i) non-empty}, (has_positive, positive_share))`` from the
-  per-anchor ``ALL_i``, ``Σ_{p ∈ P(i)} L_ip`` and ``|P(i)|``; an anchor without positives adds 0."""
+def supcon_weights(count: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(has_positive, positive_share)`` per anchor from ``|P(i)|``: 1 and ``1/|P(i)|`` where it has a positive, else 0."""
   has_positive = (count > 0).astype(jnp.float32)
-  positive_share = has_positive / jnp.maximum(count, 1.0)
-  per_anchor = jnp.where(count > 0, all_lse - positive_share * positive_logits, 0.0)
-  return jnp.sum(per_anchor), jnp.sum(has_positive), (has_positive, positive_share)
+  return has_positive, has_positive / jnp.maximum(count, 1.0)
+
+
+def supcon_totals(all_lse: jax.Array, positive_total: jax.Array, has_positive: jax.Array):
+  """``(Σ_i [ALL_i - mean_{p ∈ P(i)} L_ip], #{i : P(i) non-empty})`` over the anchors with a positive, from the
+  per-anchor ``ALL_i`` and ``has_positive`` and the scalar ``positive_total = Σ_i share_i Σ_{p ∈ P(i)} L_ip``
+  (:func:`supcon_weights`); an anchor without positives adds 0."""
+  return jnp.sum(has_positive * all_lse) - positive_total, jnp.sum(has_positive)
 
 
 def _supcon_tile(tile: _Tile, anchor_terms: _SupconTerms, column_terms: _SupconTerms | None):
@@ -683,7 +687,8 @@ def _supcon_forward(layout: Layout, anchor_arrays, column_arrays, temperature):
         terms.count + column_terms.count,
     )
   all_lse = _lse_value(terms.lse)
-  total, count, (has_positive, positive_share) = supcon_totals(all_lse, terms.positive_logits, terms.count)
+  has_positive, positive_share = supcon_weights(terms.count)
+  total, count = supcon_totals(all_lse, jnp.sum(positive_share * terms.positive_logits), has_positive)
   return (total, count), (anchor_arrays, column_arrays, temperature, logits, (all_lse, has_positive, positive_share))
 
 
