@@ -317,7 +317,7 @@ def test_each_engine_gradient_matches_float64_differences(engine, loss, pattern)
 
 @pytest.mark.parametrize("loss", ["ntxent", "supcon"])
 @pytest.mark.parametrize("pattern", [
-    "views", "many", pytest.param("equal", marks=pytest.mark.slow), pytest.param("distinct", marks=pytest.mark.slow)])
+    "views", *(pytest.param(pattern, marks=pytest.mark.slow) for pattern in ("many", "equal", "distinct"))])
 def test_engines_agree_over_several_tiles(loss, pattern):
   # 3-row tiles of 37 rows: thirteen blocks, the last one ragged.
   x = _embeddings(37, 16, seed=5)
@@ -338,8 +338,10 @@ AT_MOST_ONE_POSITIVE = {
 }
 
 
-@pytest.mark.parametrize("engine", ENGINES)
-@pytest.mark.parametrize("pattern", sorted(AT_MOST_ONE_POSITIVE))
+@pytest.mark.parametrize("engine, pattern", [
+    pytest.param(engine, pattern, id=f"{pattern}-{engine}",
+                 marks=pytest.mark.slow if engine == "tiled" and pattern != "distinct" else ())
+    for pattern in sorted(AT_MOST_ONE_POSITIVE) for engine in ENGINES])
 def test_ntxent_forms_agree_with_at_most_one_positive_each(monkeypatch, engine, pattern):
   # With at most one positive per anchor NT-Xent runs in the SupCon form; force its own form on the same rows.
   x = _embeddings(10, D, seed=9)
@@ -378,7 +380,7 @@ def test_vmap_over_labels_takes_each_batch_elements_form(engine):
     np.testing.assert_allclose(batched_grad[b], value_and_grad(x[b], labels[b], jnp.float32(0.2))[1], atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["ntxent", "supcon"])
+@pytest.mark.parametrize("name", ["ntxent", pytest.param("supcon", marks=pytest.mark.slow)])
 def test_block_size_covering_the_batch_is_one_tile_with_the_plain_value(name):
   x = _embeddings(N, D)
   labels = LABEL_PATTERNS["many"](N)
@@ -395,10 +397,12 @@ def _bf16_products_in(jaxpr) -> bool:
   return "bf16" in str(jaxpr) and "preferred_element_type=float32" in str(jaxpr)
 
 
-# Each path by default with NT-Xent over many classes (its own form) and SupCon over views; the other pairs are slow.
+# The plain engine by default with NT-Xent over many classes (its own form) and SupCon over views; the tiled engine
+# (whose bf16 products are the same per-tile products) and the other pairs are slow.
 @pytest.mark.parametrize("path, loss, pattern", [
     pytest.param(path, loss, pattern, id=f"{pattern}-{loss}-{path}",
-                 marks=() if (loss, pattern) in {("ntxent", "many"), ("supcon", "views")} else pytest.mark.slow)
+                 marks=() if (loss, pattern) in {("ntxent", "many"), ("supcon", "views")} and path == "plain"
+                 else pytest.mark.slow)
     for pattern in ("views", "many") for loss in ("ntxent", "supcon") for path in ENGINES])
 def test_bf16_products_stay_close_to_float32(path, loss, pattern):
   rng = np.random.default_rng(11)

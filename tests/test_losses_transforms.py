@@ -76,9 +76,20 @@ CASES = {
 # badly-scaled tests below.
 PARAMS = [pytest.param(name, engine, id=f"{name}-{engine}", marks=pytest.mark.slow if "two_views" in name else ())
           for name, (*_, tiled) in CASES.items() for engine in (("plain", "tiled") if tiled else ("plain",))]
-# vmap of the tiled engine: in the default tier through test_losses_softmax's per-element-form test.
-VMAP_PARAMS = [pytest.param(*p.values, id=p.id, marks=pytest.mark.slow if p.values[1] == "tiled" else p.marks)
-               for p in PARAMS]
+# The tiled engine's finite differences, vmap and jit of every loss but SupCon run in the slow tier: each compiles
+# the tile sweeps again, and the default tier already ties the tiled tangents and gradients to the plain ones
+# (test_tiled_tangents_and_gradients_are_the_plain_ones), whose finite differences it checks; vmap of the tiled
+# engine is in test_losses_softmax's per-element-form test.
+TILED_IN_DEFAULT_TIER = ("supcon",)
+
+
+def _tiered(params, keep_tiled=TILED_IN_DEFAULT_TIER):
+  return [pytest.param(*p.values, id=p.id, marks=pytest.mark.slow if p.values[1] == "tiled"
+                       and p.values[0] not in keep_tiled else p.marks) for p in params]
+
+
+FD_PARAMS = _tiered(PARAMS)
+VMAP_PARAMS = _tiered(PARAMS, keep_tiled=())
 
 
 def test_every_public_loss_has_a_case():
@@ -93,7 +104,7 @@ def _case(name: str, engine: str, seed: int = 0):
   return fn, x, jnp.float32(scalar)
 
 
-@pytest.mark.parametrize("name, engine", PARAMS)
+@pytest.mark.parametrize("name, engine", FD_PARAMS)
 def test_grad_and_jvp_match_finite_differences(name, engine):
   fn, x, s = _case(name, engine)
   check_grads(fn, (x, s), order=1, modes=("fwd", "rev"), atol=1e-2, rtol=1e-2, eps=1e-3)
@@ -125,7 +136,7 @@ def test_vmap_of_value_and_grad_is_a_loop(name, engine):
     np.testing.assert_allclose(grads_s[b], grad_s, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("name, engine", PARAMS)
+@pytest.mark.parametrize("name, engine", FD_PARAMS)
 def test_jit_gives_the_eager_value_and_gradient(name, engine):
   fn, x, s = _case(name, engine)
   value_and_grad = jax.value_and_grad(fn, argnums=(0, 1))

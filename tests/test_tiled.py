@@ -22,7 +22,7 @@ LABEL_PATTERNS = {
 CASES = [
     ("ntxent", "views", 37, 8),
     ("ntxent", "classes", 20, 64),
-    ("ntxent", "distinct", 24, 8),
+    pytest.param(*("ntxent", "distinct", 24, 8), marks=pytest.mark.slow),  # distinct: test_losses_softmax
     ("ntxent", "equal", 7, 1),
     pytest.param(*("ntxent", "singletons", 24, 8), marks=pytest.mark.slow),
     pytest.param(*("ntxent", "huge_labels", 37, 16), marks=pytest.mark.slow),
@@ -155,7 +155,9 @@ def test_131072_rows_fit_in_3_gb():
   assert 0.125 <= program_gb <= 3.0, program_gb
 
 
-@pytest.mark.parametrize(("pattern", "rows", "block_size"), [("views", 36, 8), ("distinct", 24, 8), ("views", 20, 64)])
+@pytest.mark.parametrize(("pattern", "rows", "block_size"), [
+    pytest.param("views", 36, 8, marks=pytest.mark.slow), pytest.param("distinct", 24, 8, marks=pytest.mark.slow),
+    ("views", 20, 64)])
 def test_ntxent_with_one_positive_each_runs_as_supcon(pattern, rows, block_size):
   # NT-Xent over two views is SupCon (the positive and the negatives are every other row): same value and gradient
   # as the NT-Xent sweeps, which the tiled loss runs only when some anchor has two positives.
