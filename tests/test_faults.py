@@ -227,6 +227,14 @@ def test_a_signal_during_training_is_noted_and_outside_it_raised_at_once():
   assert {number: signal.getsignal(number) for number in previous} == previous
 
 
+def test_an_ignored_signal_stays_ignored(monkeypatch):
+  monkeypatch.setattr(signal, "getsignal", lambda number: signal.SIG_IGN if number == signal.SIGINT else None)
+  installed = []
+  monkeypatch.setattr(signal, "signal", lambda number, handler: installed.append(number))
+  with loop._StopSignals():
+    assert installed == [signal.SIGTERM]
+
+
 def test_an_interrupted_run_is_one_line_and_128_plus_the_signal(tmp_path, monkeypatch):
   for number, status in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
     def interrupted(*args, number=number, **kwargs):
@@ -445,3 +453,30 @@ def test_a_full_disk_at_the_report_names_it_leaves_no_partial_file_and_the_rerun
   assert _steps(workdir) == [4, 8]
   monkeypatch.undo()
   _resume(workdir, uninterrupted, 8)
+
+
+def _free_port() -> int:
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_a_multi_host_run_on_a_busy_workdir_stops_in_every_process(tmp_path):
+  # Process 0 finds the lock taken (by this test) and tells process 1: both stop, neither waits for the other.
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  env = {key: value for key, value in os.environ.items() if not key.startswith("JAX_")}
+  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  address = f"127.0.0.1:{_free_port()}"
+  with workdir_lib.lock_workdir(workdir):
+    processes = [subprocess.Popen(
+        [sys.executable, "-m", "mtcl_jax.run", "--config", SMOKE, "--workdir", str(workdir), *QUICK,
+         "--coordinator_address", address, "--num_processes", "2", "--process_id", str(process_id)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for process_id in range(2)]
+    results = [process.communicate(timeout=600) for process in processes]
+  assert [process.returncode for process in processes] == [1, 1], results
+  assert _error_lines(results[0][1])[-1].startswith(f"mtcl-run: error: {workdir} is in use by PID {os.getpid()} on ")
+  assert _error_lines(results[1][1])[-1] == (f"mtcl-run: error: {workdir} is in use by another run (process 0 names "
+                                             "it); wait for it or use another --workdir")
+  assert sorted(path.name for path in workdir.iterdir()) == [workdir_lib.LOCK_FILE]

@@ -87,7 +87,8 @@ class Interrupted(BaseException):
 class _StopSignals:
   """SIGINT and SIGTERM handlers for the run: noted during training (``deferring``), raised at once otherwise.
 
-  A no-op outside the main thread, where Python cannot install handlers: the caller's own handling stands.
+  A no-op outside the main thread, where Python cannot install handlers: the caller's own handling stands. A
+  signal the process ignores (``nohup``, a shell's ``&`` ignores SIGINT) stays ignored, as Python itself leaves it.
   """
 
   _SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -127,7 +128,8 @@ class _StopSignals:
 
   def __enter__(self) -> _StopSignals:
     if threading.current_thread() is threading.main_thread():
-      self._previous = {number: signal.signal(number, self._handle) for number in self._SIGNALS}
+      self._previous = {number: signal.signal(number, self._handle) for number in self._SIGNALS
+                        if signal.getsignal(number) is not signal.SIG_IGN}
     return self
 
   def __exit__(self, *exc_info: object) -> None:
