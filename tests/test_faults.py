@@ -480,3 +480,23 @@ def test_a_multi_host_run_on_a_busy_workdir_stops_in_every_process(tmp_path):
   assert _error_lines(results[1][1])[-1] == (f"mtcl-run: error: {workdir} is in use by another run (process 0 names "
                                              "it); wait for it or use another --workdir")
   assert sorted(path.name for path in workdir.iterdir()) == [workdir_lib.LOCK_FILE]
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_process_of_a_multi_host_run_stops_both_at_the_same_saved_step(tmp_path):
+  workdir = tmp_path / "run"
+  env = {key: value for key, value in os.environ.items() if not key.startswith("JAX_")}
+  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  address = f"127.0.0.1:{_free_port()}"
+  # Process 1 alone receives SIGTERM while step 6 trains; the processes agree at step 6, a train.log_every step.
+  processes = [subprocess.Popen(
+      [sys.executable, "-c", _SCRIPT, json.dumps({"signal_at": 5, "signal": signal.SIGTERM} if process_id else {}),
+       "--config", SMOKE, "--workdir", str(workdir), *QUICK, "--coordinator_address", address, "--num_processes", "2",
+       "--process_id", str(process_id)],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for process_id in range(2)]
+  results = [process.communicate(timeout=600) for process in processes]
+  assert [process.returncode for process in processes] == [143, 143], results
+  for _, stderr in results:
+    assert _error_lines(stderr)[-1] == "mtcl-run: interrupted at step 6; saved step 6; run the same command to resume"
+    assert "Traceback" not in stderr
+  assert _steps(workdir) == [4, 6]
