@@ -211,6 +211,9 @@ def test_atomic_outputs_names_the_file_being_written_and_keeps_the_old_ones(tmp_
 def test_a_signal_during_training_is_noted_and_outside_it_raised_at_once():
   previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
   with loop._StopSignals() as stop_signals:
+    with pytest.raises(loop.Interrupted, match=r"^interrupted before training started; run the same command to start "
+                                               r"or resume$"):
+      signal.raise_signal(signal.SIGTERM)
     stop_signals.step = 3
     with pytest.raises(loop.Interrupted, match=r"^interrupted at step 3; no step saved; run the same command to "
                                                r"start again$") as raised:

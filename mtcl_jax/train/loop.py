@@ -68,16 +68,20 @@ class Interrupted(BaseException):
   A ``BaseException``, as ``KeyboardInterrupt`` is: an ``except Exception`` in the caller does not swallow it.
 
   Attributes:
-    step: the step the run had reached.
+    step: the step the run had reached, or None if it was stopped before its checkpoints were looked at.
     saved_step: the newest checkpoint on disk, or None.
     signal_number: ``signal.SIGINT`` or ``signal.SIGTERM``.
     abandoned_save: a second signal cut the save short (the process should exit without waiting for it).
   """
 
-  def __init__(self, *, step: int, saved_step: int | None, signal_number: int, abandoned_save: bool = False):
-    saved = f"saved step {saved_step}" if saved_step is not None else "no step saved"
-    then = "resume" if saved_step is not None else "start again"
-    super().__init__(f"interrupted at step {step}; {saved}; run the same command to {then}")
+  def __init__(self, *, step: int | None, saved_step: int | None, signal_number: int, abandoned_save: bool = False):
+    if step is None:
+      message = "interrupted before training started; run the same command to start or resume"
+    else:
+      saved = f"saved step {saved_step}" if saved_step is not None else "no step saved"
+      then = "resume" if saved_step is not None else "start again"
+      message = f"interrupted at step {step}; {saved}; run the same command to {then}"
+    super().__init__(message)
     self.step = step
     self.saved_step = saved_step
     self.signal_number = signal_number
@@ -97,7 +101,7 @@ class _StopSignals:
     self.received: int | None = None
     self.deferring = False
     self.abandoned = False
-    self.step = 0
+    self.step: int | None = None
     self.checkpointer: Checkpointer | None = None
     self._previous: dict[int, Any] = {}
 
@@ -233,6 +237,7 @@ def train_and_evaluate(
     checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints, async_save=config.train.async_checkpoints)
     run_scope.callback(_release_checkpointer, checkpointer, stop_signals)
     stop_signals.checkpointer = checkpointer
+    stop_signals.step = checkpointer.latest_step() or 0
     start_step = 0
     if resume:
       state, data_state = checkpointer.restore(state)
