@@ -127,7 +127,7 @@ def test_a_damaged_journal_line_before_the_last_names_the_file_and_line(tmp_path
   assert path.read_text() == before
 
 
-def test_a_last_line_that_is_json_but_not_a_row_is_not_taken_for_a_cut_write(tmp_path):
+def test_a_last_line_that_is_json_but_not_a_row_is_dropped_as_damaged_too(tmp_path):
   # Dropped as damaged like a truncated one: whatever is wrong with the last line, it is the journal's tail.
   _journal(tmp_path, '{"step": 2, "loss": 1.0}\n', '{"loss": 1.0}\n')
   assert [row["step"] for row in workdir_lib.read_history(tmp_path, 4)] == [2]
