@@ -14,11 +14,16 @@ Also installed as ``mtcl-run``. As in the flax examples, it only parses flags (a
 Exit status (an error is one line on stderr, ``mtcl-run: error: ...``, naming the key, path or file):
 
   0  done
-  1  bad input: a config file, key or value; the workdir or its filesystem; a dataset (not prepared, corrupt)
+  1  bad input: a config file, key or value; the workdir (in use by another run, not writable, an unreadable
+     line of metrics.jsonl) or its filesystem (a full disk at the report: the file named, the checkpoints
+     kept); a dataset (not prepared, corrupt); out of device or host memory (the sizes to lower named)
   2  a command line the command does not take: no --config or --workdir, an unknown flag, a stray argument
   3  training failed: a non-finite loss, a checkpoint that could not be saved; the workdir resumes from the
      last good checkpoint, which the message names
   4  an internal error (a bug, or a failure the command does not recognise); rerun with --debug for the traceback
+  130, 143  stopped by SIGINT (Ctrl-C) or SIGTERM (128 + the signal): one line, ``mtcl-run: interrupted at step N;
+     saved step N; run the same command to resume``, after the step reached was saved; a second signal during
+     that save abandons it and exits at once (the line names the step saved before)
 
 With ``--debug`` the exception propagates: Python prints its traceback and exits with status 1.
 """
@@ -33,10 +38,12 @@ from mtcl_jax import _extras
 
 with _extras.requires("train", "mtcl_jax.run"):
   import ml_collections
+  import jax
   from absl import flags
 
   from mtcl_jax import data, parallel, train
   from mtcl_jax.train import config as config_lib
+  from mtcl_jax.train import workdir as workdir_lib
 
 PROGRAM = "mtcl-run"
 DEBUG_ENV = "MTCL_DEBUG"
@@ -49,6 +56,9 @@ _EXIT_STATUSES: tuple[tuple[type[Exception], int], ...] = (
     (train.CheckpointSaveError, EXIT_TRAINING_FAILED),
     (data.DatasetNotPreparedError, EXIT_BAD_INPUT),
     (data.CorruptDatasetError, EXIT_BAD_INPUT),
+    (workdir_lib.WorkdirInUseError, EXIT_BAD_INPUT),
+    # A full disk at the end of the run: the file is named, the checkpoints are kept.
+    (workdir_lib.OutputWriteError, EXIT_BAD_INPUT),
     # The library's bad-input error, raised naming the key, path or value.
     (ValueError, EXIT_BAD_INPUT),
     # The filesystem: a path that cannot be read or written.
@@ -92,8 +102,29 @@ def parse_command_line(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, 
   return flag_values[config_lib.CONFIG_FLAG].value, flag_values
 
 
+# What to lower when the run does not fit in memory: a problem of the config's sizes, not a bug.
+_MEMORY_SIZES = ("data.batch_size (or data.task_batch_sizes.<task>, data.unlabelled_batch_size)", "eval.batch_size",
+                 "model.trunk_widths", "model.stem_width", "contrastive.num_views",
+                 "contrastive.block_size (set it to tile the contrastive loss)")
+
+
+def _out_of_memory(error: Exception) -> str | None:
+  """The line for an out-of-memory error (XLA's RESOURCE_EXHAUSTED, Python's MemoryError), else None."""
+  if isinstance(error, MemoryError):
+    where = "out of host memory"
+  elif isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error):
+    where = "out of device memory"
+  else:
+    return None
+  cause = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+  return f"{where} ({cause[:200]}); lower one of {', '.join(_MEMORY_SIZES)}, or train on more devices"
+
+
 def _error_line(error: Exception) -> tuple[int, str]:
   """The exit status and the one line that report ``error``."""
+  out_of_memory = _out_of_memory(error)
+  if out_of_memory is not None:
+    return EXIT_BAD_INPUT, out_of_memory
   status = next((code for kind, code in _EXIT_STATUSES if isinstance(error, kind)), EXIT_INTERNAL_ERROR)
   message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
   if status == EXIT_INTERNAL_ERROR:
@@ -120,6 +151,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parallel.initialize_distributed(flag_values.coordinator_address, flag_values.num_processes,
                                     flag_values.process_id)
     train.train_and_evaluate(config, flag_values.workdir, fresh=flag_values.fresh)
+  except train.Interrupted as interrupted:
+    print(f"{PROGRAM}: {interrupted}", file=sys.stderr, flush=True)
+    status = 128 + interrupted.signal_number
+    if interrupted.abandoned_save:
+      # Exiting normally would wait for orbax's threads to finish the save the second signal abandoned.
+      sys.stdout.flush()
+      os._exit(status)
+    return status
   except Exception as error:  # every failure ends in one line and its exit status, or with --debug a traceback
     if debug:
       raise

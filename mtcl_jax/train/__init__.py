@@ -14,7 +14,7 @@ Where each concept lives:
 ``optim``       optimizers, schedules, the two-stage parameter groups
 ``model``       the model built from the config and the tasks (modalities: ``mtcl_jax.modalities``)
 ``checkpoint``  orbax checkpoints of state and data position; unreadable ones set aside, failed saves named
-``workdir``     the run directory: start, resume, archive, metrics and report files
+``workdir``     the run directory: its lock, start, resume, archive, metrics and report files (atomic)
 ``evaluation``  features, head scores and probes on frozen features
 ==============  ==============================================================================================
 """
@@ -25,7 +25,7 @@ with _extras.requires("train", "mtcl_jax.train"):
   from mtcl_jax.train.checkpoint import Checkpointer, CheckpointSaveError
   from mtcl_jax.train.config import base_config, load_config, validate_config
   from mtcl_jax.train.evaluation import predict_input
-  from mtcl_jax.train.loop import NonFiniteLossError, train_and_evaluate
+  from mtcl_jax.train.loop import Interrupted, NonFiniteLossError, train_and_evaluate
   from mtcl_jax.train.model import build_model
   from mtcl_jax.train.optim import build_optimizer, make_optimizer
   from mtcl_jax.train.state import TrainState, create_train_state
@@ -38,6 +38,7 @@ __all__ = [
     "load_config",
     "validate_config",
     "predict_input",
+    "Interrupted",
     "NonFiniteLossError",
     "build_model",
     "train_and_evaluate",
