@@ -20,7 +20,7 @@ def data_dir(tmp_path_factory) -> pathlib.Path:
   return pathlib.Path(shared) if shared else tmp_path_factory.getbasetemp() / "mtcl_data"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not "module": an xdist worker switching modules tears those down
 def tasks(data_dir):
   return data.load_tasks("digits+japanese_vowels", data_dir=data_dir)
 

@@ -29,7 +29,7 @@ from mtcl_jax.eval.probes import _base, _fitting, _linear
 pytestmark = pytest.mark.xdist_group("test_eval_probes")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not "module": an xdist worker switching modules tears those down
 def digits():
   features, labels = load_digits(return_X_y=True)
   train_x, test_x, train_y, test_y = train_test_split(
@@ -37,7 +37,7 @@ def digits():
   return train_x, train_y, test_x, test_y
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not "module": an xdist worker switching modules tears those down
 def digits_results(digits):
   return probes.evaluate_task(*digits, num_classes=10, probes=probes.PROBE_KINDS)
 

@@ -39,7 +39,7 @@ class _Jitted:
     self.encode = jax.jit(lambda params, batch: model.apply(params, batch, method=model.encode))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not "module": an xdist worker switching modules tears those down
 def model_batch_params():
   model = _Jitted(models.MultiTaskModel(tasks=TASKS, **SMALL))
   batch = _batch(np.random.default_rng(0))

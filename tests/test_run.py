@@ -34,7 +34,9 @@ SMOKE = str(ROOT / "experiments" / "configs" / "smoke.py")
 DEFAULT = str(ROOT / "experiments" / "configs" / "default.py")
 QUICK = ("--config.eval.probes=()", "--config.eval.plots=False")
 
-# One xdist worker takes the whole module (pyproject's --dist loadgroup), so the smoke run is trained once.
+# One xdist worker takes the whole module (pyproject's --dist loadgroup), so the smoke run is trained once: the
+# fixture is session-scoped because that worker may run other modules' tests between this module's, which tears
+# a module-scoped fixture down (it was trained twice).
 pytestmark = pytest.mark.xdist_group("test_run")
 
 
@@ -45,7 +47,7 @@ def _main(*argv: str) -> tuple[int, str, str]:
   return status, stdout.getvalue(), stderr.getvalue()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory):
   """The smoke config run once through the CLI: 8 steps, checkpoints at 4 and 8, a linear probe, plots."""
   workdir = tmp_path_factory.mktemp("smoke") / "run"
@@ -276,6 +278,7 @@ def test_a_corrupt_prepared_dataset_fails_in_one_line(tmp_path):
   assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow  # a training run of its own
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
   status, _, stderr = _main(
       "--config", SMOKE, "--workdir", str(tmp_path), "--config.optimizer.name=sgd",

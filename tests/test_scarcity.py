@@ -16,7 +16,7 @@ from mtcl_jax.train.state import create_train_state
 from tiny import TINY_MODEL, config_with
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not "module": an xdist worker switching modules tears those down
 def tasks():
   return data.load_tasks("digits+japanese_vowels")
 

@@ -24,7 +24,7 @@ LABEL_PATTERNS = {
 }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not "module": an xdist worker switching modules tears those down
 def mesh():
   return jax.make_mesh((8,), ("data",))
 

@@ -22,7 +22,7 @@ def _config(overrides: Mapping[str, object] | None = None):
   return config_with({**TINY_MODEL, "train.num_steps": 4, **(overrides or {})})
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not "module": an xdist worker switching modules tears those down
 def tasks():
   return data.load_tasks("digits+japanese_vowels")
 

@@ -21,7 +21,7 @@ def _config(overrides: Mapping[str, object] | None = None):
   return config_with({**TINY_MODEL, "train.num_steps": 4, **(overrides or {})})
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not "module": an xdist worker switching modules tears those down
 def tasks():
   return data.load_tasks("digits+japanese_vowels")
 
@@ -47,7 +47,7 @@ def _run(config, tasks, mesh, num_steps=3, stage="joint"):
 SGD = {"optimizer.name": "sgd", "optimizer.learning_rate": 0.05}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not "module": an xdist worker switching modules tears those down
 def one_device_run(tasks):
   return _run(_config(SGD), tasks, parallel.make_mesh(1))
 
