@@ -296,7 +296,8 @@ def test_an_edited_dataset_info_is_named(data_dir, tmp_path, fresh_opens):
   test["filepathTemplate"] = train["filepathTemplate"]
   info["description"] = "edited"
   info_file.write_text(json.dumps(info))
-  with pytest.raises(data.CorruptDatasetError, match=r"^cannot read 'digits' from .* \(dataset_info.json (has \d+ bytes|holds other)"):
+  with pytest.raises(data.CorruptDatasetError,
+                     match=r"^cannot read 'digits' from .* \(dataset_info.json (has \d+ bytes|holds other)"):
     data.load_arrays("digits", "test", data_dir=tmp_path)
 
 
