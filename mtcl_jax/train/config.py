@@ -414,7 +414,7 @@ def _check_numbers(config: ml_collections.ConfigDict) -> None:
     if key.endswith("grad_clip_norm") and value is None:
       continue
     if not (_is_number(value) and math.isfinite(value) and in_range(value)):
-      raise ValueError(f"config key {key!r} is {value!r}; expected a finite number {words}")
+      raise ValueError(f"config key {key!r} must be finite and {words}; got {value!r}")
   task_batch_sizes = {f"data.task_batch_sizes.{task}": (size, 1) for task, size in config.data.task_batch_sizes.items()}
   ints = {key: (_lookup(config, key), minimum) for key, minimum in _INT_MINIMUMS.items()}
   for key, (value, minimum) in {**ints, **task_batch_sizes}.items():
