@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import hashlib
 import io
+import json
 import os
 import pathlib
 import re
@@ -19,7 +21,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from mtcl_jax import data
-from mtcl_jax.data import _builders, sources
+from mtcl_jax.data import _builders, _fingerprint, sources
 
 
 @pytest.fixture(scope="session")
@@ -138,6 +140,12 @@ def test_preparing_writes_once_and_reuses(tmp_path, no_network, capsys, monkeypa
   x, _ = data.load_arrays("japanese_vowels", "train", data_dir=tmp_path)
   info_file = next(tmp_path.glob("japanese_vowels/*/dataset_info.json"))
   written = info_file.stat().st_mtime_ns
+  # Preparing records the fingerprint beside dataset_info.json: each split's size and files, each file's hash.
+  fingerprint = json.loads((info_file.parent / _fingerprint.FINGERPRINT_FILE).read_text())
+  assert {split: entry["num_examples"] for split, entry in fingerprint["splits"].items()} == {"train": 270, "test": 370}
+  for name, entry in fingerprint["files"].items():
+    assert entry["sha256"] == hashlib.sha256((info_file.parent / name).read_bytes()).hexdigest(), name
+  assert {"dataset_info.json", *fingerprint["splits"]["train"]["files"]} <= set(fingerprint["files"])
   # Nothing is downloaded, and the messages say so rather than TFDS's "Downloading and preparing dataset".
   prepared = capsys.readouterr()
   assert f"Preparing japanese_vowels from aeon (offline, once) into {info_file.parent}\n" in prepared.out
@@ -213,18 +221,141 @@ def test_unprepared_standard_tfds_dataset_fails_fast_with_instructions(tmp_path,
   assert not any(tmp_path.iterdir())  # nothing was downloaded or created
 
 
-def _copy_prepared(name: str, source_dir: pathlib.Path, target_dir: pathlib.Path) -> pathlib.Path:
-  data.load_arrays(name, "train", data_dir=source_dir)
-  shutil.copytree(source_dir / name, target_dir / name)
-  return next((target_dir / name).glob("*"))
+def _copy_prepared(name: str, source_dir: pathlib.Path, target_dir: pathlib.Path, *, fingerprint: bool = True
+                   ) -> pathlib.Path:
+  """A copy of a prepared dataset in ``target_dir`` (its version directory), fingerprinted there unless not
+  ``fingerprint``; the source (possibly the shared $MTCL_DATA_DIR) is only read."""
+  if not any(source_dir.glob(f"{name}/*/dataset_info.json")):
+    data.load_arrays(name, "train", data_dir=source_dir)
+  shutil.copytree(source_dir / name, target_dir / name, ignore=shutil.ignore_patterns(_fingerprint.FINGERPRINT_FILE))
+  version_dir = next((target_dir / name).glob("*"))
+  if fingerprint:
+    builder = _builders.BUILDERS[name](data_dir=str(target_dir), file_format=_builders.FILE_FORMAT)
+    _fingerprint.record(version_dir, _fingerprint.splits_of(builder))
+  return version_dir
 
 
-def test_corrupt_record_file_gives_a_clear_error(data_dir, tmp_path):
-  version_dir = _copy_prepared("digits", data_dir, tmp_path)
+@pytest.fixture
+def fresh_opens():
+  """Each load opens (and verifies) the dataset again, as a new process would."""
+  sources._open.cache_clear()
+  sources._read_split.cache_clear()
+  yield
+  sources._open.cache_clear()
+  sources._read_split.cache_clear()
+
+
+def test_corrupt_record_file_gives_a_clear_error(data_dir, tmp_path, fresh_opens):
+  version_dir = _copy_prepared("digits", data_dir, tmp_path, fingerprint=False)
   (record_file,) = version_dir.glob("*-train.array_record-*")
   record_file.write_bytes(record_file.read_bytes()[: record_file.stat().st_size // 2])
   with pytest.raises(data.CorruptDatasetError, match="cannot read split 'train' of 'digits'.*Delete"):
     data.load_arrays("digits", "train", data_dir=tmp_path)
+
+
+def test_a_shard_copied_over_another_is_named_with_split_and_directory(data_dir, tmp_path, fresh_opens):
+  version_dir = _copy_prepared("digits", data_dir, tmp_path)
+  (train_file,) = version_dir.glob("*-train.array_record-*")
+  (test_file,) = version_dir.glob("*-test.array_record-*")
+  shutil.copyfile(train_file, test_file)
+  with pytest.raises(data.CorruptDatasetError) as raised:
+    data.load_tasks("digits", data_dir=tmp_path)
+  assert str(raised.value).startswith(
+      f"cannot read split 'test' of 'digits' from {version_dir}: it does not match the fingerprint taken when it "
+      f"was prepared ({test_file.name} has {train_file.stat().st_size} bytes; ")
+  assert f"Delete {version_dir} and it will be prepared again" in str(raised.value)
+  assert "\n" not in str(raised.value)
+
+
+def test_a_shard_edited_in_place_is_found_by_its_hash(data_dir, tmp_path, fresh_opens):
+  version_dir = _copy_prepared("digits", data_dir, tmp_path)
+  (train_file,) = version_dir.glob("*-train.array_record-*")
+  content = bytearray(train_file.read_bytes())
+  content[len(content) // 2] ^= 0xFF  # the same size, other bytes
+  train_file.write_bytes(bytes(content))
+  with pytest.raises(data.CorruptDatasetError, match=r"^cannot read split 'train' of 'digits' from .*SHA-256 differs"):
+    data.load_arrays("digits", "test", data_dir=tmp_path)
+
+
+def test_an_edited_dataset_info_is_named(data_dir, tmp_path, fresh_opens):
+  version_dir = _copy_prepared("digits", data_dir, tmp_path)
+  info_file = version_dir / "dataset_info.json"
+  info = json.loads(info_file.read_text())
+  train, test = (split for split in info["splits"] if split["name"] in ("train", "test"))
+  # The test split pointed at the training rows: the digits' "test" accuracy would be computed on them.
+  test["shardLengths"] = train["shardLengths"]
+  test["filepathTemplate"] = test["filepathTemplate"].replace("{SPLIT}", "train")
+  info_file.write_text(json.dumps(info))
+  with pytest.raises(data.CorruptDatasetError,
+                     match=rf"^cannot read split 'test' of 'digits' from {re.escape(str(version_dir))}: it does "
+                           r"not match the fingerprint .* \(dataset_info.json says 1257 examples; 540 when it was "
+                           r"prepared\)"):
+    data.load_arrays("digits", "test", data_dir=tmp_path)
+  # Any other edit of the metadata is found too, naming the file.
+  test["shardLengths"] = ["540"]
+  test["filepathTemplate"] = train["filepathTemplate"]
+  info["description"] = "edited"
+  info_file.write_text(json.dumps(info))
+  with pytest.raises(data.CorruptDatasetError,
+                     match=r"^cannot read 'digits' from .* \(dataset_info.json (has \d+ bytes|holds other)"):
+    data.load_arrays("digits", "test", data_dir=tmp_path)
+
+
+def test_an_unchanged_dataset_is_checked_without_reading_its_files(data_dir, tmp_path, fresh_opens, monkeypatch):
+  _copy_prepared("digits", data_dir, tmp_path)
+
+  def no_hashing(path):
+    raise AssertionError(f"{path} was hashed although its size and time are those recorded")
+
+  monkeypatch.setattr(_fingerprint, "_sha256", no_hashing)
+  x, _ = data.load_arrays("digits", "test", data_dir=tmp_path)
+  assert x.shape == (540, 8, 8, 1)
+
+
+def test_a_dataset_without_a_fingerprint_gets_one_on_first_use(data_dir, tmp_path, fresh_opens, capsys):
+  version_dir = _copy_prepared("digits", data_dir, tmp_path, fingerprint=False)
+  data.load_arrays("digits", "test", data_dir=tmp_path)
+  assert capsys.readouterr().err.strip().splitlines()[-1] == (
+      f"Recorded a fingerprint of 'digits' in {version_dir} (prepared without one); later loads check its files "
+      "against it")
+  assert _fingerprint.mismatch(version_dir, _fingerprint.splits_of(sources._open(
+      "digits", sources._Location.of(tmp_path)).builder)) is None
+  sources._open.cache_clear()
+  sources._read_split.cache_clear()
+  data.load_arrays("digits", "test", data_dir=tmp_path)
+  assert "fingerprint" not in capsys.readouterr().err
+
+
+def test_a_dataset_whose_fingerprint_cannot_be_written_loads_unverified(data_dir, tmp_path, fresh_opens, capsys,
+                                                                       monkeypatch):
+  version_dir = _copy_prepared("digits", data_dir, tmp_path, fingerprint=False)
+
+  def read_only(directory, splits):
+    raise OSError(30, "Read-only file system")
+
+  monkeypatch.setattr(_fingerprint, "record", read_only)
+  x, _ = data.load_arrays("digits", "test", data_dir=tmp_path)
+  assert x.shape == (540, 8, 8, 1)
+  assert capsys.readouterr().err.strip().splitlines()[-1] == (
+      f"'digits' in {version_dir} is not verified: it has no fingerprint and one cannot be written there "
+      "(Read-only file system)")
+
+
+@pytest.mark.parametrize("where", ["open", "read", "check"])
+def test_a_permission_error_asks_for_access_and_never_to_delete(data_dir, tmp_path, fresh_opens, monkeypatch, where):
+  _copy_prepared("digits", data_dir, tmp_path)
+
+  def denied(*args, **kwargs):
+    raise PermissionError(13, "Permission denied")
+
+  target = {"open": (_builders, "prepared_builder"), "read": (sources, "_read_records"),
+            "check": (_fingerprint, "mismatch")}[where]
+  monkeypatch.setattr(*target, denied)
+  with pytest.raises(PermissionError) as raised:
+    data.load_arrays("digits", "test", data_dir=tmp_path)
+  message = str(raised.value)
+  assert message.startswith(f"cannot access 'digits' in {tmp_path.resolve()}") and "permission denied" in message
+  assert "Give this user read access" in message and "delete" not in message.lower()
 
 
 def test_missing_record_file_gives_a_clear_error(data_dir, tmp_path):

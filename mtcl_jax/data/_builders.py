@@ -22,6 +22,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from mtcl_jax.data import _fingerprint
+
 FILE_FORMAT = "array_record"
 DIGIT_NAMES = tuple(str(digit) for digit in range(10))
 JAPANESE_VOWELS_MAX_FRAMES = 29
@@ -260,11 +262,27 @@ BUILDERS: dict[str, type[OfflineBuilder]] = {
 }
 
 
+@contextlib.contextmanager
+def preparation_lock(data_dir: pathlib.Path, name: str) -> Iterator[None]:
+  """Holds the lock that serialises preparing (and fingerprinting) offline dataset ``name`` in ``data_dir``.
+
+  Raises:
+    OSError: the lock file cannot be created (a read-only data directory).
+  """
+  with open(data_dir / f".{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def prepared_builder(name: str, data_dir: pathlib.Path) -> OfflineBuilder:
   """Returns the builder for offline dataset ``name``, preparing it into ``data_dir`` first if needed.
 
   A lock file serialises preparation across processes (parallel test workers, several hosts on one shared
-  disk), so the dataset is written once and the others reuse it.
+  disk), so the dataset is written once and the others reuse it. Preparing records the dataset's fingerprint
+  (``mtcl_jax.data._fingerprint``) before the lock is released.
   """
   builder = BUILDERS[name](data_dir=str(data_dir), file_format=FILE_FORMAT)
   # TFDS writes dataset_info.json last, when it renames the finished directory into place. Checking for it
@@ -273,13 +291,10 @@ def prepared_builder(name: str, data_dir: pathlib.Path) -> OfflineBuilder:
   if info_file.exists():
     return builder
   data_dir.mkdir(parents=True, exist_ok=True)
-  with open(data_dir / f".{name}.lock", "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    try:
-      if not info_file.exists():
-        builder.download_and_prepare(file_format=FILE_FORMAT)
-    finally:
-      fcntl.flock(lock, fcntl.LOCK_UN)
+  with preparation_lock(data_dir, name):
+    if not info_file.exists():
+      builder.download_and_prepare(file_format=FILE_FORMAT)
+      _fingerprint.record(pathlib.Path(builder.data_dir), _fingerprint.splits_of(builder))
   # A builder made before the files existed keeps empty split metadata (another process may have done the
   # preparing), so read the finished directory afresh.
   return BUILDERS[name](data_dir=str(data_dir), file_format=FILE_FORMAT)

@@ -10,14 +10,24 @@ dataset that is not there fails at once with :class:`DatasetNotPreparedError` sa
 machine with a network. They are read through ``tfds.builder_from_directory``, from the prepared files' own
 metadata, so no TFDS builder code runs and nothing touches the network. A whole split is read into memory;
 slice large ones (``"train[:10%]"``).
+
+Prepared data is verified: preparing an offline dataset records its content fingerprint (each split's example
+count and shard files, each file's size and SHA-256, ``mtcl_fingerprint.json`` beside ``dataset_info.json``), and
+opening a dataset, once per process, checks its files against it; a dataset that no longer matches (a shard
+copied over another, an edited ``dataset_info.json``) raises :class:`CorruptDatasetError` naming the split and
+directory. A dataset without a fingerprint (a TFDS dataset prepared elsewhere, or one prepared by an older
+version) gets one on first use, with a line on stderr saying so; in a directory that cannot be written it stays
+unverified, also said once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
 import pathlib
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,7 +36,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import read_only_builder
 
 from mtcl_jax import modalities
-from mtcl_jax.data import _builders
+from mtcl_jax.data import _builders, _fingerprint
 
 DATA_DIR_ENV = "MTCL_DATA_DIR"
 MODALITIES: tuple[str, ...] = modalities.NAMES
@@ -43,7 +53,8 @@ class UnknownDatasetError(ValueError):
 
 
 class CorruptDatasetError(RuntimeError):
-  """A prepared dataset's files cannot be read, or hold fewer records than its metadata promises."""
+  """A prepared dataset's files cannot be read, hold fewer records than its metadata promises, or differ from the
+  fingerprint recorded when it was prepared."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,8 +259,59 @@ class _Location:
     return [self.data_dir, tfds_default]
 
 
+def _is_permission_error(error: BaseException) -> bool:
+  # array_record reports an unreadable file as a status message, not as a PermissionError.
+  return isinstance(error, PermissionError) or any(
+      text in str(error) for text in ("PERMISSION_DENIED", "Permission denied"))
+
+
+def _permission_error(name: str, directory: pathlib.Path, error: BaseException) -> PermissionError:
+  """One line for a dataset this user may not read or write: fix the access, the data is not broken."""
+  return PermissionError(
+      f"cannot access {name!r} in {directory}: permission denied ({type(error).__name__}: {error}). Give this "
+      f"user read access to {directory} (write access to prepare or fingerprint it), or set data.data_dir or "
+      f"${DATA_DIR_ENV} to a directory it may use")
+
+
+def _verify(name: str, builder: tfds.core.DatasetBuilder, lock: contextlib.AbstractContextManager) -> None:
+  """Checks the dataset's files against its fingerprint, recording one first if it has none.
+
+  Raises:
+    CorruptDatasetError: the files differ from the fingerprint (the split, the file and the directory named).
+    PermissionError: a file cannot be read.
+  """
+  directory = pathlib.Path(builder.data_dir)
+  splits = _fingerprint.splits_of(builder)
+  try:
+    if not _fingerprint.exists(directory):
+      try:
+        with lock:
+          if not _fingerprint.exists(directory):
+            _fingerprint.record(directory, splits)
+            print(f"Recorded a fingerprint of {name!r} in {directory} (prepared without one); later loads check "
+                  "its files against it", file=sys.stderr, flush=True)
+      except OSError as error:
+        print(f"{name!r} in {directory} is not verified: it has no fingerprint and one cannot be written there "
+              f"({error.strerror or error})", file=sys.stderr, flush=True)
+      return
+    problem = _fingerprint.mismatch(directory, splits)
+  except OSError as error:
+    if _is_permission_error(error):
+      raise _permission_error(name, directory, error) from None
+    raise CorruptDatasetError(f"cannot check {name!r} in {directory} against its fingerprint: "
+                              f"{type(error).__name__}: {error}") from error
+  if problem is not None:
+    split, reason = problem
+    what = f"split {split!r} of {name!r}" if split is not None else repr(name)
+    raise CorruptDatasetError(
+        f"cannot read {what} from {directory}: it does not match the fingerprint taken when it was prepared "
+        f"({reason}); a file was replaced, edited or cut short. Delete {directory} and it will be prepared again "
+        "(offline datasets) or copy it again (TFDS)")
+
+
 @functools.cache
 def _open(name: str, location: _Location) -> _Opened:
+  """The dataset ``name``, prepared (offline datasets) and verified against its fingerprint; once per process."""
   if name in _builders.BUILDERS:
     try:
       builder = _builders.prepared_builder(name, location.data_dir)
@@ -257,11 +319,14 @@ def _open(name: str, location: _Location) -> _Opened:
     except ImportError:
       raise
     except Exception as error:  # json, protobuf and file errors all mean a broken copy on disk
+      if _is_permission_error(error):
+        raise _permission_error(name, location.data_dir, error) from error
       dataset_dir = location.data_dir / name
       raise CorruptDatasetError(
           f"cannot open or prepare {name!r} in {location.data_dir}: {type(error).__name__}: {error}. "
           f"If {dataset_dir} holds a broken copy, delete it and it will be prepared again."
       ) from error
+    _verify(name, builder, _builders.preparation_lock(location.data_dir, name))
     builder_cls = _builders.BUILDERS[name]
     heads = tuple(LabelHead(key, tuple(info.features[key].names)) for key in builder_cls.LABEL_KEYS)
     spec = DatasetSpec(name, builder_cls.MODALITY, heads, tuple(info.splits.keys()))
@@ -288,6 +353,7 @@ def _open(name: str, location: _Location) -> _Opened:
         "access without TensorFlow needs array_record. Convert it: tfds convert_format "
         f"--dataset_version_dir={builder.data_dir} --out_file_format=array_record --out_dir=NEW_DIR"
     )
+  _verify(name, builder, contextlib.nullcontext())
   spec, input_key = _tfds_spec(name, builder)
   return _Opened(spec, builder, input_key, None, None)
 
@@ -350,6 +416,8 @@ def _read_split(name: str, split: str, location: _Location) -> SplitArrays:
   try:
     records = _read_records(opened, split)
   except Exception as error:  # array_record and protobuf raise many types; all mean unreadable files
+    if _is_permission_error(error):
+      raise _permission_error(name, location, error) from error
     raise CorruptDatasetError(
         f"cannot read split {split!r} of {name!r} from {location}: {type(error).__name__}: {error}. "
         f"Delete {location} and it will be prepared again (offline datasets) or copy it again (TFDS)."
@@ -386,7 +454,8 @@ def read_split(name: str, split: str, *, data_dir: str | os.PathLike | None = No
   Raises:
     ValueError: unknown dataset or split.
     DatasetNotPreparedError: a TFDS dataset that is not prepared.
-    CorruptDatasetError: the prepared files cannot be read or are incomplete.
+    CorruptDatasetError: the prepared files cannot be read, are incomplete, or differ from their fingerprint.
+    PermissionError: this user may not read the dataset's directory.
   """
   if name in _REGISTERED:
     spec, splits = _REGISTERED[name]
@@ -417,7 +486,8 @@ def load_arrays(
   Raises:
     ValueError: unknown dataset or split (the message lists the known ones).
     DatasetNotPreparedError: a TFDS dataset that is not prepared (the message says how to prepare it).
-    CorruptDatasetError: the prepared files cannot be read or are incomplete.
+    CorruptDatasetError: the prepared files cannot be read, are incomplete, or differ from their fingerprint.
+    PermissionError: this user may not read the dataset's directory.
 
   Examples:
     >>> x, y = load_arrays("digits", "train")  # doctest: +SKIP

@@ -4,6 +4,12 @@
 keyword arguments are the method's hyper-parameters (a config's ``mtl.options``). :func:`value_and_grad` turns a
 function of per-objective losses into one that returns the balanced gradient, for any training loop.
 :func:`gradient_cosines` and :func:`lookahead_affinity` measure how the objectives relate (conflict, affinity).
+
+Non-finite updates: a method's update whose losses, gradients or new state hold a NaN or an infinity keeps the old
+state (it is skipped, as if the step had not happened) and reports ``metrics["state_kept"] = 1.0``; its output is
+returned as computed, so the loop sees the bad step. One bad batch therefore never poisons UW's log-variances,
+FAMO's logits or GradNorm's and IMTL's weights for the later steps. Every method from :func:`make` and ``METHODS``
+has this guard, and :func:`value_and_grad` adds it to a method of one's own (:func:`keep_finite_state`).
 """
 
 import inspect
@@ -16,6 +22,8 @@ from mtcl_jax.mtl._base import KINDS as KINDS
 from mtcl_jax.mtl._base import InitFn as InitFn
 from mtcl_jax.mtl._base import Method as Method
 from mtcl_jax.mtl._base import UpdateFn as UpdateFn
+from mtcl_jax.mtl._base import keep_finite_state as keep_finite_state
+from mtcl_jax.mtl._base import keeping_finite_state
 from mtcl_jax.mtl._transform import BALANCES as BALANCES
 from mtcl_jax.mtl._transform import BalancedGradFn as BalancedGradFn
 from mtcl_jax.mtl._transform import BalancedGrads as BalancedGrads
@@ -23,7 +31,9 @@ from mtcl_jax.mtl._transform import Partition as Partition
 from mtcl_jax.mtl._transform import partition as partition
 from mtcl_jax.mtl._transform import value_and_grad as value_and_grad
 
-METHODS: dict[str, Callable[..., Method]] = {**_loss_based.METHODS, **_projection.METHODS, **_solver_based.METHODS}
+METHODS: dict[str, Callable[..., Method]] = {
+    name: keeping_finite_state(factory)
+    for name, factory in {**_loss_based.METHODS, **_projection.METHODS, **_solver_based.METHODS}.items()}
 
 
 def make(name: str, **options: object) -> Method:
@@ -53,6 +63,7 @@ __all__ = [
     "Partition",
     "UpdateFn",
     "gradient_cosines",
+    "keep_finite_state",
     "lookahead_affinity",
     "make",
     "partition",

@@ -23,11 +23,14 @@ with a fixed iteration budget. ``metrics`` maps names to float32 arrays (scalars
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
+from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
 import jax
+import jax.numpy as jnp
 
 State = Any
 Metrics = dict[str, jax.Array]
@@ -74,6 +77,55 @@ class Method(NamedTuple):
   kind: str
   init: InitFn
   update: UpdateFn
+
+
+def _float_leaves(tree: Any) -> list[jax.Array]:
+  return [leaf for leaf in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
+
+
+def keep_finite_state(method: Method) -> Method:
+  """``method`` whose update never stores a NaN or an infinity in its state.
+
+  An update whose inputs (``losses``, ``grads``) or new state hold a NaN or an infinity (a diverged step, a bad
+  batch) would otherwise poison a stateful method for good: UW's log-variances, FAMO's logits, GradNorm's and
+  IMTL's weights. Such an update returns its output as computed (non-finite, so the loop sees it) but keeps the
+  old state, as if the step had not happened, and reports ``metrics["state_kept"] = 1.0`` (else 0.0). A method
+  without float state is returned unchanged in behaviour and metrics. :func:`mtcl_jax.mtl.make` and
+  :func:`mtcl_jax.mtl.value_and_grad` apply it; wrapping twice is wrapping once.
+
+  Args:
+    method: a balancing method.
+
+  Returns:
+    The same method with the guarded ``update``.
+  """
+  if getattr(method.update, "keeps_finite_state", False):
+    return method
+  unguarded = method.update
+
+  def update(grads: Jacobian | None, losses: jax.Array, state: State, *, key: jax.Array
+             ) -> tuple[Any, State, Metrics]:
+    output, new_state, metrics = unguarded(grads, losses, state, key=key)
+    checked = _float_leaves(new_state)
+    if not checked:
+      return output, new_state, metrics
+    finite = functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(leaf))
+                                                for leaf in [*_float_leaves((grads, losses)), *checked]])
+    kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    return output, kept, {**metrics, "state_kept": jnp.where(finite, 0.0, 1.0).astype(jnp.float32)}
+
+  update.keeps_finite_state = True  # type: ignore[attr-defined]
+  return method._replace(update=update)
+
+
+def keeping_finite_state(factory: Callable[..., Method]) -> Callable[..., Method]:
+  """A method factory whose methods :func:`keep_finite_state` (same signature: its options stay inspectable)."""
+
+  @functools.wraps(factory)
+  def guarded_factory(**options: object) -> Method:
+    return keep_finite_state(factory(**options))
+
+  return guarded_factory
 
 
 def stateless_init(num_objectives: int) -> tuple[()]:

@@ -21,7 +21,6 @@ pytree of booleans, or a :class:`Partition` with the user's own ``split`` and ``
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol
 
@@ -29,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from mtcl_jax.mtl._base import Method, Metrics, State
+from mtcl_jax.mtl._base import Method, Metrics, State, keep_finite_state
 
 Params = Any
 BALANCES: tuple[str, ...] = ("parameters", "features")
@@ -194,7 +193,8 @@ def value_and_grad(
     ``fn(params, mtl_state, *args, key) -> (losses, grads, mtl_state, aux, metrics)`` (a :class:`BalancedGrads`),
     with ``mtl_state = method.init(T)`` to start and ``key`` the method's PRNG key. A step whose losses or
     gradients are not finite returns them as they are (so the loop can see it), but never stores a NaN or inf in
-    the method's state: it keeps the old one and sets ``metrics["state_kept"]`` to 1.
+    the method's state: it keeps the old one and sets ``metrics["state_kept"]`` to 1
+    (:func:`mtcl_jax.mtl.keep_finite_state`, applied here to a method of the user's own too).
 
   Raises:
     ValueError: an unknown ``balance``, ``"features"`` or ``reads`` without what they need, and, when traced,
@@ -230,6 +230,7 @@ def value_and_grad(
     if unknown:
       raise ValueError(f"mtl.value_and_grad: reads names parts {unknown}; features_fn has {sorted(parts)}")
   split = shared if isinstance(shared, Partition) else partition(shared)
+  guarded = keep_finite_state(method)  # a method of the user's own too
 
   def all_features(params: Params, args: tuple[Any, ...]) -> Any:
     if parts is None:
@@ -243,15 +244,7 @@ def value_and_grad(
     return objectives_fn(params, all_features(params, args), *args)
 
   def update(jacobian: Any, losses: jax.Array, state: State, key: jax.Array) -> tuple[Any, State, Metrics]:
-    output, new_state, metrics = method.update(jacobian, lax.stop_gradient(losses), state, key=key)
-    # One NaN or inf (a diverged step, a bad batch) would otherwise poison a stateful method for good (UW's
-    # log-variances, FAMO's logits, GradNorm's weights): such an update keeps the old state and says so.
-    floats = [leaf for leaf in jax.tree.leaves(new_state) if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
-    if floats:
-      finite = functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(leaf)) for leaf in floats])
-      new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-      metrics = {**metrics, "state_kept": jnp.where(finite, 0.0, 1.0).astype(jnp.float32)}
-    return output, new_state, metrics
+    return guarded.update(jacobian, lax.stop_gradient(losses), state, key=key)
 
   def loss_balanced(params, state, args, key):
     losses, vjp, aux = jax.vjp(lambda p: objectives(p, args), params, has_aux=True)

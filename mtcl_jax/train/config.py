@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import logging
+import math
 import os
 import pathlib
 import re
@@ -28,6 +29,7 @@ from absl import flags
 from ml_collections import config_dict, config_flags
 
 from mtcl_jax import mtl
+from mtcl_jax.eval import PROBE_KINDS
 from mtcl_jax.train import optim, rules
 
 CONTRASTIVE_RULES: tuple[str, ...] = (*rules.RULES, rules.NO_RULE)
@@ -42,6 +44,32 @@ OPEN_SECTIONS: tuple[str, ...] = (*TASK_SECTIONS, "mtl.options")
 # The keys whose values give the steps of each stage of optim.schedule_stages, for messages.
 _STAGE_STEPS_KEYS = {"joint": "train.num_steps", "pretrain": "train.pretrain_steps",
                      "heads": "train.num_steps - train.pretrain_steps"}
+# The float keys' ranges, checked before anything compiles: (is the value in range, the range in words). A NaN or
+# an infinity is never in range.
+_POSITIVE = (lambda value: value > 0, "> 0")
+_NON_NEGATIVE = (lambda value: value >= 0, ">= 0")
+_FRACTION = (lambda value: 0 <= value <= 1, "in [0, 1]")
+_DECAY_RATE = (lambda value: 0 <= value < 1, "in [0, 1)")
+_FLOAT_RANGES: dict[str, tuple[Any, str]] = {
+    **{f"{section}.{key}": bounds for section in ("optimizer", "head_optimizer") for key, bounds in {
+        "learning_rate": _POSITIVE, "final_fraction": _FRACTION, "weight_decay": _NON_NEGATIVE,
+        "momentum": _DECAY_RATE, "b1": _DECAY_RATE, "b2": _DECAY_RATE,
+        # A negative norm would flip the gradient's sign in optax.clip_by_global_norm.
+        "grad_clip_norm": (_NON_NEGATIVE[0], ">= 0 (0 or None: no clipping)")}.items()},
+    "contrastive.weight": _NON_NEGATIVE,
+    "contrastive.temperature": _POSITIVE,
+    "classification.weight": _NON_NEGATIVE,
+}
+# The integer sizes' lower bounds (None: the key may be unset).
+_INT_MINIMUMS: dict[str, int] = {
+    "train.num_steps": 1, "train.log_every": 1, "train.checkpoint_every": 1, "train.keep_checkpoints": 1,
+    "train.pretrain_steps": 0, "train.num_devices": 1, "data.batch_size": 1, "data.label_seed": 0,
+    "data.unlabelled_batch_size": 1, "model.stem_width": 1, "model.sequence_channels": 1, "model.sequence_blocks": 0,
+    "model.tabular_hidden": 1, "contrastive.block_size": 1, "contrastive.num_views": 1, "contrastive.num_pairs": 1,
+    "contrastive.num_triplets": 1, "eval.batch_size": 1, "eval.pca_max_points": 1,
+}
+# Width tuples, each item >= 1; the first two need a layer (the shared trunk, the projection head).
+_WIDTHS: dict[str, bool] = {"model.trunk_widths": True, "model.projection_widths": True, "model.image_channels": False}
 
 
 class UsageError(ValueError):
@@ -372,9 +400,50 @@ def _check_tuple_items(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config key {key!r} is {value!r}; expected a tuple of {expected}, e.g. {default!r}")
 
 
+def _is_number(value: object) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_numbers(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first numeric key out of its range (:data:`_FLOAT_RANGES`, :data:`_INT_MINIMUMS`,
+  :data:`_WIDTHS`, and the task weights), NaN and infinities included."""
+  task_weights = {f"classification.task_weights.{task}": (weight, _NON_NEGATIVE)
+                  for task, weight in config.classification.task_weights.items()}
+  floats = {key: (_lookup(config, key), bounds) for key, bounds in _FLOAT_RANGES.items()}
+  for key, (value, (in_range, words)) in {**floats, **task_weights}.items():
+    if key.endswith("grad_clip_norm") and value is None:
+      continue
+    if not (_is_number(value) and math.isfinite(value) and in_range(value)):
+      raise ValueError(f"config key {key!r} must be finite and {words}; got {value!r}")
+  task_batch_sizes = {f"data.task_batch_sizes.{task}": (size, 1) for task, size in config.data.task_batch_sizes.items()}
+  ints = {key: (_lookup(config, key), minimum) for key, minimum in _INT_MINIMUMS.items()}
+  for key, (value, minimum) in {**ints, **task_batch_sizes}.items():
+    if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
+      raise ValueError(f"config key {key!r} must be an integer >= {minimum}; got {value!r}")
+  for key, needs_a_layer in _WIDTHS.items():
+    widths = _lookup(config, key)
+    if (needs_a_layer and not widths) or any(not isinstance(width, int) or width < 1 for width in widths):
+      layer = "at least one width, " if needs_a_layer else ""
+      raise ValueError(f"config key {key!r} is {tuple(widths)!r}; expected {layer}each an integer >= 1")
+
+
+def _check_probes(probes: Sequence[str]) -> None:
+  """Raises ValueError for ``eval.probes`` names that are unknown or repeated, before the run trains."""
+  unknown = [name for name in probes if name not in PROBE_KINDS]
+  if unknown or len(set(probes)) != len(probes):
+    problem = f"unknown probes {unknown}" if unknown else "a probe named twice"
+    raise ValueError(f"config key 'eval.probes' is {tuple(probes)!r}: {problem}; expected distinct names from "
+                     f"{PROBE_KINDS}, or () for none")
+
+
 def validate_config(config: ml_collections.ConfigDict, task_names: Sequence[str] | None = None) -> None:
   """Checks choices, types and ranges, the keys that constrain each other, and (given the run's task names) the
-  task-keyed sections.
+  task-keyed sections; it needs no data and compiles nothing, so the trainer runs it first.
+
+  Ranges: every float key finite and in its range (learning rates and the temperature > 0; loss and task weights,
+  weight decay and ``grad_clip_norm`` >= 0, 0 disabling clipping; ``b1``, ``b2``, ``momentum`` in [0, 1)), every
+  integer size >= 1 (``train.pretrain_steps``, ``model.sequence_blocks`` >= 0), ``model.trunk_widths`` and
+  ``model.projection_widths`` non-empty, ``eval.probes`` distinct names from ``mtcl_jax.eval.PROBE_KINDS``.
 
   Keys that constrain each other: each optimizer's ``warmup_steps`` fits in the steps of the stage it trains
   (``train.num_steps``, or for two-stage training ``train.pretrain_steps`` and the rest); ``train.stop_at_step``
@@ -402,11 +471,8 @@ def validate_config(config: ml_collections.ConfigDict, task_names: Sequence[str]
     if value not in allowed:
       raise ValueError(f"config key {key!r} is {value!r}; expected one of {allowed}")
   train = config.train
-  for key in ("train.num_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-              "data.batch_size"):
-    value = _lookup(config, key)
-    if value < 1:
-      raise ValueError(f"config key {key!r} must be >= 1; got {value}")
+  _check_numbers(config)
+  _check_probes(config.eval.probes)
   if train.eval_every < 0:
     raise ValueError(f"config key 'train.eval_every' must be >= 0 (0: only at the end); got {train.eval_every}")
   if train.schedule == "two_stage" and config.mtl.method != "static":
@@ -435,17 +501,11 @@ def validate_config(config: ml_collections.ConfigDict, task_names: Sequence[str]
   if validation_fraction is not None and not 0 < validation_fraction < 1:
     raise ValueError(f"data.validation_fraction must be in (0, 1) (None: evaluate on the test split); "
                      f"got {validation_fraction!r}")
-  for key in ("data.label_seed", "data.unlabelled_batch_size"):
-    value = _lookup(config, key)
-    if value is not None and value < (0 if key == "data.label_seed" else 1):
-      raise ValueError(f"config key {key!r} must be >= {0 if key == 'data.label_seed' else 1}; got {value}")
   if config.data.unlabelled == "views" and not (config.contrastive.rule in rules.RULES
                                                  and rules.RULES[config.contrastive.rule].views):
     with_views = [name for name, rule in rules.RULES.items() if rule.views]
     raise ValueError(f"data.unlabelled='views' feeds the unlabelled inputs to a rule with augmented views "
                      f"{with_views}; contrastive.rule is {config.contrastive.rule!r}")
-  if not 0 < config.contrastive.temperature < float("inf"):
-    raise ValueError(f"contrastive.temperature must be finite and > 0; got {config.contrastive.temperature}")
   mtl.make(config.mtl.method, **config.mtl.options)
   if task_names is not None:
     for section in TASK_SECTIONS:

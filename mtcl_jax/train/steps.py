@@ -61,7 +61,8 @@ class Objectives(NamedTuple):
   Attributes:
     names: the objectives in vector order: task names, then ``"contrastive"`` (those the stage uses).
     inputs: ``inputs(key, batch) -> pytree`` of encoder inputs: the batch, and its augmented views if the rule
-      contrasts views.
+      contrasts views (stacked on a leading view axis; the encoder and the projection are vmapped over it, traced
+      once whatever ``contrastive.num_views``).
     encode: ``encode(params, inputs) -> features``, the shared encoder on every input.
     head: ``head(params, log_temperature, features, key, batch) -> (vector, metrics)``.
     reads: for each objective, the inputs (group representatives) whose features it depends on: a task its own
@@ -135,18 +136,16 @@ def make_objectives(model: MultiTaskModel, config: ml_collections.ConfigDict, me
     # The contrastive loss compares every row with every other: each device needs the global batch.
     return jax.lax.with_sharding_constraint(tree, replicated)
 
-  def augmented_views(key: jax.Array, batch: Batch) -> list[dict[str, dict[str, jax.Array]]]:
-    """``num_views`` batches of augmented inputs of each group, ``{representative: {"x", "mask"?}}``."""
-    views: list[dict[str, dict[str, jax.Array]]] = [{} for _ in range(contrastive.num_views)]
+  def augmented_views(key: jax.Array, batch: Batch) -> dict[str, dict[str, jax.Array]]:
+    """The augmented views of each group's inputs, stacked: ``{representative: {"x": [V, B, ...], "mask"?: [B, T]}}``
+    (an augmentation keeps the frames, so the views share the batch's mask)."""
+    views: dict[str, dict[str, jax.Array]] = {}
     for index, name in enumerate(groups):
       task_batch = batch[name]
-      task_key = jax.random.fold_in(key, index)
       mask = {"mask": task_batch["mask"]} if "mask" in task_batch else {}
-      stacked = jax.lax.with_sharding_constraint(
-          augment.make_views(task_key, task_batch["x"], modality=modality[name], num_views=contrastive.num_views,
-                             mask=task_batch.get("mask")), views_sharding)
-      for view in range(contrastive.num_views):
-        views[view][name] = {"x": stacked[view], **mask}
+      views[name] = {"x": jax.lax.with_sharding_constraint(
+          augment.make_views(jax.random.fold_in(key, index), task_batch["x"], modality=modality[name],
+                             num_views=contrastive.num_views, mask=task_batch.get("mask")), views_sharding), **mask}
     return views
 
   def inputs(key: jax.Array, batch: Batch) -> dict[str, Any]:
@@ -159,9 +158,11 @@ def make_objectives(model: MultiTaskModel, config: ml_collections.ConfigDict, me
     return encoder_inputs
 
   def encode(params: Any, encoder_inputs: Mapping[str, Any]) -> Features:
-    return {part: (model.apply(params, value, method=MultiTaskModel.encode) if part == "batch" else
-                   [model.apply(params, view, method=MultiTaskModel.encode) for view in value])
-            for part, value in encoder_inputs.items()}
+    features = {"batch": model.apply(params, encoder_inputs["batch"], method=MultiTaskModel.encode)}
+    if "views" in encoder_inputs:
+      features["views"] = _over_views(lambda view: model.apply(params, view, method=MultiTaskModel.encode),
+                                      encoder_inputs["views"])
+    return features
 
   def contrastive_loss(rows: rules.Rows, temperature: jax.Array, key: jax.Array) -> jax.Array:
     """The rule's loss on its rows, over the global batch."""
@@ -206,8 +207,12 @@ def make_objectives(model: MultiTaskModel, config: ml_collections.ConfigDict, me
     if use_contrastive:
       assert rule is not None
       projections: Any = model.apply(params, features["batch"], method=MultiTaskModel.project)
-      view_projections: list[Any] = [model.apply(params, view, method=MultiTaskModel.project)
-                                     for view in features.get("views", ())]
+      view_projections: list[Any] = []
+      if "views" in features:
+        stacked = _over_views(lambda view: model.apply(params, view, method=MultiTaskModel.project),
+                              features["views"])
+        view_projections = [{rep: rows[view] for rep, rows in stacked.items()}
+                            for view in range(contrastive.num_views)]
       rule_inputs = rules.RuleInputs(
           key=key, projections={name: projections[representative_of[name]] for name in representative_of},
           view_projections=view_projections, batch=batch, groups=groups, num_classes=num_classes,
@@ -223,18 +228,28 @@ def make_objectives(model: MultiTaskModel, config: ml_collections.ConfigDict, me
   return Objectives(names, inputs, encode, head, reads)
 
 
+def _over_views(fn: Callable[[Any], Any], views: Mapping[str, Any]) -> Any:
+  """``fn`` (of one view, ``{rep: {"x": [B, ...], "mask"?}}`` or ``{rep: [B, F]}``) on every view at once.
+
+  ``views`` stacks them on a leading axis (``{rep: {"x": [V, B, ...], "mask"?: [B, T]}}`` or ``{rep: [V, B, F]}``;
+  the mask is shared); ``fn`` is traced once, vmapped over the axis, so the number of views costs no tracing time.
+  """
+  def view_axis(path: tuple, leaf: Any) -> int | None:
+    del leaf
+    return None if path[-1] == jax.tree_util.DictKey("mask") else 0
+
+  return jax.vmap(fn, in_axes=(jax.tree_util.tree_map_with_path(view_axis, views),))(views)
+
+
 def _select_input(tree: Mapping[str, Any], representative: str) -> dict[str, Any]:
-  """The part of an encoder-input or feature tree (``{"batch": {rep: ...}, "views"?: [{rep: ...}]}``) of one input."""
-  return {part: ({representative: value[representative]} if part == "batch" else
-                 [{representative: view[representative]} for view in value]) for part, value in tree.items()}
+  """The part of an encoder-input or feature tree (``{"batch": {rep: ...}, "views"?: {rep: ...}}``) of one input."""
+  return {part: {representative: value[representative]} for part, value in tree.items()}
 
 
 def _join_inputs(per_input: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
   """The inverse of :func:`_select_input` over every input: one tree from ``{rep: its part}``."""
   first = next(iter(per_input.values()))
-  return {part: ({rep: tree["batch"][rep] for rep, tree in per_input.items()} if part == "batch" else
-                 [{rep: tree[part][view][rep] for rep, tree in per_input.items()} for view in range(len(value))])
-          for part, value in first.items()}
+  return {part: {rep: tree[part][rep] for rep, tree in per_input.items()} for part in first}
 
 
 # ---------------------------------------------------------------------------------------------- balancing
