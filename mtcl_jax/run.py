@@ -37,8 +37,8 @@ from collections.abc import Sequence
 from mtcl_jax import _extras
 
 with _extras.requires("train", "mtcl_jax.run"):
-  import ml_collections
   import jax
+  import ml_collections
   from absl import flags
 
   from mtcl_jax import data, parallel, train

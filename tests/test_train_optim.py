@@ -63,6 +63,9 @@ def test_gradient_clipping_bounds_the_update():
   grads = {"w": jnp.full((4, 4), 10.0)}
   updates, _ = optimizer.update(grads, optimizer.init(grads), grads)
   np.testing.assert_allclose(optax.tree.norm(updates), 0.5, rtol=1e-6)
+  for bad in (-1.0, float("nan")):  # optax.clip_by_global_norm(-1) would flip the gradient: gradient ascent
+    with pytest.raises(ValueError, match="grad_clip_norm must be >= 0"):
+      optim.make_optimizer("sgd", 1.0, grad_clip_norm=bad)
 
 
 def test_a_warmup_leaves_the_cosine_a_step_to_decay_over():

@@ -412,20 +412,20 @@ def _read_split(name: str, split: str, location: _Location) -> SplitArrays:
   opened = _open(name, location)
   _check_split(opened.spec, split)
   expected = opened.builder.info.splits[split].num_examples
-  location = opened.builder.data_dir
+  directory = pathlib.Path(opened.builder.data_dir)
   try:
     records = _read_records(opened, split)
   except Exception as error:  # array_record and protobuf raise many types; all mean unreadable files
     if _is_permission_error(error):
-      raise _permission_error(name, location, error) from error
+      raise _permission_error(name, directory, error) from error
     raise CorruptDatasetError(
-        f"cannot read split {split!r} of {name!r} from {location}: {type(error).__name__}: {error}. "
-        f"Delete {location} and it will be prepared again (offline datasets) or copy it again (TFDS)."
+        f"cannot read split {split!r} of {name!r} from {directory}: {type(error).__name__}: {error}. "
+        f"Delete {directory} and it will be prepared again (offline datasets) or copy it again (TFDS)."
     ) from error
   if not records or len(records) != expected:
     raise CorruptDatasetError(
-        f"split {split!r} of {name!r} in {location} holds {len(records)} records but its metadata says "
-        f"{expected}. Delete {location} and prepare it again."
+        f"split {split!r} of {name!r} in {directory} holds {len(records)} records but its metadata says "
+        f"{expected}. Delete {directory} and prepare it again."
     )
   if opened.sort_key is not None:
     records.sort(key=lambda record: int(record[opened.sort_key]))

@@ -631,7 +631,7 @@ def _add_supcon_terms(terms: _SupconTerms, logits, masked, positive, axis: int) 
 
 
 def supcon_weights(count: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """``(has_positive, positive_share)`` per anchor from ``|P(i)|``: 1 and ``1/|P(i)|`` where it has a positive, else 0."""
+  """``(has_positive, positive_share)`` per anchor from ``|P(i)|``: 1 and ``1/|P(i)|`` with a positive, else 0."""
   has_positive = (count > 0).astype(jnp.float32)
   return has_positive, has_positive / jnp.maximum(count, 1.0)
 

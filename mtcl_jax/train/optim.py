@@ -141,6 +141,8 @@ def make_optimizer(
   """
   if weight_decay < 0:
     raise ValueError(f"weight_decay must be >= 0; got {weight_decay}")
+  if grad_clip_norm is not None and not grad_clip_norm >= 0:  # a negative norm would flip the gradient's sign
+    raise ValueError(f"grad_clip_norm must be >= 0 (0 or None: no clipping); got {grad_clip_norm}")
   if name == "adamw":
     optimizer = optax.adamw(learning_rate, b1=b1, b2=b2, weight_decay=weight_decay, mask=mask)
   elif name == "sgd":
