@@ -315,7 +315,7 @@ def test_an_unchanged_dataset_is_checked_without_reading_its_files(data_dir, tmp
 def test_a_dataset_without_a_fingerprint_gets_one_on_first_use(data_dir, tmp_path, fresh_opens, capsys):
   version_dir = _copy_prepared("digits", data_dir, tmp_path, fingerprint=False)
   data.load_arrays("digits", "test", data_dir=tmp_path)
-  assert capsys.readouterr().err.strip().splitlines()[-1] == (
+  assert capsys.readouterr().out.strip().splitlines()[-1] == (
       f"Recorded a fingerprint of 'digits' in {version_dir} (prepared without one); later loads check its files "
       "against it")
   assert _fingerprint.mismatch(version_dir, _fingerprint.splits_of(sources._open(

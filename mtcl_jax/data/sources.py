@@ -288,8 +288,9 @@ def _verify(name: str, builder: tfds.core.DatasetBuilder, lock: contextlib.Abstr
         with lock:
           if not _fingerprint.exists(directory):
             _fingerprint.record(directory, splits)
+            # Information, not a problem: stdout, beside "Resuming from step N" (stderr carries errors only).
             print(f"Recorded a fingerprint of {name!r} in {directory} (prepared without one); later loads check "
-                  "its files against it", file=sys.stderr, flush=True)
+                  "its files against it", flush=True)
       except OSError as error:
         print(f"{name!r} in {directory} is not verified: it has no fingerprint and one cannot be written there "
               f"({error.strerror or error})", file=sys.stderr, flush=True)
