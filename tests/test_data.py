@@ -160,6 +160,7 @@ def test_preparing_writes_once_and_reuses(tmp_path, no_network, capsys, monkeypa
   np.testing.assert_array_equal(again, x)
 
 
+@pytest.mark.slow  # starts processes
 def test_processes_that_start_together_prepare_once_and_all_read_it(tmp_path):
   reader = (
       "import sys; from mtcl_jax import data; "

@@ -162,7 +162,7 @@ def test_strongly_regularised_softmax_fits_its_unpenalised_bias():
   assert np.max(np.abs(grad)) <= 2 * probes.LBFGS_GRADIENT_TOLERANCE
 
 
-@pytest.mark.parametrize("kind", ["linear", "svm", pytest.param("mlp", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("kind", ["linear", *(pytest.param(kind, marks=pytest.mark.slow) for kind in ("svm", "mlp"))])
 def test_grid_search_matches_one_fit_per_value(kind):
   # The batched fits of a grid choose what separate fits on the fit rows, scored on the validation rows,
   # would choose, and the refit is the single-value fit on all rows.
@@ -194,7 +194,8 @@ def test_grid_search_matches_one_fit_per_value(kind):
                              rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("kind", ["linear", pytest.param("svm", marks=pytest.mark.slow)])
+@pytest.mark.slow  # every grid value fitted alone; test_grid_search_matches_one_fit_per_value[linear] stays
+@pytest.mark.parametrize("kind", ["linear", "svm"])
 def test_vmapped_grid_equals_each_grid_value_fit_alone(kind):
   # The lanes of the grid are independent: a lane's fit does not depend on the other grid values, on how long
   # the slowest lane runs under vmap, or on whether the lanes run side by side or one at a time.
@@ -249,6 +250,7 @@ def test_linear_probes_on_hard_inputs_reach_the_float64_optimum_and_agree_with_s
   assert chosen.hparams["C"] in (1e-2, 1.0) and 0.0 < chosen.validation_accuracy <= 100.0
 
 
+@pytest.mark.slow  # fits twice
 def test_padding_rows_and_classes_does_not_change_the_fit(monkeypatch):
   rng = np.random.default_rng(5)
   labels = rng.integers(0, 5, size=150)

@@ -380,7 +380,8 @@ def test_vmap_over_labels_takes_each_batch_elements_form(engine):
     np.testing.assert_allclose(batched_grad[b], value_and_grad(x[b], labels[b], jnp.float32(0.2))[1], atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["ntxent", pytest.param("supcon", marks=pytest.mark.slow)])
+@pytest.mark.slow  # one tile against plain: also test_losses_transforms' tiled tangents and gradients
+@pytest.mark.parametrize("name", ["ntxent", "supcon"])
 def test_block_size_covering_the_batch_is_one_tile_with_the_plain_value(name):
   x = _embeddings(N, D)
   labels = LABEL_PATTERNS["many"](N)

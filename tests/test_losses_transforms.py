@@ -76,11 +76,11 @@ CASES = {
 # badly-scaled tests below.
 PARAMS = [pytest.param(name, engine, id=f"{name}-{engine}", marks=pytest.mark.slow if "two_views" in name else ())
           for name, (*_, tiled) in CASES.items() for engine in (("plain", "tiled") if tiled else ("plain",))]
-# The tiled engine's finite differences, vmap and jit of every loss but SupCon run in the slow tier: each compiles
+# The tiled engine's finite differences, vmap and jit of every loss run in the slow tier: each compiles
 # the tile sweeps again, and the default tier already ties the tiled tangents and gradients to the plain ones
 # (test_tiled_tangents_and_gradients_are_the_plain_ones), whose finite differences it checks; vmap of the tiled
 # engine is in test_losses_softmax's per-element-form test.
-TILED_IN_DEFAULT_TIER = ("supcon",)
+TILED_IN_DEFAULT_TIER: tuple[str, ...] = ()
 
 
 def _tiered(params, keep_tiled=TILED_IN_DEFAULT_TIER):

@@ -43,7 +43,9 @@ def test_entry_names_a_stem_family_and_an_augmentation_that_exist(entry):
     assert augment.AUGMENTATIONS[entry.augmentation].takes_mask and models.STEMS[entry.stem].takes_mask
 
 
-@pytest.mark.parametrize("entry", modalities.TABLE, ids=lambda entry: entry.name)
+# The image entry in the default tier; the others (each its own augmentation program) in the slow tier.
+@pytest.mark.parametrize("entry", [pytest.param(entry, id=entry.name, marks=() if entry.name == "image" else
+                                                pytest.mark.slow) for entry in modalities.TABLE])
 def test_augmentation_keeps_the_shape_and_a_mask_is_taken_or_rejected(entry):
   x = _inputs(entry)
   views = augment.make_views(jax.random.key(0), x, modality=entry.name, num_views=3)
@@ -129,6 +131,7 @@ def test_tfds_features_of_no_table_shape_are_rejected(feature, message):
     sources._input_modality("ds", "x", feature)
 
 
+@pytest.mark.slow  # builds and traces a model for a new entry
 def test_a_new_modality_is_one_table_entry(monkeypatch):
   """A rank-3 input that reuses the image stem and augmentation works end to end once it has an entry."""
   entry = modalities.Modality("spectrogram", example_rank=3, frame_mask=False, stem="image", augmentation="image")

@@ -230,7 +230,8 @@ def test_cagrad_dual_is_no_worse_than_a_simplex_grid(num, c, seed):
   assert _cagrad_dual(gram, c, w[None])[0] <= _cagrad_dual(gram, c, grid).min() + 1e-5 * np.trace(gram) / num
 
 
-@pytest.mark.parametrize("num, c, seed", [(2, 0.4, 0), (3, 0.4, 1), pytest.param(4, 0.9, 2, marks=pytest.mark.slow),
+@pytest.mark.parametrize("num, c, seed", [(2, 0.4, 0), pytest.param(3, 0.4, 1, marks=pytest.mark.slow),
+                                         pytest.param(4, 0.9, 2, marks=pytest.mark.slow),
                                          pytest.param(4, 0.2, 3, marks=pytest.mark.slow)])
 def test_cagrad_direction_solves_the_primal(num, c, seed):
   """d = g₀ + λ wᵀG is in the ball ‖d − g₀‖ ≤ c‖g₀‖ and its worst improvement min_i g_i·d equals the dual's minimum,
@@ -249,6 +250,7 @@ def test_cagrad_direction_solves_the_primal(num, c, seed):
   np.testing.assert_allclose(np.min(grads64 @ direction), dual, rtol=1e-4, atol=1e-6 * np.trace(gram))
 
 
+@pytest.mark.slow  # compiles cagrad per rescale mode
 def test_cagrad_rescale_divides_as_the_official_code():
   grads = _grads(3, 3)
   c = 0.5

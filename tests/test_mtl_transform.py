@@ -243,7 +243,7 @@ def _example():
   return module
 
 
-@pytest.mark.parametrize("name", ["static", pytest.param("upgrad", marks=pytest.mark.slow), pytest.param("pcgrad", marks=pytest.mark.slow),
+@pytest.mark.parametrize("name", [pytest.param("static", marks=pytest.mark.slow), pytest.param("upgrad", marks=pytest.mark.slow), pytest.param("pcgrad", marks=pytest.mark.slow),
                                   pytest.param("famo", marks=pytest.mark.slow)])
 def test_the_own_loop_example_trains_with_each_method(name):
   # The example is user code: optax's Adam mixes Python floats with int32 counts, which strict promotion rejects.

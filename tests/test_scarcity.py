@@ -128,6 +128,7 @@ def _head_losses(config, tasks, batch):
   return jax.device_get(metrics(state.trainable, jax.random.key(0), batch))
 
 
+@pytest.mark.slow  # two loss programs of the joint step
 def test_rows_with_hidden_labels_do_not_enter_the_cross_entropy(tasks):
   hidden = data.hide_labels(tasks, 0.1, seed=0, keep_unlabelled=True)
   semi = data.MultiTaskBatcher(hidden, batch_sizes=8, seed=0, unlabelled_batch_sizes={"digits": 16,
@@ -170,6 +171,7 @@ def test_a_semi_supervised_run_trains_its_heads_and_probes_on_the_labelled_rows_
       assert probe["hparams"]["chosen_by"].startswith("default:")
 
 
+@pytest.mark.slow  # fits a probe grid
 def test_a_probe_without_rows_to_hold_out_fits_its_default_and_says_so():
   features = np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32)
   labels = np.array([0, 0, 1, 1, 2, 2])

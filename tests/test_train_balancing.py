@@ -97,6 +97,7 @@ def test_per_objective_gradients_are_each_objectives_gradient(tasks):
   _assert_trees_close(ub[0]["params"]["trunk"], contrastive["trunk"])
 
 
+@pytest.mark.slow  # two gradient programs of the joint step
 def test_loss_method_weights_scale_each_objective(tasks):
   config = _config()
   weights = jnp.array([0.0, 0.0, 3.0])
