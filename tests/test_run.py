@@ -171,8 +171,10 @@ def test_config_flags_override_keys_the_last_one_winning_and_add_keys_to_open_se
       "mtcl-run", "--config", SMOKE, "--workdir", "/tmp/run", "--config.train.num_steps=100",
       "--config.model.trunk_widths=(64,)", "--config.classification.task_weights.digits=2.5",
       "--config.train.num_steps=200", "--config.mtl.method=pcgrad", "--config.mtl.options.c=0.4",
-      "--config.data.task_batch_sizes.mnist1d=8"])
-  assert config.train.num_steps == 200 and config.model.trunk_widths == (64,)
+      "--config.data.task_batch_sizes.mnist1d=8", "--config.eval.probes=('linear',)", "--config.eval.probes=('linear',)",
+      "--config.model.trunk_widths=(32,)"])
+  assert config.train.num_steps == 200 and config.model.trunk_widths == (32,)
+  assert config.eval.probes == ("linear",)  # absl would append a repeated tuple flag: ('linear', 'linear')
   assert config.mtl.method == "pcgrad" and config.mtl.options.to_dict() == {"c": 0.4}
   assert config.classification.task_weights.to_dict() == {"digits": 2.5}
   assert config.data.task_batch_sizes.to_dict() == {"mnist1d": 8}

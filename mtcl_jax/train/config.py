@@ -266,6 +266,19 @@ def _override_keys(argv: Sequence[str]) -> list[str]:
           if (match := re.match(rf"^--?(?:no)?{CONFIG_FLAG}\.(?P<key>[^=]+)", argument))]
 
 
+def _last_override_wins(argv: Sequence[str]) -> list[str]:
+  """``argv`` without the overrides that a later ``--config.KEY=VALUE`` of the same key replaces.
+
+  absl appends a repeated flag of a tuple field instead of replacing it (``eval.probes=('linear',)`` twice gives
+  ``('linear', 'linear')``), so an earlier override of a key is dropped here: the last one wins for every type.
+  """
+  keys = [match["key"] if (match := re.match(rf"^--?(?:no)?{CONFIG_FLAG}\.(?P<key>[^=]+)", argument)) else None
+          for argument in argv]
+  last = {key: index for index, key in enumerate(keys) if key is not None}
+  return [argument for index, (argument, key) in enumerate(zip(argv, keys, strict=True))
+          if key is None or last[key] == index]
+
+
 def define_config_flag(flag_values: flags.FlagValues, argv: Sequence[str]) -> flags.FlagHolder:
   """Defines ``--config=FILE`` and its ``--config.KEY=VALUE`` overrides (``ml_collections.config_flags``).
 
@@ -280,7 +293,7 @@ def define_config_flag(flag_values: flags.FlagValues, argv: Sequence[str]) -> fl
   return config_flags.DEFINE_config_file(
       CONFIG_FLAG, None, "a Python file with get_config() (experiments/configs/*.py); --config.KEY=VALUE overrides "
       "one of its keys", flag_values=flag_values, lock_config=False, accept_new_attributes=True,
-      sys_argv=list(argv))
+      sys_argv=_last_override_wins(argv))
 
 
 def parse_flags(flag_values: flags.FlagValues, argv: Sequence[str]) -> None:
@@ -314,7 +327,7 @@ def parse_flags(flag_values: flags.FlagValues, argv: Sequence[str]) -> None:
   sys.modules.pop(_CONFIG_MODULE, None)
   try:
     with _absl_errors_only():
-      arguments = flag_values(argv)[1:]
+      arguments = flag_values(_last_override_wins(argv))[1:]
   except AttributeError as error:  # the file lacks get_config, or sets a key that its locked config lacks
     if error.name == "get_config":
       raise ValueError(f"config file {path!r} defines no get_config()") from None
