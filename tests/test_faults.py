@@ -7,9 +7,7 @@ training; the slow tier runs the command end to end, in processes where a signal
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import io
 import json
 import os
 import pathlib
@@ -24,28 +22,19 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from mtcl_jax import run, train
+from mtcl_jax import train
 from mtcl_jax.train import config as config_lib
 from mtcl_jax.train import loop
 from mtcl_jax.train import workdir as workdir_lib
+
+from tiny import error_lines as _error_lines  # noqa: E402
+from tiny import run_cli as _main  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "experiments" / "configs" / "smoke.py")
 QUICK = ("--config.eval.probes=()", "--config.eval.plots=False")
 
 pytestmark = pytest.mark.xdist_group("test_faults")
-
-
-def _main(*argv: str) -> tuple[int, str, str]:
-  stdout, stderr = io.StringIO(), io.StringIO()
-  with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-    status = run.main(list(argv))
-  return status, stdout.getvalue(), stderr.getvalue()
-
-
-def _error_lines(stderr: str) -> list[str]:
-  """stderr's lines apart from the progress bar's."""
-  return [line for line in stderr.splitlines() if line and not line.startswith("train:") and "\r" not in line]
 
 
 # ------------------------------------------------------------------------------------------------ the lock

@@ -4,10 +4,8 @@ in one line and an exit status with nothing lost."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import importlib.metadata
-import io
 import json
 import os
 import pathlib
@@ -29,6 +27,9 @@ from mtcl_jax.train import config as config_lib
 from mtcl_jax.train import loop
 from mtcl_jax.train import workdir as workdir_lib
 
+from tiny import error_lines as _error_lines  # noqa: E402
+from tiny import run_cli as _main  # noqa: E402
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "experiments" / "configs" / "smoke.py")
 DEFAULT = str(ROOT / "experiments" / "configs" / "default.py")
@@ -38,13 +39,6 @@ QUICK = ("--config.eval.probes=()", "--config.eval.plots=False")
 # fixture is session-scoped because that worker may run other modules' tests between this module's, which tears
 # a module-scoped fixture down (it was trained twice).
 pytestmark = pytest.mark.xdist_group("test_run")
-
-
-def _main(*argv: str) -> tuple[int, str, str]:
-  stdout, stderr = io.StringIO(), io.StringIO()
-  with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-    status = run.main(list(argv))
-  return status, stdout.getvalue(), stderr.getvalue()
 
 
 @pytest.fixture(scope="session")
@@ -159,11 +153,6 @@ def _files(directory: pathlib.Path) -> dict[str, bytes]:
 
 def _steps(workdir: pathlib.Path) -> list[str]:
   return sorted(path.name for path in (workdir / "checkpoints").iterdir())
-
-
-def _error_lines(stderr: str) -> list[str]:
-  """stderr's lines apart from the progress bar's."""
-  return [line for line in stderr.splitlines() if line and not line.startswith("train:") and "\r" not in line]
 
 
 def test_config_flags_override_keys_the_last_one_winning_and_add_keys_to_open_sections():
