@@ -8,7 +8,9 @@ tables train where the answer is not saturated:
   one per class, the subset drawn from the run's seed: ``data.label_fraction``). Methods: single-task CE, the
   multi-task CE baseline (static weights), + SupCon over task × class, + the classic task-only pairs, SimCLR on
   all inputs then a linear probe on the labelled rows, semi-supervised SupCon over views of all inputs + CE on
-  the labelled rows (``data.unlabelled=views``, rule ``supcon_views``), and the two balancing methods
+  the labelled rows (``data.unlabelled=views``, rule ``supcon_views``), below 100% labels the non-contrastive
+  control on the same unlabelled inputs and views (FixMatch pseudo-labels, ``pseudo_labels.weight=1``) and both
+  together, and the two balancing methods
   ``balancing_selection`` picks, with and without SupCon, at ``Plan.balancing_fractions`` (10%).
 * ``interference``: ``multi_digits`` (left and right digit of one 8x12 canvas, two heads on one input), all
   labels: single-task CE per head, multi-task CE, + SupCon over the items' joint classes, and the two balancing
@@ -84,6 +86,9 @@ class RegimeRun:
 CE = ("contrastive.rule=none",)
 SUPCON = ("contrastive.rule=supcon",)
 SEMI = ("contrastive.rule=supcon_views", "data.unlabelled=views")
+# The non-contrastive control (FixMatch, Sohn et al. 2020): the same unlabelled inputs and views, no pairs of rows.
+FIXMATCH = ("contrastive.rule=none", "data.unlabelled=views", "pseudo_labels.weight=1.0")
+SEMI_AND_FIXMATCH = (*SEMI, "pseudo_labels.weight=1.0")
 SIMCLR = ("contrastive.rule=ntxent", "classification.weight=0.0", "data.unlabelled=views",
           "eval.probes=('linear',)")
 
@@ -97,6 +102,12 @@ def core_methods(several_inputs: bool, with_self_supervised: bool) -> list[Metho
     methods += [Method("SimCLR on all inputs, then linear probe", SIMCLR, evaluator="linear"),
                 Method("semi-supervised: SupCon over views of all inputs + CE", SEMI)]
   return methods
+
+
+def semi_supervised_controls() -> list[Method]:
+  """The lines that tell "the contrastive term helps" from "the unlabelled inputs help" (label fractions < 1)."""
+  return [Method("non-contrastive semi-supervised: FixMatch pseudo-labels + CE", FIXMATCH),
+          Method("both: SupCon over views + FixMatch pseudo-labels + CE", SEMI_AND_FIXMATCH)]
 
 
 def balancing_methods(names: Sequence[str]) -> list[Method]:
@@ -156,8 +167,8 @@ def table_plan(table: str, selected: Sequence[str], plan: Plan = FULL
                ) -> list[tuple[Method, float, dict[str | None, RegimeRun]]]:
   """``(method, fraction, runs)`` for every line of a table (``selected``: the chosen balancing methods)."""
   if table == "scarcity":
-    lines = [(method, fraction, _runs_of(table, method, fraction, JOINT_TASKS))
-             for fraction in plan.fractions for method in core_methods(True, True)]
+    lines = [(method, fraction, _runs_of(table, method, fraction, JOINT_TASKS)) for fraction in plan.fractions
+             for method in [*core_methods(True, True), *(semi_supervised_controls() if fraction < 1 else [])]]
     lines += [(method, fraction, _runs_of(table, method, fraction, JOINT_TASKS))
               for fraction in plan.balancing_fractions for method in balancing_methods(selected)]
     return lines

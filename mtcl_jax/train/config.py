@@ -59,6 +59,8 @@ _FLOAT_RANGES: dict[str, tuple[Any, str]] = {
     "contrastive.weight": _NON_NEGATIVE,
     "contrastive.temperature": _POSITIVE,
     "classification.weight": _NON_NEGATIVE,
+    "pseudo_labels.weight": _NON_NEGATIVE,
+    "pseudo_labels.threshold": _FRACTION,
 }
 # The integer sizes' lower bounds (None: the key may be unset).
 _INT_MINIMUMS: dict[str, int] = {
@@ -149,6 +151,14 @@ def base_config() -> ml_collections.ConfigDict:
   config.classification = ml_collections.ConfigDict({
       "weight": 1.0,
       "task_weights": ml_collections.ConfigDict(),  # task -> weight of its cross-entropy (default 1)
+  })
+
+  # FixMatch's pseudo-labels on the unlabelled inputs (mtcl_jax.semi_supervised): the non-contrastive
+  # semi-supervised objective, one entry "pseudo_labels" of the objective vector. 0 = off; needs
+  # data.unlabelled="views" and data.label_fraction < 1.
+  config.pseudo_labels = ml_collections.ConfigDict({
+      "weight": 0.0,  # FixMatch's lambda_u (1 in the paper)
+      "threshold": 0.95,  # the softmax confidence a weak view's prediction needs to become a target
   })
 
   # How the per-objective losses (each task's cross-entropy, weighted by its task weight and
@@ -454,14 +464,17 @@ def validate_config(config: ml_collections.ConfigDict, task_names: Sequence[str]
   task-keyed sections; it needs no data and compiles nothing, so the trainer runs it first.
 
   Ranges: every float key finite and in its range (learning rates and the temperature > 0; loss and task weights,
-  weight decay and ``grad_clip_norm`` >= 0, 0 disabling clipping; ``b1``, ``b2``, ``momentum`` in [0, 1)), every
-  integer size >= 1 (``train.pretrain_steps``, ``model.sequence_blocks`` >= 0), ``model.trunk_widths`` and
-  ``model.projection_widths`` non-empty, ``eval.probes`` distinct names from ``mtcl_jax.eval.PROBE_KINDS``.
+  weight decay and ``grad_clip_norm`` >= 0, 0 disabling clipping; ``b1``, ``b2``, ``momentum`` in [0, 1);
+  ``pseudo_labels.threshold`` in [0, 1]), every integer size >= 1 (``train.pretrain_steps``,
+  ``model.sequence_blocks`` >= 0), ``model.trunk_widths`` and ``model.projection_widths`` non-empty,
+  ``eval.probes`` distinct names from ``mtcl_jax.eval.PROBE_KINDS``.
 
   Keys that constrain each other: each optimizer's ``warmup_steps`` fits in the steps of the stage it trains
   (``train.num_steps``, or for two-stage training ``train.pretrain_steps`` and the rest); ``train.stop_at_step``
-  and ``train.pretrain_steps`` lie within ``train.num_steps``. ``train.log_every``, ``eval_every`` and
-  ``checkpoint_every`` may exceed ``train.num_steps``: the run logs, evaluates and saves at its end anyway.
+  and ``train.pretrain_steps`` lie within ``train.num_steps``; ``pseudo_labels.weight > 0`` needs unlabelled
+  inputs (``data.unlabelled='views'``, ``data.label_fraction < 1``), joint training and the task heads.
+  ``train.log_every``, ``eval_every`` and ``checkpoint_every`` may exceed ``train.num_steps``: the run logs,
+  evaluates and saves at its end anyway.
 
   Raises:
     ValueError: naming the offending keys and values.
@@ -514,11 +527,20 @@ def validate_config(config: ml_collections.ConfigDict, task_names: Sequence[str]
   if validation_fraction is not None and not 0 < validation_fraction < 1:
     raise ValueError(f"data.validation_fraction must be in (0, 1) (None: evaluate on the test split); "
                      f"got {validation_fraction!r}")
-  if config.data.unlabelled == "views" and not (config.contrastive.rule in rules.RULES
-                                                 and rules.RULES[config.contrastive.rule].views):
+  pseudo = config.pseudo_labels.weight > 0
+  if config.data.unlabelled == "views" and not pseudo and not (config.contrastive.rule in rules.RULES
+                                                               and rules.RULES[config.contrastive.rule].views):
     with_views = [name for name, rule in rules.RULES.items() if rule.views]
     raise ValueError(f"data.unlabelled='views' feeds the unlabelled inputs to a rule with augmented views "
-                     f"{with_views}; contrastive.rule is {config.contrastive.rule!r}")
+                     f"{with_views} or to pseudo_labels.weight > 0; contrastive.rule is {config.contrastive.rule!r}")
+  if pseudo and (config.data.unlabelled != "views" or label_fraction == 1):
+    raise ValueError(f"pseudo_labels.weight={config.pseudo_labels.weight} trains on unlabelled inputs: it needs "
+                     f"data.unlabelled='views' and data.label_fraction < 1; got data.unlabelled="
+                     f"{config.data.unlabelled!r}, data.label_fraction={label_fraction}")
+  if pseudo and (train.schedule != "joint" or config.classification.weight == 0):
+    raise ValueError("pseudo_labels.weight > 0 trains the task heads on their own confident predictions: it needs "
+                     f"train.schedule='joint' and classification.weight > 0; got train.schedule={train.schedule!r}, "
+                     f"classification.weight={config.classification.weight}")
   mtl.make(config.mtl.method, **config.mtl.options)
   if task_names is not None:
     for section in TASK_SECTIONS:

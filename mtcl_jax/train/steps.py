@@ -35,7 +35,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from mtcl_jax import losses, mtl, parallel
+from mtcl_jax import losses, mtl, parallel, semi_supervised
 from mtcl_jax.data import augment
 from mtcl_jax.losses import _sharded
 from mtcl_jax.models import MultiTaskModel
@@ -44,6 +44,7 @@ from mtcl_jax.train.state import TrainState
 
 STAGES: tuple[str, ...] = ("joint", "pretrain", "heads")
 CONTRASTIVE = "contrastive"  # the name of the contrastive entry of the objective vector
+PSEUDO_LABELS = "pseudo_labels"  # the name of the FixMatch entry (config section pseudo_labels)
 # The balancing method draws from its own stream of the step key (the rules and augmentations use the key itself
 # and its small fold-ins), so choosing a method leaves the data's randomness as it was.
 _MTL_STREAM = 0x6D746C
@@ -84,14 +85,16 @@ class Objectives(NamedTuple):
 
 def objective_names(model: MultiTaskModel, config: ml_collections.ConfigDict, *, stage: str = "joint"
                     ) -> tuple[str, ...]:
-  """The entries of the stage's objective vector: task names, then ``"contrastive"`` (those that apply)."""
+  """The entries of the stage's objective vector: task names, then ``"contrastive"``, then ``"pseudo_labels"``
+  (those that apply: the last only in the joint stage with ``pseudo_labels.weight > 0``)."""
   if stage not in STAGES:
     raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
   contrastive = config.contrastive
   use_contrastive = stage != "heads" and contrastive.rule != rules.NO_RULE and contrastive.weight != 0
   use_classification = stage != "pretrain" and config.classification.weight != 0
   tasks = tuple(task.name for task in model.tasks) if use_classification else ()
-  return tasks + ((CONTRASTIVE,) if use_contrastive else ())
+  use_pseudo = stage == "joint" and use_classification and config.pseudo_labels.weight > 0
+  return tasks + ((CONTRASTIVE,) if use_contrastive else ()) + ((PSEUDO_LABELS,) if use_pseudo else ())
 
 
 def make_objectives(model: MultiTaskModel, config: ml_collections.ConfigDict, mesh: Mesh, *, stage: str
@@ -124,8 +127,12 @@ def make_objectives(model: MultiTaskModel, config: ml_collections.ConfigDict, me
     rule, clip_tasks = rules.resolve(contrastive.rule, groups, source, contrastive.clip_tasks)
   use_contrastive = CONTRASTIVE in names
   task_weights = {name: config.classification.weight * float(config.classification.task_weights.get(name, 1.0))
-                  for name in names if name != CONTRASTIVE}
-  use_views = use_contrastive and rule is not None and rule.views
+                  for name in names if name not in (CONTRASTIVE, PSEUDO_LABELS)}
+  use_pseudo = PSEUDO_LABELS in names
+  contrast_views = use_contrastive and rule is not None and rule.views
+  use_views = contrast_views or use_pseudo
+  # The rule's views, or FixMatch's one strong view when only pseudo-labelling reads them.
+  num_views = contrastive.num_views if contrast_views else 1
   # Semi-supervised runs carry rows whose label is hidden (y = -1): cross-entropy and accuracy skip them.
   hidden_labels = config.data.unlabelled == "views" and config.data.label_fraction < 1
   replicated = parallel.replicated(mesh)
@@ -145,7 +152,7 @@ def make_objectives(model: MultiTaskModel, config: ml_collections.ConfigDict, me
       mask = {"mask": task_batch["mask"]} if "mask" in task_batch else {}
       views[name] = {"x": jax.lax.with_sharding_constraint(
           augment.make_views(jax.random.fold_in(key, index), task_batch["x"], modality=modality[name],
-                             num_views=contrastive.num_views, mask=task_batch.get("mask")), views_sharding), **mask}
+                             num_views=num_views, mask=task_batch.get("mask")), views_sharding), **mask}
     return views
 
   def inputs(key: jax.Array, batch: Batch) -> dict[str, Any]:
@@ -208,11 +215,10 @@ def make_objectives(model: MultiTaskModel, config: ml_collections.ConfigDict, me
       assert rule is not None
       projections: Any = model.apply(params, features["batch"], method=MultiTaskModel.project)
       view_projections: list[Any] = []
-      if "views" in features:
+      if contrast_views:
         stacked = _over_views(lambda view: model.apply(params, view, method=MultiTaskModel.project),
                               features["views"])
-        view_projections = [{rep: rows[view] for rep, rows in stacked.items()}
-                            for view in range(contrastive.num_views)]
+        view_projections = [{rep: rows[view] for rep, rows in stacked.items()} for view in range(num_views)]
       rule_inputs = rules.RuleInputs(
           key=key, projections={name: projections[representative_of[name]] for name in representative_of},
           view_projections=view_projections, batch=batch, groups=groups, num_classes=num_classes,
@@ -220,11 +226,29 @@ def make_objectives(model: MultiTaskModel, config: ml_collections.ConfigDict, me
       term = contrastive_loss(rule.build(rule_inputs), temperature, key)
       entries[CONTRASTIVE] = contrastive.weight * term
       metrics["contrastive_loss"] = term
+    if use_pseudo:
+      # FixMatch: the un-augmented input is the weak view (its logits, computed above, give fixed targets), the
+      # first augmented view the strong one; only the rows whose label is hidden count.
+      strong_features = {name: features["views"][representative_of[name]][0] for name in task_weights}
+      strong_logits: Any = model.apply(params, strong_features, method=MultiTaskModel.classify)
+      pseudo_total = []
+      for name, weight in task_weights.items():
+        hidden = batch[name]["y"] < 0
+        threshold = config.pseudo_labels.threshold
+        task_term = semi_supervised.fixmatch_loss(logits[name], strong_logits[name], threshold=threshold, where=hidden)
+        _, confident = semi_supervised.pseudo_labels(logits[name], threshold=threshold)
+        hidden_rows = hidden.astype(jnp.float32)
+        metrics[f"{name}/pseudo_label_loss"] = task_term
+        metrics[f"train/{name}/confident_pseudo_labels"] = (
+            100.0 * jnp.sum(hidden_rows * confident.astype(jnp.float32)) / jnp.maximum(jnp.sum(hidden_rows), 1.0))
+        pseudo_total.append(weight * task_term)
+      entries[PSEUDO_LABELS] = config.pseudo_labels.weight * functools.reduce(jnp.add, pseudo_total)
+      metrics["pseudo_label_loss"] = entries[PSEUDO_LABELS]
     vector = jnp.stack([entries[name] for name in names])
     metrics["loss"] = jnp.sum(vector)
     return vector, metrics
 
-  reads = tuple(tuple(groups) if name == CONTRASTIVE else (representative_of[name],) for name in names)
+  reads = tuple(tuple(groups) if name in (CONTRASTIVE, PSEUDO_LABELS) else (representative_of[name],) for name in names)
   return Objectives(names, inputs, encode, head, reads)
 
 
