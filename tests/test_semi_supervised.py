@@ -112,6 +112,7 @@ def test_pseudo_labels_alone_may_take_the_unlabelled_views():
   config_lib.validate_config(config_with({**PSEUDO, "contrastive.rule": "supcon_views"}))
 
 
+@pytest.mark.slow  # builds, initialises and compiles the model: ~30 s on 2 cores
 def test_the_step_adds_fixmatch_on_the_hidden_rows_only():
   config = config_with({**TINY_MODEL, **PSEUDO, "pseudo_labels.threshold": 0.0, "data.batch_size": 8})
   tasks = data.load_tasks("digits+japanese_vowels")

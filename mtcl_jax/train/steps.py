@@ -4,11 +4,13 @@ A train step reads: batch -> per-objective losses -> balancing -> update.
 
 * **Objectives** (:func:`make_objectives`): a vector with one entry per task (its cross-entropy, times its task
   weight and ``classification.weight``) and one for the contrastive term (times ``contrastive.weight``), in
-  :attr:`Objectives.names` order. The contrastive rule comes from :data:`mtcl_jax.train.rules.RULES`; its loss
-  sees the global batch: with ``contrastive.distributed = "replicate"`` the rows are constrained to replicated
-  (XLA all-gathers them), ``"all_gather"`` and ``"ring"`` leave them sharded and call
-  ``mtcl_jax.losses._sharded.sharded_loss`` with the rule's loss function (a loss without a sharded form, binary
-  InfoNCE, draws a few triples and always gathers them).
+  :attr:`Objectives.names` order; with ``pseudo_labels.weight > 0`` one more, ``"pseudo_labels"``, FixMatch's
+  loss on the rows whose label is hidden (:func:`mtcl_jax.semi_supervised.fixmatch_loss`: the un-augmented input
+  is the weak view, the first augmented view the strong one). The contrastive rule comes from
+  :data:`mtcl_jax.train.rules.RULES`; its loss sees the global batch: with ``contrastive.distributed =
+  "replicate"`` the rows are constrained to replicated (XLA all-gathers them), ``"all_gather"`` and ``"ring"``
+  leave them sharded and call ``mtcl_jax.losses._sharded.sharded_loss`` with the rule's loss function (a loss
+  without a sharded form, binary InfoNCE, draws a few triples and always gathers them).
 * **Balancing** (:func:`make_gradient_fn`): the config's ``mtl.method`` from :mod:`mtcl_jax.mtl`, applied by
   :func:`mtcl_jax.mtl.value_and_grad` — the same public transformation a user calls in their own loop. A loss
   method weights the objectives and the step back-propagates the weighted sum once (``"static"``: the plain sum,
