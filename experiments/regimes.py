@@ -13,8 +13,9 @@ tables train where the answer is not saturated:
   together, and the two balancing methods
   ``balancing_selection`` picks, with and without SupCon, at ``Plan.balancing_fractions`` (10%).
 * ``interference``: ``multi_digits`` (left and right digit of one 8x12 canvas, two heads on one input), all
-  labels: single-task CE per head, multi-task CE, + SupCon over the items' joint classes, and the two balancing
-  methods with and without SupCon.
+  labels: single-task CE per head, multi-task CE, + SupCon over the items' joint classes, + one SupCon per head
+  over its own digit through its own projection head (``contrastive.per_task``: two entries of the objective
+  vector), and the two balancing methods with CE only, with SupCon and with the per-task SupCons.
 * ``balancing_selection``: every balancing method with SupCon at 10% labels, seed 0, scored on a validation
   split held out of the training rows (``data.validation_fraction=0.2``): the test split is never read for the
   choice. The two best by mean validation head accuracy are the balancing methods of the tables above.
@@ -86,6 +87,8 @@ class RegimeRun:
 CE = ("contrastive.rule=none",)
 SUPCON = ("contrastive.rule=supcon",)
 SEMI = ("contrastive.rule=supcon_views", "data.unlabelled=views")
+# One SupCon per task over its own labels, through its own projection head (the interference regime's fix).
+PER_TASK_SUPCON = ("contrastive.rule=supcon", "contrastive.per_task=True")
 # The non-contrastive control (FixMatch, Sohn et al. 2020): the same unlabelled inputs and views, no pairs of rows.
 FIXMATCH = ("contrastive.rule=none", "data.unlabelled=views", "pseudo_labels.weight=1.0")
 SEMI_AND_FIXMATCH = (*SEMI, "pseudo_labels.weight=1.0")
@@ -110,11 +113,14 @@ def semi_supervised_controls() -> list[Method]:
           Method("both: SupCon over views + FixMatch pseudo-labels + CE", SEMI_AND_FIXMATCH)]
 
 
-def balancing_methods(names: Sequence[str]) -> list[Method]:
+def balancing_methods(names: Sequence[str], *, per_task: bool = False) -> list[Method]:
+  """Each method with CE only and with SupCon (and with ``per_task``, with one SupCon per task)."""
   methods = []
   for name in names:
     methods += [Method(f"{name} (CE only)", (*CE, f"mtl.method={name}")),
                 Method(f"{name} + SupCon", (*SUPCON, f"mtl.method={name}"))]
+    if per_task:
+      methods.append(Method(f"{name} + per-task SupCon", (*PER_TASK_SUPCON, f"mtl.method={name}")))
   return methods
 
 
@@ -173,7 +179,9 @@ def table_plan(table: str, selected: Sequence[str], plan: Plan = FULL
               for fraction in plan.balancing_fractions for method in balancing_methods(selected)]
     return lines
   if table == "interference":
-    methods = [*core_methods(False, False), *balancing_methods(selected)]
+    methods = [*core_methods(False, False),
+               Method("multi-task CE + per-task SupCon (each head's own)", PER_TASK_SUPCON),
+               *balancing_methods(selected, per_task=True)]
     return [(method, 1.0, _runs_of(table, method, 1.0, INTERFERENCE_TASKS)) for method in methods]
   raise ValueError(f"unknown regime table {table!r}")
 

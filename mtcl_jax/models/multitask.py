@@ -84,6 +84,9 @@ class MultiTaskModel(nn.Module):
     sequence_channels: channels of the signal and sequence stems.
     sequence_blocks: residual blocks of the signal and sequence stems.
     tabular_hidden: hidden width of the tabular stems.
+    task_projections: one projection head per task instead of one shared by all (per-task contrastive
+      objectives: each task's positives live in its own embedding space, so tasks reading one input do not pull
+      its features in two directions through one head).
     dtype: compute dtype.
 
   Examples:
@@ -104,6 +107,7 @@ class MultiTaskModel(nn.Module):
   sequence_channels: int = 64
   sequence_blocks: int = 3
   tabular_hidden: int = 128
+  task_projections: bool = False
   dtype: jnp.dtype = jnp.float32
 
   def setup(self):
@@ -123,7 +127,11 @@ class MultiTaskModel(nn.Module):
         stems[task.source] = STEMS[family].module(self.stem_width, dtype=self.dtype, **stem_options[family])
     self.stems = stems
     self.trunk = MLP(self.trunk_widths, dtype=self.dtype)
-    self.projection = MLP(self.projection_widths, linear_output=True, dtype=self.dtype)
+    if self.task_projections:
+      self.projections = {task.name: MLP(self.projection_widths, linear_output=True, dtype=self.dtype)
+                          for task in self.tasks}
+    else:
+      self.projection = MLP(self.projection_widths, linear_output=True, dtype=self.dtype)
     self.heads = {task.name: nn.Dense(task.num_classes, dtype=self.dtype) for task in self.tasks}
 
   @staticmethod
@@ -170,8 +178,12 @@ class MultiTaskModel(nn.Module):
     return features
 
   def project(self, features: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    """Contrastive embeddings ``{task: [B_t, projection_widths[-1]]}`` (float32, not normalised)."""
-    return {name: self.projection(f.astype(self.dtype)).astype(jnp.float32) for name, f in features.items()}
+    """Contrastive embeddings ``{task: [B_t, projection_widths[-1]]}`` (float32, not normalised); with
+    ``task_projections`` each task's through its own head (``features`` keyed by task names)."""
+    def head(name: str):
+      return self.projections[name] if self.task_projections else self.projection
+
+    return {name: head(name)(f.astype(self.dtype)).astype(jnp.float32) for name, f in features.items()}
 
   def classify(self, features: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     """Task-head logits ``{task: [B_t, num_classes_t]}`` (float32)."""

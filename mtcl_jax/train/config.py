@@ -146,6 +146,9 @@ def base_config() -> ml_collections.ConfigDict:
       "clip_tasks": config_dict.placeholder(tuple),  # clip: the two tasks to pair; default the first two
       "num_pairs": config_dict.placeholder(int),  # clip: pairs per step; default the smaller task batch
       "num_triplets": 256,  # binary_infonce: (anchor, positive, negative) triples per step
+      # One contrastive objective per task (rule "supcon"): SupCon over each task's own rows and labels, through
+      # its own projection head, as separate entries "contrastive/<task>" of the objective vector.
+      "per_task": False,
   })
 
   config.classification = ml_collections.ConfigDict({
@@ -541,6 +544,9 @@ def validate_config(config: ml_collections.ConfigDict, task_names: Sequence[str]
     raise ValueError("pseudo_labels.weight > 0 trains the task heads on their own confident predictions: it needs "
                      f"train.schedule='joint' and classification.weight > 0; got train.schedule={train.schedule!r}, "
                      f"classification.weight={config.classification.weight}")
+  if config.contrastive.per_task and config.contrastive.rule != "supcon":
+    raise ValueError(f"contrastive.per_task=True gives each task a SupCon over its own labels: it needs "
+                     f"contrastive.rule='supcon'; got {config.contrastive.rule!r}")
   mtl.make(config.mtl.method, **config.mtl.options)
   if task_names is not None:
     for section in TASK_SECTIONS:

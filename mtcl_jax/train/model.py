@@ -23,5 +23,6 @@ def build_model(config: ml_collections.ConfigDict, tasks: Sequence[data.TaskData
       sequence_channels=model_config.sequence_channels,
       sequence_blocks=model_config.sequence_blocks,
       tabular_hidden=model_config.tabular_hidden,
+      task_projections=bool(config.contrastive.per_task),
       dtype=jnp.dtype(model_config.dtype),
   )

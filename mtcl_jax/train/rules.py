@@ -291,6 +291,19 @@ def _supcon_rows(inputs: RuleInputs, *, views: bool = False) -> Rows:
   return Rows(rows, jnp.tile(item, len(inputs.view_projections)))
 
 
+def task_supcon_rows(projections: jax.Array, labels: jax.Array) -> Rows:
+  """The rows of one task's own SupCon (``contrastive.per_task``): its projections, its class labels.
+
+  A row whose label is hidden (``y = -1``) gets a label of its own: no positive, a negative of every other row.
+
+  Args:
+    projections: ``[B, P]`` the task's projections.
+    labels: ``[B]`` its class labels, -1 where hidden.
+  """
+  free = jnp.max(labels) + 1 + jnp.arange(labels.shape[0], dtype=labels.dtype)
+  return Rows(projections, jnp.where(labels < 0, free, labels))
+
+
 def _task_rows(inputs: RuleInputs) -> Rows:
   rows, row_labels = group_rows("task_contrastive", {rep: inputs.projections[rep] for rep in inputs.groups}, {},
                                 _group_ids(inputs), order=tuple(inputs.groups), num_classes=0)

@@ -46,6 +46,7 @@ from mtcl_jax.train.state import TrainState
 
 STAGES: tuple[str, ...] = ("joint", "pretrain", "heads")
 CONTRASTIVE = "contrastive"  # the name of the contrastive entry of the objective vector
+# With contrastive.per_task, one entry per task instead: "contrastive/<task>".
 PSEUDO_LABELS = "pseudo_labels"  # the name of the FixMatch entry (config section pseudo_labels)
 # The balancing method draws from its own stream of the step key (the rules and augmentations use the key itself
 # and its small fold-ins), so choosing a method leaves the data's randomness as it was.
@@ -96,7 +97,16 @@ def objective_names(model: MultiTaskModel, config: ml_collections.ConfigDict, *,
   use_classification = stage != "pretrain" and config.classification.weight != 0
   tasks = tuple(task.name for task in model.tasks) if use_classification else ()
   use_pseudo = stage == "joint" and use_classification and config.pseudo_labels.weight > 0
-  return tasks + ((CONTRASTIVE,) if use_contrastive else ()) + ((PSEUDO_LABELS,) if use_pseudo else ())
+  contrastive_names: tuple[str, ...] = ()
+  if use_contrastive:
+    contrastive_names = (tuple(contrastive_entry(task.name) for task in model.tasks) if contrastive.per_task
+                         else (CONTRASTIVE,))
+  return tasks + contrastive_names + ((PSEUDO_LABELS,) if use_pseudo else ())
+
+
+def contrastive_entry(task: str) -> str:
+  """The objective-vector entry of a task's own contrastive objective (``contrastive.per_task``)."""
+  return f"{CONTRASTIVE}/{task}"
 
 
 def make_objectives(model: MultiTaskModel, config: ml_collections.ConfigDict, mesh: Mesh, *, stage: str
@@ -127,9 +137,10 @@ def make_objectives(model: MultiTaskModel, config: ml_collections.ConfigDict, me
   clip_tasks: tuple[str, ...] = ()
   if contrastive.rule != rules.NO_RULE:
     rule, clip_tasks = rules.resolve(contrastive.rule, groups, source, contrastive.clip_tasks)
-  use_contrastive = CONTRASTIVE in names
+  per_task = {contrastive_entry(task.name): task.name for task in model.tasks}
+  use_contrastive = CONTRASTIVE in names or any(name in per_task for name in names)
   task_weights = {name: config.classification.weight * float(config.classification.task_weights.get(name, 1.0))
-                  for name in names if name not in (CONTRASTIVE, PSEUDO_LABELS)}
+                  for name in names if name not in (CONTRASTIVE, PSEUDO_LABELS, *per_task)}
   use_pseudo = PSEUDO_LABELS in names
   contrast_views = use_contrastive and rule is not None and rule.views
   use_views = contrast_views or use_pseudo
@@ -213,7 +224,20 @@ def make_objectives(model: MultiTaskModel, config: ml_collections.ConfigDict, me
         metrics[f"{name}/ce_loss"] = task_loss
         metrics[f"train/{name}/accuracy"] = 100.0 * accuracy
       metrics["classification_loss"] = functools.reduce(jnp.add, entries.values())
-    if use_contrastive:
+    if use_contrastive and contrastive.per_task:
+      # One SupCon per task over its own rows and labels, each through its own projection head.
+      task_features = {name: features["batch"][representative_of[name]] for name in representative_of}
+      task_projections: Any = model.apply(params, task_features, method=MultiTaskModel.project)
+      terms = []
+      for entry in (name for name in names if name in per_task):
+        task = per_task[entry]
+        term = contrastive_loss(rules.task_supcon_rows(task_projections[task], batch[task]["y"]),
+                                temperature, key)
+        entries[entry] = contrastive.weight * term
+        metrics[f"{task}/contrastive_loss"] = term
+        terms.append(term)
+      metrics["contrastive_loss"] = functools.reduce(jnp.add, terms)
+    elif use_contrastive:
       assert rule is not None
       projections: Any = model.apply(params, features["batch"], method=MultiTaskModel.project)
       view_projections: list[Any] = []
@@ -250,7 +274,8 @@ def make_objectives(model: MultiTaskModel, config: ml_collections.ConfigDict, me
     metrics["loss"] = jnp.sum(vector)
     return vector, metrics
 
-  reads = tuple(tuple(groups) if name in (CONTRASTIVE, PSEUDO_LABELS) else (representative_of[name],) for name in names)
+  reads = tuple(tuple(groups) if name in (CONTRASTIVE, PSEUDO_LABELS)
+                else (representative_of[per_task.get(name, name)],) for name in names)
   return Objectives(names, inputs, encode, head, reads)
 
 
