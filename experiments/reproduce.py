@@ -120,13 +120,24 @@ def run_once(run: Run | regimes.RegimeRun, seed: int, *, base_config: pathlib.Pa
   if report_path.exists():
     cached = json.loads(report_path.read_text())
     # A cached run counts only if it was trained with this config (a changed budget or override retrains it).
-    if cached.get("config") == json.loads(json.dumps(config.to_dict())):
+    if same_config(cached.get("config") or {}, config):
       return cached
     print(f"[reproduce] {run.key} seed {seed}: the cached report has another config; training again", flush=True)
   start = time.perf_counter()
   report = train_and_evaluate(config, run_dir, fresh=True)
   print(f"[reproduce] {run.key} seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
   return report
+
+
+def same_config(cached: Mapping[str, Any], config: Any) -> bool:
+  """Whether a cached report's config is ``config``: every key equal, except keys the schema gained since the
+  report was written, which must hold their default (a run trained before a key existed trained without it)."""
+  now = config_lib.flatten(json.loads(json.dumps(config.to_dict())))
+  then = config_lib.flatten(cached)
+  defaults = config_lib.flatten(json.loads(json.dumps(config_lib.base_config().to_dict())))
+  added = set(now) - set(then)
+  return (set(then) <= set(now) and all(then[key] == now[key] for key in then)
+          and all(key in defaults and now[key] == defaults[key] for key in added))
 
 
 def use_compilation_cache(workdir: pathlib.Path) -> None:

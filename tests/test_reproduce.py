@@ -164,3 +164,22 @@ def test_mini_regime_table_trains_selects_and_writes_its_rows(tmp_path):
   assert all("p_value" not in row for row in rows)  # one seed: no test
   report = json.loads((tmp_path / "balancing_selection_uw_seed0" / "report.json").read_text())
   assert report["run"]["evaluated_on"].startswith("validation")
+
+
+def test_a_cached_run_counts_when_only_keys_added_since_hold_their_default():
+  reproduce = _reproduce_module()
+  from mtcl_jax.train import config as config_lib
+
+  config = config_lib.base_config()
+  cached = json.loads(json.dumps(config.to_dict()))
+  del cached["pseudo_labels"]  # a report written before the section existed
+  assert reproduce.same_config(cached, config)
+  config.pseudo_labels.weight = 1.0  # the new key away from its default: another run
+  assert not reproduce.same_config(cached, config)
+  config = config_lib.base_config()
+  changed = json.loads(json.dumps(config.to_dict()))
+  changed["train"]["num_steps"] = 7
+  assert not reproduce.same_config(changed, config)
+  changed = json.loads(json.dumps(config.to_dict()))
+  changed["train"]["gone"] = 1  # a key the schema no longer has
+  assert not reproduce.same_config(changed, config)
