@@ -50,6 +50,9 @@ NUM_SELECTED = 2
 JOINT_TASKS = ("digits", "japanese_vowels", "mnist1d")
 INTERFERENCE_TASKS = ("left_digit", "right_digit")
 BASELINE = "multi-task CE (static)"
+SEMI_LINE = "semi-supervised: SupCon over views of all inputs + CE"
+FIXMATCH_LINE = "non-contrastive semi-supervised: FixMatch pseudo-labels + CE"
+BOTH_LINE = "both: SupCon over views + FixMatch pseudo-labels + CE"
 SINGLE = "single-task CE"
 
 TABLE_NAMES = ("balancing_selection", "scarcity", "interference")
@@ -103,14 +106,13 @@ def core_methods(several_inputs: bool, with_self_supervised: bool) -> list[Metho
     methods.append(Method("multi-task CE + classic task pairs", ("contrastive.rule=task_contrastive",)))
   if with_self_supervised:
     methods += [Method("SimCLR on all inputs, then linear probe", SIMCLR, evaluator="linear"),
-                Method("semi-supervised: SupCon over views of all inputs + CE", SEMI)]
+                Method(SEMI_LINE, SEMI)]
   return methods
 
 
 def semi_supervised_controls() -> list[Method]:
   """The lines that tell "the contrastive term helps" from "the unlabelled inputs help" (label fractions < 1)."""
-  return [Method("non-contrastive semi-supervised: FixMatch pseudo-labels + CE", FIXMATCH),
-          Method("both: SupCon over views + FixMatch pseudo-labels + CE", SEMI_AND_FIXMATCH)]
+  return [Method(FIXMATCH_LINE, FIXMATCH), Method(BOTH_LINE, SEMI_AND_FIXMATCH)]
 
 
 def balancing_methods(names: Sequence[str], *, per_task: bool = False) -> list[Method]:
@@ -235,7 +237,34 @@ def table_rows(table: str, scores: Mapping[tuple[str, int], Mapping[str, Any]], 
         deltas.append(metrics.delta_m(multi, single))
       rows.append(tables.summary_row(f"Δm vs single-task CE @ {_percent(fraction)} labels", label, "delta_m", deltas,
                                      seeds, p_value=metrics.one_sample_p_value(deltas)))
+  rows += _paired_differences(lines, rows, seeds)
   return rows
+
+
+# The contrasts that answer "does the contrastive term help beyond using the unlabelled inputs": (minuend,
+# subtrahend, label) with line names, compared seed by seed where both ran.
+PAIRED_CONTRASTS = ((SEMI_LINE, FIXMATCH_LINE, "difference: SupCon over views − FixMatch (paired)"),
+                    (BOTH_LINE, FIXMATCH_LINE, "difference: both − FixMatch (paired)"))
+
+
+def _paired_differences(lines: Sequence[tuple[Method, float, Any]], rows: Sequence[Mapping[str, Any]],
+                        seeds: Sequence[int]) -> list[dict[str, Any]]:
+  """Per-seed differences of :data:`PAIRED_CONTRASTS`' lines, on every cell both fill, each with the p-value of a
+  t-test of the difference against 0 (a paired t-test across seeds)."""
+  by_cell = {(row["dataset"], row["method"], row["metric"]): row for row in rows}
+  names = {method.name for method, _, _ in lines}
+  out = []
+  for minuend, subtrahend, label in PAIRED_CONTRASTS:
+    if minuend not in names or subtrahend not in names:
+      continue
+    for (dataset, method, metric), row in by_cell.items():
+      other = by_cell.get((dataset, subtrahend, metric))
+      if method != minuend or other is None:
+        continue
+      differences = [a - b for a, b in zip(row["values"], other["values"], strict=True)]
+      out.append(tables.summary_row(dataset, label, metric, differences, seeds,
+                                    p_value=metrics.one_sample_p_value(differences)))
+  return out
 
 
 def runs_needed(table_names: Sequence[str], selected: Sequence[str] | None, plan: Plan = FULL) -> list[RegimeRun]:
