@@ -226,10 +226,14 @@ PAGES: dict[str, tuple[str, str]] = {
     "scarcity": ("Label scarcity (three tasks, three modalities, one encoder)", (
         "The joint model when each task keeps 1%, 5%, 10% or 100% of its training labels "
         "(`data.label_fraction`; 200 steps). `(p=…)`: a paired t-test across seeds against multi-task CE at the "
-        "same fraction; for Δm, a t-test of Δm (accuracy, against single-task CE at the same fraction) against 0.")),
+        "same fraction; for Δm, a t-test of Δm (accuracy, against single-task CE at the same fraction) against 0. "
+        "Below 100% labels the non-contrastive control (FixMatch pseudo-labels on the same unlabelled inputs and "
+        "views, `pseudo_labels.weight=1`, threshold 0.95) and both together run beside the contrastive "
+        "semi-supervised line; the *difference* lines are their per-seed differences, each with a paired t-test.")),
     "interference": ("Task interference (`multi_digits`: two heads on one input)", (
         "The left and the right digit of one canvas, two heads on one encoder, all labels (200 steps); p-values "
-        "as in the label-scarcity table.")),
+        "as in the label-scarcity table. *per-task SupCon*: one SupCon per head over its own digit, through its "
+        "own projection head (`contrastive.per_task=True`), two entries of the objective vector.")),
     "balancing_selection": ("Choosing the balancing methods (validation split)", (
         "Every balancing method with SupCon at 10% labels, scored on a validation split held out of the training "
         "rows (`data.validation_fraction=0.2`); the two best by mean head accuracy, marked *(selected)*, are the "
