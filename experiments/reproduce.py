@@ -17,6 +17,7 @@ Commands:
   python experiments/reproduce.py --jobs 2                 # the default tables, seeds 0 1 2 (see BUILD.md for cost)
   python experiments/reproduce.py --tables digits --seeds 0
   python experiments/reproduce.py --tables joint ablation   # the older 1000-step joint tables (not in the default)
+  python experiments/reproduce.py --tables budget --jobs 2  # scarcity's key lines at 1,000 steps (not in the default)
   python experiments/reproduce.py --mini                   # CI miniature: smoke-sized model, one seed, temp dir
   python experiments/reproduce.py --render-only            # every page from experiments/results/*.json, no training
 
@@ -234,6 +235,10 @@ PAGES: dict[str, tuple[str, str]] = {
         "The left and the right digit of one canvas, two heads on one encoder, all labels (200 steps); p-values "
         "as in the label-scarcity table. *per-task SupCon*: one SupCon per head over its own digit, through its "
         "own projection head (`contrastive.per_task=True`), two entries of the objective vector.")),
+    "budget": ("Training budget (the label-scarcity table's key lines at 1,000 steps)", (
+        "Single-task CE, multi-task CE, the contrastive semi-supervised line, FixMatch and SimCLR-then-probe at 1% "
+        "and 5% labels, trained 1,000 steps instead of the regime tables' 200 (everything else as in the "
+        "label-scarcity table, whose 200-step lines are the comparison); p-values as there.")),
     "balancing_selection": ("Choosing the balancing methods (validation split)", (
         "Every balancing method with SupCon at 10% labels, scored on a validation split held out of the training "
         "rows (`data.validation_fraction=0.2`); the two best by mean head accuracy, marked *(selected)*, are the "
@@ -299,8 +304,8 @@ def provenance(argv: Sequence[str], base_config: pathlib.Path, extra: Sequence[s
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--tables", nargs="+", choices=sorted([*TABLES, *regimes.TABLE_NAMES]),
-                      help="default: the default reproduction; with --render-only, every table")
+  parser.add_argument("--tables", nargs="+", choices=sorted([*TABLES, *regimes.TABLE_NAMES, *regimes.EXTRA_TABLE_NAMES]),
+                      help="default: the default reproduction; with --render-only, every table with a results file")
   parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
   parser.add_argument("--workdir", type=pathlib.Path, default=REPO / "workdirs" / "reproduce",
                       help="run directories; a run whose report.json exists there is not trained again")
@@ -316,7 +321,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   args = parser.parse_args(argv)
   if args.render_only:
-    for name in args.tables or list(PAGES):
+    # Without --tables: every table whose results file exists (budget is not in the default reproduction).
+    names = args.tables or [name for name in PAGES if (args.results_dir / f"{name}.json").exists()]
+    for name in names:
       path = args.results_dir / f"{name}.json"
       _publish(name, tables.load_results(path), args, provenance=tables.load_provenance(path), write_results=False)
     return 0
@@ -332,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   start = time.perf_counter()
   old_tables = [name for name in args.tables if name in TABLES]
-  new_tables = [name for name in args.tables if name in regimes.TABLE_NAMES]
+  new_tables = [name for name in args.tables if name in (*regimes.TABLE_NAMES, *regimes.EXTRA_TABLE_NAMES)]
   reports = run_all([(run, seed) for run in _runs_needed(old_tables) for seed in args.seeds],
                     extra=extra, **run_kwargs)
   scores = {(run.key, seed): _scores(reports[(run.key, seed)], run)
@@ -345,11 +352,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   # The regime tables: the balancing methods are chosen first (on a validation split), then every line runs.
   selected: list[str] = []
   regime_scores: dict[tuple[str, int], dict] = {}
-  if any(name in ("scarcity", "interference") for name in new_tables) or "balancing_selection" in new_tables:
+  regime_reports: dict[tuple[str, int], dict] = {}
+  if any(name in ("scarcity", "interference", "balancing_selection") for name in new_tables):
     selection = [(run, seed) for run in regimes.selection_runs(plan) for seed in regimes.SELECTION_SEEDS]
     regime_reports = run_all(selection, extra=regime_extra, **run_kwargs)
     selected = regimes.selected_methods({key: report["tasks"] for key, report in regime_reports.items()}, plan)
     print(f"[reproduce] balancing methods selected on the validation split: {selected}", flush=True)
+  if new_tables:
     lines = [name for name in new_tables if name != "balancing_selection"]  # selection ran above, at its seeds
     jobs = [(run, seed) for run in regimes.runs_needed(lines, selected, plan) for seed in args.seeds]
     regime_reports.update(run_all(jobs, extra=regime_extra, **run_kwargs))
