@@ -1,4 +1,4 @@
-"""PNG figures of a run: training curves and a 2-D PCA of the shared features.
+"""PNG figures of a run: training curves, a 2-D PCA of the shared features, and the task-affinity matrices.
 
 Figures are built on ``matplotlib.figure.Figure`` with the Agg canvas directly, never through ``pyplot``:
 no global figure state, no display needed, nothing for the caller to close.
@@ -141,4 +141,47 @@ def plot_feature_pca(
     axes.set(xlabel=f"PC1 ({explained[0]:.1f}%)", ylabel=f"PC2 ({explained[1]:.1f}%)", title=title)
     axes.legend(fontsize="small", markerscale=2)
   figure.suptitle("PCA of shared features")
+  return _save(figure, pathlib.Path(out_path))
+
+
+def plot_task_affinity(relations: Mapping[str, Any], out_path: str | os.PathLike) -> pathlib.Path:
+  """Heatmaps of the task-affinity matrices over the last quarter of training, and their pairs over the steps.
+
+  Args:
+    relations: ``report.json``'s ``task_affinity`` (:func:`mtcl_jax.train.affinity.task_affinity`): ``names``,
+      ``steps`` and per measure (``cosine``, ``lookahead``) one ``[T, T]`` matrix per step.
+    out_path: the PNG to write.
+
+  Returns:
+    ``out_path``: one column per measure, the mean matrix (annotated) above, each pair's curve below.
+  """
+  names, steps = list(relations["names"]), np.asarray(relations["steps"], np.float64)
+  measures = [measure for measure in ("cosine", "lookahead") if measure in relations]
+  if not measures or not len(steps):
+    raise ValueError("task_affinity holds no matrix to plot")
+  figure = Figure(figsize=(5.2 * len(measures), 9.0), layout="constrained")
+  axes = figure.subplots(2, len(measures), squeeze=False)
+  for column, measure in enumerate(measures):
+    matrices = np.asarray(relations[measure], np.float64)
+    last = matrices[-max(1, len(matrices) // 4):].mean(axis=0)
+    heat, curves = axes[0][column], axes[1][column]
+    limit = max(1e-6, float(np.max(np.abs(last)))) if measure == "lookahead" else 1.0
+    image = heat.imshow(last, cmap="RdBu", vmin=-limit, vmax=limit)
+    for i in range(len(names)):
+      for j in range(len(names)):
+        text = f"{last[i, j]:.2f}" if measure == "cosine" else f"{last[i, j]:.2g}"
+        heat.text(j, i, text, ha="center", va="center", fontsize="small")
+    heat.set_xticks(range(len(names)), labels=names, rotation=45, ha="right", fontsize="small")
+    heat.set_yticks(range(len(names)), labels=names, fontsize="small")
+    title = "gradient cosine" if measure == "cosine" else "lookahead affinity (row: step on, column: loss)"
+    heat.set_title(f"{title}, last quarter of training", fontsize="medium")
+    figure.colorbar(image, ax=heat, shrink=0.8)
+    for i, a in enumerate(names):
+      for j, b in enumerate(names):
+        if (measure == "cosine" and i < j) or (measure != "cosine" and i != j):
+          curves.plot(steps, matrices[:, i, j], label=f"{a} / {b}" if measure == "cosine" else f"{a} → {b}")
+    curves.axhline(0.0, color="black", linewidth=0.8)
+    curves.set(xlabel="step", ylabel=measure)
+    curves.grid(alpha=0.3)
+    curves.legend(fontsize="x-small")
   return _save(figure, pathlib.Path(out_path))

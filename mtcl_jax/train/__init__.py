@@ -22,6 +22,7 @@ Where each concept lives:
 from mtcl_jax import _extras
 
 with _extras.requires("train", "mtcl_jax.train"):
+  from mtcl_jax.train.affinity import make_affinity_fn, task_affinity
   from mtcl_jax.train.checkpoint import Checkpointer, CheckpointSaveError
   from mtcl_jax.train.config import base_config, load_config, validate_config
   from mtcl_jax.train.evaluation import predict_input
@@ -29,7 +30,7 @@ with _extras.requires("train", "mtcl_jax.train"):
   from mtcl_jax.train.model import build_model
   from mtcl_jax.train.optim import build_optimizer, make_optimizer
   from mtcl_jax.train.state import TrainState, create_train_state
-  from mtcl_jax.train.steps import make_eval_step, make_train_step
+  from mtcl_jax.train.steps import make_eval_step, make_objectives, make_train_step
 
 __all__ = [
     "CheckpointSaveError",
@@ -46,6 +47,9 @@ __all__ = [
     "make_optimizer",
     "TrainState",
     "create_train_state",
+    "make_affinity_fn",
     "make_eval_step",
+    "make_objectives",
     "make_train_step",
+    "task_affinity",
 ]

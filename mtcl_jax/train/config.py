@@ -68,7 +68,7 @@ _INT_MINIMUMS: dict[str, int] = {
     "train.pretrain_steps": 0, "train.num_devices": 1, "data.batch_size": 1, "data.label_seed": 0,
     "data.unlabelled_batch_size": 1, "model.stem_width": 1, "model.sequence_channels": 1, "model.sequence_blocks": 0,
     "model.tabular_hidden": 1, "contrastive.block_size": 1, "contrastive.num_views": 1, "contrastive.num_pairs": 1,
-    "contrastive.num_triplets": 1, "eval.batch_size": 1, "eval.pca_max_points": 1,
+    "contrastive.num_triplets": 1, "eval.batch_size": 1, "eval.pca_max_points": 1, "mtl.affinity_every": 0,
 }
 # Width tuples, each item >= 1; the first two need a layer (the shared trunk, the projection head).
 _WIDTHS: dict[str, bool] = {"model.trunk_widths": True, "model.projection_widths": True, "model.image_channels": False}
@@ -170,6 +170,11 @@ def base_config() -> ml_collections.ConfigDict:
       "method": "static",  # a name in mtcl_jax.mtl.METHODS; "static" sums the weighted objectives
       "representation": False,  # gradient methods: gradients of the shared representation (the "-UB" variants)
       "options": ml_collections.ConfigDict(),  # the method's hyper-parameters, e.g. {"c": 0.4} for cagrad
+      # Task relationships (mtcl_jax.train.affinity): every affinity_every steps of the joint stage (0: never), the
+      # [T, T] cosines of the objectives' gradients of the shared encoder, logged and kept in report.json; with
+      # affinity_lookahead also TAG's lookahead affinity, its step the optimizer's peak learning rate.
+      "affinity_every": 0,
+      "affinity_lookahead": False,
   })
 
   config.optimizer = _optimizer_section()

@@ -41,14 +41,14 @@ from jax.experimental import multihost_utils
 
 from mtcl_jax import data, parallel
 from mtcl_jax.eval import plots
+from mtcl_jax.train import affinity, evaluation
 from mtcl_jax.train import config as config_lib
-from mtcl_jax.train import evaluation
 from mtcl_jax.train import workdir as workdir_lib
 from mtcl_jax.train.checkpoint import Checkpointer
 from mtcl_jax.train.model import build_model
 from mtcl_jax.train.optim import build_optimizer
 from mtcl_jax.train.state import create_train_state
-from mtcl_jax.train.steps import init_mtl_state, make_train_step
+from mtcl_jax.train.steps import init_mtl_state, make_objectives, make_train_step, objective_names
 
 
 def _release_checkpointer(checkpointer: Checkpointer, stop_signals: _StopSignals) -> None:
@@ -260,6 +260,13 @@ def train_and_evaluate(
     # --- Training loop.
     end_step = config.train.num_steps if config.train.stop_at_step is None else config.train.stop_at_step
     train_steps = {stage: make_train_step(model, optimizer, config, mesh, stage=stage) for stage, _, _ in stages}
+    affinity_every = config.mtl.affinity_every
+    joint_names = objective_names(model, config, stage="joint")
+    affinity_fn = None
+    if affinity_every and len(joint_names) > 1:
+      lookahead_rate = float(config.optimizer.learning_rate) if config.mtl.affinity_lookahead else None
+      affinity_fn = jax.jit(affinity.make_affinity_fn(make_objectives(model, config, mesh, stage="joint"),
+                                                      lookahead_learning_rate=lookahead_rate))
     stage_of = [stage for stage, first, stop in stages for _ in range(first, stop)]
     pending: list[tuple[int, dict[str, jax.Array]]] = []
     window: list[dict[str, float]] = []
@@ -302,8 +309,12 @@ def train_and_evaluate(
       stop_signals.deferring = True
       for step in range(start_step, end_step):
         batch = batcher.place(batcher.local_batch(step), mesh)
-        state, metrics = train_steps[stage_of[step]](state, batch)
         done = step + 1
+        if affinity_fn is not None and stage_of[step] == "joint" and done % affinity_every == 0:
+          # On this step's batch and key, before its update (the train step donates the state).
+          matrices = jax.device_get(affinity_fn(state.trainable, state.step_key(), batch))
+          log({"step": done, **affinity.affinity_metrics(joint_names, matrices)})
+        state, metrics = train_steps[stage_of[step]](state, batch)
         stop_signals.step = done
         pending.append((done, metrics))
         progress.update(1)
@@ -355,11 +366,16 @@ def train_and_evaluate(
     run_summary["final_evaluation_seconds"] = round(time.perf_counter() - evaluation_start, 2)
     run_summary["seconds_to_final_evaluation_end"] = round(time.perf_counter() - run_start, 2)
     result = {"tasks": task_results, "run": run_summary, "config": config.to_dict()}
+    relations = affinity.task_affinity(history, joint_names)
+    if relations is not None:
+      result["task_affinity"] = relations
     if writer:
       if config.eval.plots:
         # Each figure whole or not at all; a full disk names the figure it could not write.
         with workdir_lib.atomic_outputs(workdir / workdir_lib.PLOTS_DIR) as staging:
           plots.plot_training_curves(history, staging)
+          if relations is not None:
+            plots.plot_task_affinity(relations, staging / workdir_lib.AFFINITY_FIGURE)
           evaluation.plot_feature_pca(test_features, tasks, config.eval.pca_max_points, config.seed,
                                       staging / workdir_lib.PCA_FIGURE)
       workdir_lib.write_report(workdir, result)

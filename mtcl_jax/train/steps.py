@@ -316,7 +316,7 @@ def init_mtl_state(model: MultiTaskModel, config: ml_collections.ConfigDict) -> 
   return make_method(config).init(len(objective_names(model, config, stage="joint")))
 
 
-def _shared_trainable(path: tuple[str | int, ...]) -> bool:
+def shared_trainable(path: tuple[str | int, ...]) -> bool:
   """The shared part of ``trainable = (params, log_temperature)``: the model's encoder, never the temperature."""
   return path[0] == 0 and MultiTaskModel.is_shared(path[1:])
 
@@ -366,7 +366,7 @@ def make_gradient_fn(
       return head(trainable, _join_inputs(features_by_input), *args)
   else:
     features_fn, reads, objectives_fn = encode_all, None, head
-  balanced = mtl.value_and_grad(objectives_fn, method, shared=_shared_trainable, features_fn=features_fn,
+  balanced = mtl.value_and_grad(objectives_fn, method, shared=shared_trainable, features_fn=features_fn,
                                 reads=reads, balance="features" if representation else "parameters")
 
   def grad_fn(trainable, mtl_state, key, batch):

@@ -52,6 +52,7 @@ REPORT_MD = "report.md"
 PLOTS_DIR = "plots"
 TENSORBOARD_DIR = "tensorboard"
 PCA_FIGURE = "feature_pca.png"
+AFFINITY_FIGURE = "task_affinity.png"  # with mtl.affinity_every
 ARCHIVE_DIR = "archive"
 LOCK_FILE = ".lock"
 _OUTPUTS = (CHECKPOINT_DIR, DAMAGED_DIR, METRICS_FILE, CONFIG_FILE, REPORT_JSON, REPORT_MD, PLOTS_DIR,
