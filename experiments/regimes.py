@@ -61,6 +61,8 @@ SINGLE = "single-task CE"
 TABLE_NAMES = ("balancing_selection", "scarcity", "interference")
 # Not in the default reproduction (~50 min more at --jobs 2): the scarcity table's key lines trained 5x longer.
 EXTRA_TABLE_NAMES = ("budget",)
+# The interference runs log how their objectives' gradients relate (mtcl_jax.train.affinity), every 20 steps.
+INTERFERENCE_AFFINITY = ("mtl.affinity_every=20",)
 LONG_BUDGET = ("train.num_steps=1000", "train.checkpoint_every=1000", "train.log_every=200")
 
 
@@ -156,7 +158,8 @@ def _spec(tasks: Sequence[str]) -> str:
 
 def _runs_of(table: str, method: Method, fraction: float, tasks: Sequence[str]) -> dict[str | None, RegimeRun]:
   """``{task: run}`` for a single-task method, ``{None: run}`` otherwise."""
-  overrides = (*REGIME_BUDGET, *method.overrides, f"data.label_fraction={fraction}")
+  affinity_logging = INTERFERENCE_AFFINITY if table == "interference" else ()
+  overrides = (*REGIME_BUDGET, *affinity_logging, *method.overrides, f"data.label_fraction={fraction}")
   stem = f"{table}_{_slug(method.name)}_f{fraction:g}"
   if not method.single:
     return {None: RegimeRun(stem, _spec(tasks), overrides)}
@@ -213,8 +216,10 @@ def _accuracy(scores: Mapping[str, Any], task: str, evaluator: str, metric: str 
 
 
 def table_rows(table: str, scores: Mapping[tuple[str, int], Mapping[str, Any]], seeds: Sequence[int],
-               selected: Sequence[str], plan: Plan = FULL) -> list[dict[str, Any]]:
-  """Results rows (``mtcl_jax.eval.tables`` format, with paired p-values) of a regime table."""
+               selected: Sequence[str], plan: Plan = FULL,
+               relations: Mapping[tuple[str, int], Mapping[str, Any] | None] | None = None) -> list[dict[str, Any]]:
+  """Results rows (``mtcl_jax.eval.tables`` format, with paired p-values) of a regime table; with ``relations``
+  (each run's ``report.json`` ``task_affinity``), the interference table's gradient-cosine rows too."""
   if table == "balancing_selection":
     rows = []
     for run in selection_runs(plan):
@@ -257,7 +262,93 @@ def table_rows(table: str, scores: Mapping[tuple[str, int], Mapping[str, Any]], 
       rows.append(tables.summary_row(f"Δm vs single-task CE @ {_percent(fraction)} labels", label, "delta_m", deltas,
                                      seeds, p_value=metrics.one_sample_p_value(deltas)))
   rows += _paired_differences(lines, rows, seeds)
+  if table == "interference" and relations:
+    rows += _cosine_rows(lines, relations, seeds, baseline_method, baseline_of[1.0])
   return rows
+
+
+COSINE_HEADS = "gradient cosine of the two heads' CE (last quarter of training)"
+COSINE_CONTRASTIVE = "gradient cosine of each head's CE with the contrastive term (last quarter of training)"
+
+
+def _last_quarter_cosines(relation: Mapping[str, Any]) -> np.ndarray:
+  matrices = np.asarray(relation["cosine"], np.float64)
+  return matrices[-max(1, len(matrices) // 4):].mean(axis=0)
+
+
+def cosine_summary(relation: Mapping[str, Any], tasks: Sequence[str]) -> dict[str, float]:
+  """From one run's ``task_affinity``: the heads' CE cosine and, where there is one, the mean cosine of each head's
+  CE with its contrastive entry (``contrastive`` or ``contrastive/<task>``), over the last quarter of training."""
+  names = list(relation["names"])
+  mean = _last_quarter_cosines(relation)
+  out = {COSINE_HEADS: float(mean[names.index(tasks[0]), names.index(tasks[1])])}
+  with_contrastive = []
+  for task in tasks:
+    entry = next((name for name in (f"contrastive/{task}", "contrastive") if name in names), None)
+    if entry is not None:
+      with_contrastive.append(mean[names.index(task), names.index(entry)])
+  if with_contrastive:
+    out[COSINE_CONTRASTIVE] = float(np.mean(with_contrastive))
+  return out
+
+
+def _cosine_rows(lines: Sequence[tuple[Method, float, Any]], relations: Mapping[tuple[str, int], Any],
+                 seeds: Sequence[int], baseline: Method, baseline_runs: Mapping[str | None, RegimeRun]
+                 ) -> list[dict[str, Any]]:
+  """Rows ``gradient_cosine`` per interference line: does the contrastive term change how the heads' gradients
+  relate? p: a paired t-test across seeds against multi-task CE (the heads' cosine)."""
+  def summaries(runs: Mapping[str | None, RegimeRun]) -> list[dict[str, float]] | None:
+    found = [relations.get((runs[None].key, seed)) for seed in seeds]
+    return None if any(relation is None for relation in found) else [
+        cosine_summary(relation, INTERFERENCE_TASKS) for relation in found]
+
+  reference = summaries(baseline_runs)
+  rows = []
+  for method, _, runs in lines:
+    per_seed = None if method.single else summaries(runs)
+    if per_seed is None:
+      continue
+    label = method.name
+    for measure in (COSINE_HEADS, COSINE_CONTRASTIVE):
+      if measure not in per_seed[0]:
+        continue
+      values = [summary[measure] for summary in per_seed]
+      p_value = None
+      if measure == COSINE_HEADS and method.name != BASELINE and reference is not None:
+        p_value = metrics.paired_p_value(values, [summary[measure] for summary in reference])
+      rows.append(tables.summary_row(measure, label, "gradient_cosine", values, seeds, p_value=p_value))
+  return rows
+
+
+def plot_interference_cosines(lines: Sequence[tuple[Method, float, Any]],
+                              relations: Mapping[tuple[str, int], Any], seeds: Sequence[int],
+                              path: pathlib.Path) -> pathlib.Path | None:
+  """The heads' gradient cosine over training, one curve per interference line (mean over the seeds)."""
+  figure = Figure(figsize=(7.5, 4.5), layout="constrained")
+  axis = figure.add_subplot()
+  drawn = 0
+  for method, _, runs in lines:
+    if method.single:
+      continue
+    found = [relations.get((runs[None].key, seed)) for seed in seeds]
+    if any(relation is None for relation in found):
+      continue
+    names = list(found[0]["names"])
+    i, j = names.index(INTERFERENCE_TASKS[0]), names.index(INTERFERENCE_TASKS[1])
+    curves = np.mean([np.asarray(relation["cosine"], np.float64)[:, i, j] for relation in found], axis=0)
+    axis.plot(found[0]["steps"], curves, marker="o", markersize=3, label=method.name)
+    drawn += 1
+  if not drawn:
+    return None
+  axis.axhline(0.0, color="black", linewidth=0.8)
+  axis.set(xlabel="step", ylabel="cosine(left_digit CE, right_digit CE)",
+           title="How the two heads' gradients of the shared encoder relate")
+  axis.grid(alpha=0.3)
+  axis.legend(fontsize="x-small")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  FigureCanvasAgg(figure)
+  figure.savefig(path, dpi=120)
+  return path
 
 
 # The contrasts that answer "does the contrastive term help beyond using the unlabelled inputs": (minuend,

@@ -245,7 +245,10 @@ PAGES: dict[str, tuple[str, str]] = {
         "balancing lines of the other regime tables.")),
 }
 FIGURES = {"scarcity": ("scarcity_accuracy.png", (
-    "Test accuracy against the fraction of training labels kept, per task and method, mean ± std over the seeds"))}
+    "Test accuracy against the fraction of training labels kept, per task and method, mean ± std over the seeds")),
+           "interference": ("interference_cosines.png", (
+    "The cosine of the two heads' cross-entropy gradients of the shared encoder over training, per line, mean "
+    "over the seeds (logged every 20 steps, mtl.affinity_every=20)"))}
 # --mini: the regime tables at the smoke config's size (their 300-step budget replaced).
 MINI_REGIME_OVERRIDES = ("train.num_steps=6", "train.log_every=3", "train.checkpoint_every=6")
 
@@ -304,7 +307,8 @@ def provenance(argv: Sequence[str], base_config: pathlib.Path, extra: Sequence[s
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--tables", nargs="+", choices=sorted([*TABLES, *regimes.TABLE_NAMES, *regimes.EXTRA_TABLE_NAMES]),
+  parser.add_argument("--tables", nargs="+",
+                      choices=sorted([*TABLES, *regimes.TABLE_NAMES, *regimes.EXTRA_TABLE_NAMES]),
                       help="default: the default reproduction; with --render-only, every table with a results file")
   parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
   parser.add_argument("--workdir", type=pathlib.Path, default=REPO / "workdirs" / "reproduce",
@@ -353,6 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   selected: list[str] = []
   regime_scores: dict[tuple[str, int], dict] = {}
   regime_reports: dict[tuple[str, int], dict] = {}
+  relations: dict[tuple[str, int], Any] = {}
   if any(name in ("scarcity", "interference", "balancing_selection") for name in new_tables):
     selection = [(run, seed) for run in regimes.selection_runs(plan) for seed in regimes.SELECTION_SEEDS]
     regime_reports = run_all(selection, extra=regime_extra, **run_kwargs)
@@ -363,11 +368,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     jobs = [(run, seed) for run in regimes.runs_needed(lines, selected, plan) for seed in args.seeds]
     regime_reports.update(run_all(jobs, extra=regime_extra, **run_kwargs))
     regime_scores = {key: report["tasks"] for key, report in regime_reports.items()}
+    relations = {key: report.get("task_affinity") for key, report in regime_reports.items()}
   for name in new_tables:
     seeds = list(regimes.SELECTION_SEEDS) if name == "balancing_selection" else args.seeds
-    rows = regimes.table_rows(name, regime_scores, seeds, selected, plan)
-    if name in FIGURES:
-      figure = regimes.plot_label_fractions(rows, args.results_dir / FIGURES[name][0])
+    rows = regimes.table_rows(name, regime_scores, seeds, selected, plan, relations=relations)
+    if name == "scarcity":
+      print(f"figure: {regimes.plot_label_fractions(rows, args.results_dir / FIGURES[name][0])}")
+    if name == "interference":
+      lines = regimes.table_plan(name, selected, plan)
+      figure = regimes.plot_interference_cosines(lines, relations, seeds, args.results_dir / FIGURES[name][0])
       print(f"figure: {figure}")
     table_runs = regimes.runs_needed([name], selected, plan)
     _publish(name, rows, args, provenance=provenance(argv, base, regime_extra, table_runs, seeds))

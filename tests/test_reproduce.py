@@ -58,7 +58,7 @@ def test_committed_results_pages_are_what_render_only_writes_from_the_results_fi
   reproduce = _reproduce_module()
   assert reproduce.main(["--render-only", "--pages-dir", str(tmp_path)]) == 0
   committed = REPO / "docs" / "results"
-  figure = re.compile(r"\]\([^)]*/(scarcity_accuracy\.png)\)")
+  figure = re.compile(r"\]\([^)]*/([a-z_]+\.png)\)")
   for name in reproduce.PAGES:
     if not (REPO / "experiments" / "results" / f"{name}.json").exists():
       assert not (committed / f"{name}.md").exists(), f"docs/results/{name}.md has no results file"

@@ -27,8 +27,9 @@ from typing import Any
 
 from mtcl_jax.eval import metrics
 
-METRICS: tuple[str, ...] = ("accuracy", "macro_f1", "delta_m")
-_METRIC_HEADERS = {"accuracy": "accuracy", "macro_f1": "macro-F1", "delta_m": "Δm"}
+METRICS: tuple[str, ...] = ("accuracy", "macro_f1", "delta_m", "gradient_cosine")
+_METRIC_HEADERS = {"accuracy": "accuracy", "macro_f1": "macro-F1", "delta_m": "Δm",
+                   "gradient_cosine": "gradient cosine"}
 _ROW_KEYS = frozenset({"dataset", "method", "metric", "mean", "std", "seeds"})
 _FILE_KEYS = frozenset({"rows", "provenance"})
 # mean and std are stored to two decimals, values to four: a row whose summary disagrees with its values by more
