@@ -186,3 +186,35 @@ def test_a_cached_run_counts_when_only_keys_added_since_hold_their_default():
   changed = json.loads(json.dumps(config.to_dict()))
   changed["train"]["gone"] = 1  # a key the schema no longer has
   assert not reproduce.same_config(changed, config)
+
+
+def test_interference_cosine_rows_are_the_last_quarter_means_of_the_logged_matrices(tmp_path):
+  regimes = _regimes_module()
+  seeds, selected = [0, 1, 2], ["ew", "uw"]
+  lines = regimes.table_plan("interference", selected)
+  left, right = regimes.INTERFERENCE_TASKS
+  scores, relations, expected = {}, {}, {}
+  rng = np.random.default_rng(0)
+  for method, _, runs in lines:
+    for run in runs.values():
+      for seed in seeds:
+        scores[(run.key, seed)] = _fake_report({left: 90.0 + seed, right: 80.0 + seed})
+        if method.single:
+          continue
+        names = [left, right, *(["contrastive"] if "SupCon" in method.name and "per-task" not in method.name else []),
+                 *([f"contrastive/{left}", f"contrastive/{right}"] if "per-task" in method.name else [])]
+        matrices = np.tile(np.eye(len(names)), (8, 1, 1))
+        heads = rng.uniform(-1, 1, size=8)
+        matrices[:, 0, 1] = matrices[:, 1, 0] = heads
+        relations[(run.key, seed)] = {"names": names, "steps": list(range(20, 161, 20)), "cosine": matrices.tolist()}
+        expected[(method.name, seed)] = heads[-2:].mean()  # the last quarter of 8 logged steps
+  rows = regimes.table_rows("interference", scores, seeds, selected, relations=relations)
+  cosine_rows = {row["method"]: row for row in rows
+                 if row["metric"] == "gradient_cosine" and row["dataset"] == regimes.COSINE_HEADS}
+  assert regimes.SINGLE not in cosine_rows and len(cosine_rows) == len(lines) - 1
+  for name, row in cosine_rows.items():
+    np.testing.assert_allclose(row["values"], [expected[(name, seed)] for seed in seeds], atol=1e-4)
+    assert ("p_value" in row) == (name != regimes.BASELINE)
+  with_term = {row["method"] for row in rows if row["dataset"] == regimes.COSINE_CONTRASTIVE}
+  assert with_term == {method.name for method, _, _ in lines if "SupCon" in method.name}
+  assert regimes.plot_interference_cosines(lines, relations, seeds, tmp_path / "c.png").stat().st_size > 10_000
