@@ -79,3 +79,29 @@ def test_a_run_keeps_the_matrices_in_its_report_and_draws_them(tmp_path):
   matrix = np.asarray(relations["cosine"][-1])
   assert matrix.shape == (4, 4) and np.allclose(np.diag(matrix), 1.0) and np.allclose(matrix, matrix.T)
   assert (tmp_path / "plots" / "task_affinity.png").stat().st_size > 10_000
+
+
+def test_two_stage_training_refuses_it():
+  with pytest.raises(ValueError, match="mtl.affinity_every=5 measures the joint stage's objectives"):
+    config_lib.validate_config(config_with({"mtl.affinity_every": 5, "train.schedule": "two_stage",
+                                            "train.pretrain_steps": 10}))
+
+
+@pytest.mark.devices(8)
+@pytest.mark.parametrize("distributed", ["replicate", "all_gather"])
+def test_eight_devices_give_the_matrices_of_one(distributed):
+  config = config_with({**TINY_MODEL, "data.batch_size": 8, "contrastive.distributed": distributed})
+  tasks = data.load_tasks("digits+japanese_vowels")
+  model = loop.build_model(config, tasks)
+  batcher = data.MultiTaskBatcher(tasks, batch_sizes=8, seed=0)
+  params = jax.jit(model.init)(jax.random.key(0), batcher.batch(0))
+  out = {}
+  for count in (1, 8):
+    mesh = parallel.make_mesh(count)
+    objectives = steps.make_objectives(model, config, mesh, stage="joint")
+    fn = jax.jit(affinity.make_affinity_fn(objectives, lookahead_learning_rate=0.1))
+    out[count] = jax.device_get(fn((parallel.replicate(params, mesh), None), jax.random.key(2),
+                                   batcher.place(batcher.local_batch(0), mesh)))
+  np.testing.assert_allclose(out[8]["cosine"], out[1]["cosine"], atol=1e-5)
+  # 1 - L_after / L_before of float32 losses summed in another order: a few ulp of the ratio, absolute.
+  np.testing.assert_allclose(out[8]["lookahead"], out[1]["lookahead"], rtol=1e-4, atol=5e-6)

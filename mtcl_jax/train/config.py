@@ -549,6 +549,9 @@ def validate_config(config: ml_collections.ConfigDict, task_names: Sequence[str]
     raise ValueError("pseudo_labels.weight > 0 trains the task heads on their own confident predictions: it needs "
                      f"train.schedule='joint' and classification.weight > 0; got train.schedule={train.schedule!r}, "
                      f"classification.weight={config.classification.weight}")
+  if config.mtl.affinity_every and train.schedule != "joint":
+    raise ValueError(f"mtl.affinity_every={config.mtl.affinity_every} measures the joint stage's objectives; "
+                     f"train.schedule={train.schedule!r} has one kind of objective per stage: set it to 0")
   if config.contrastive.per_task and config.contrastive.rule != "supcon":
     raise ValueError(f"contrastive.per_task=True gives each task a SupCon over its own labels: it needs "
                      f"contrastive.rule='supcon'; got {config.contrastive.rule!r}")
