@@ -194,3 +194,30 @@ def test_plain_and_tiled_match_float64_on_badly_scaled_inputs(name, kind):
     assert np.all(np.isfinite(grads[block_size]))
   scale = np.max(np.abs(grads[None]))
   np.testing.assert_allclose(grads[BLOCK], grads[None], atol=1e-4 * max(scale, 1.0))
+
+
+# The softmax losses' bf16 products (matmul_dtype) have their own derivative rule: forward and reverse mode both.
+BF16_LOSSES = ("ntxent", "supcon", "task_contrastive", "clip")
+
+
+@pytest.mark.parametrize("name, engine", [(name, engine) for name in BF16_LOSSES for engine in ("plain", "tiled")])
+def test_bf16_products_have_a_jvp_and_a_gradient_near_float32(name, engine):
+  labels = {"ntxent": THREE_VIEWS, "supcon": THREE_VIEWS, "task_contrastive": TASKS}.get(name)
+  block = BLOCK if engine == "tiled" else None
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(2, ROWS, DIM) if name == "clip" else (ROWS, DIM)).astype(np.float32))
+  dx = jnp.asarray(rng.normal(size=x.shape).astype(np.float32))
+
+  def loss(matmul_dtype):
+    fn = getattr(losses, name)
+    if name == "clip":
+      return lambda x: fn(x[0], x[1], temperature=0.5, block_size=block, matmul_dtype=matmul_dtype)
+    return lambda x: fn(x, labels, temperature=0.5, block_size=block, matmul_dtype=matmul_dtype)
+
+  value, tangent = jax.jit(lambda x, dx: jax.jvp(loss(jnp.bfloat16), (x,), (dx,)))(x, dx)
+  reference_value, reference_tangent = jax.jvp(loss(None), (x,), (dx,))
+  # bf16 keeps 8 bits of each product's operands (and of the derivative's products' results).
+  np.testing.assert_allclose(value, reference_value, rtol=1e-2)
+  np.testing.assert_allclose(tangent, reference_tangent, rtol=3e-2, atol=3e-2 * abs(float(reference_tangent)) + 1e-3)
+  grad, reference_grad = jax.grad(loss(jnp.bfloat16))(x), jax.grad(loss(None))(x)
+  assert np.max(np.abs(grad - reference_grad)) <= 3e-2 * np.max(np.abs(reference_grad))

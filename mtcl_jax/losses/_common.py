@@ -178,28 +178,35 @@ def dot(
 
 
 def gram(a: jax.Array, b: jax.Array, matmul_dtype: np.dtype | None) -> jax.Array:
-  """``a @ b.T`` in float32 for XLA autodiff; with ``matmul_dtype`` its two backward products run at that rate
-  too (the float32 cotangent is rounded to it), which autodiff of a mixed-precision dot would not do."""
+  """``a @ b.T`` in float32 for XLA autodiff; with ``matmul_dtype`` its derivative's products run at that rate too.
+
+  A ``custom_jvp`` whose tangent products round their operands to ``matmul_dtype`` and return it, cast to float32
+  after: reverse mode transposes that rule, so the cotangent is rounded to ``matmul_dtype`` before each of the two
+  gradient products (which autodiff of a mixed-precision dot would run in float32), and forward mode works too.
+  """
   if matmul_dtype is None:
     return a @ b.T
   return _low_precision_gram(a, b, matmul_dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def _low_precision_gram(a: jax.Array, b: jax.Array, matmul_dtype: np.dtype) -> jax.Array:
   return dot(a, b, matmul_dtype, transpose_b=True)
 
 
-def _low_precision_gram_fwd(a, b, matmul_dtype):
-  return dot(a, b, matmul_dtype, transpose_b=True), (a, b)
+@_low_precision_gram.defjvp
+def _low_precision_gram_jvp(matmul_dtype, primals, tangents):
+  a, b = primals
+  a_tangent, b_tangent = tangents
+  dims = (((1,), (1,)), ((), ()))
 
+  def product(x: jax.Array, y: jax.Array) -> jax.Array:
+    # Output in matmul_dtype: its transpose rounds the float32 cotangent to it before the gradient's products.
+    return jax.lax.dot_general(x.astype(matmul_dtype), y.astype(matmul_dtype), dims,
+                               preferred_element_type=matmul_dtype)
 
-def _low_precision_gram_bwd(matmul_dtype, residuals, cotangent):
-  a, b = residuals
-  return dot(cotangent, b, matmul_dtype), dot(cotangent, a, matmul_dtype, transpose_a=True)
-
-
-_low_precision_gram.defvjp(_low_precision_gram_fwd, _low_precision_gram_bwd)
+  tangent = (product(a_tangent, b) + product(a, b_tangent)).astype(jnp.float32)
+  return _low_precision_gram(a, b, matmul_dtype), tangent
 
 
 def label_stats(labels: jax.Array) -> tuple[jax.Array, jax.Array]:
