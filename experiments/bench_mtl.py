@@ -103,7 +103,7 @@ def build(method: str, representation: bool, *, batch_size: int | None, steps: i
   if hand_written:
     objectives = steps_lib.make_objectives(model, config, mesh, stage="joint")
     grad_fn = hand_written_grad_fn(lambda trainable, key, batch: objectives(trainable, key, batch),
-                                   steps_lib.make_method(config), steps_lib._shared_trainable)
+                                   steps_lib.make_method(config), steps_lib.shared_trainable)
 
     def hand_step(state, batch):
       key = state.step_key()
@@ -122,7 +122,7 @@ def build(method: str, representation: bool, *, batch_size: int | None, steps: i
   compile_seconds = time.perf_counter() - start
   state, metrics = compiled(state, batches[0])  # the first execution (allocation) is not timed
   jax.block_until_ready(state)
-  shared, _ = mtl.partition(steps_lib._shared_trainable).split(state.trainable)
+  shared, _ = mtl.partition(steps_lib.shared_trainable).split(state.trainable)
   num_objectives = len(steps_lib.objective_names(model, config))
   return {
       "label": method + ("-ub" if representation else "") + ("-hand" if hand_written else ""),
