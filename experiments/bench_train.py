@@ -16,6 +16,10 @@ numbers see the same machine load. Run on a GPU, that is the "fraction of the bf
 
     python experiments/bench_train.py                                   # both workloads, JSON + table to stdout
     python experiments/bench_train.py --workloads cifar10 --batch-size 128 --steps 5 --out bench_train.json
+    python experiments/bench_train.py --workloads default --architectures hps cross_stitch mmoe cgc ple dselect_k
+
+``--architectures`` runs each workload once per ``model.architecture`` (its options at the config's defaults) and
+adds the parameter counts, all and shared (``MultiTaskModel.is_shared``), to each row.
 
 On 2 CPU cores the cifar10 step at its config's batch of 512 takes many seconds; ``--batch-size`` shrinks it.
 """
@@ -87,16 +91,23 @@ def setup(config, batch_size: int | None) -> tuple[Any, Any, int, Any, Any, Any]
           stages)
 
 
-def bench(workload: str, *, batch_size: int | None, steps: int, windows: int, matmul_size: int) -> dict[str, Any]:
-  from mtcl_jax import parallel, train
+def bench(workload: str, *, batch_size: int | None, steps: int, windows: int, matmul_size: int,
+          architecture: str | None = None) -> dict[str, Any]:
+  from mtcl_jax import mtl, parallel, train
+  from mtcl_jax.models import MultiTaskModel
 
   config = train.load_config(str(CONFIGS[workload]))
+  if architecture is not None:
+    config.model.architecture = architecture
   if workload == "cifar10":
     rows = max(config.data.batch_size if batch_size is None else batch_size, 64)
     _register_generated_cifar(4 * rows, seed=0)
     config.data.tasks = CIFAR_TASK
   mesh, batcher, examples_per_step, model, optimizer, stages = setup(config, batch_size)
   state = train.create_train_state(model, optimizer, batcher.batch(0), seed=0)
+  shared, _ = mtl.partition(MultiTaskModel.is_shared).split(state.params)
+  parameters = {"parameters": sum(int(np.size(leaf)) for leaf in jax.tree.leaves(state.params)),
+                "shared_parameters": sum(int(np.size(leaf)) for leaf in jax.tree.leaves(shared))}
   state = parallel.replicate(state, mesh)
   train_step = train.make_train_step(model, optimizer, config, mesh, stage=stages[0][0])
   batches = [batcher.place(batcher.local_batch(step), mesh) for step in range(steps)]
@@ -123,6 +134,8 @@ def bench(workload: str, *, batch_size: int | None, steps: int, windows: int, ma
   model_flops_per_second = None if flops_per_step is None else flops_per_step / step
   return {
       "workload": workload,
+      "architecture": config.model.architecture,
+      **parameters,
       "tasks": config.data.tasks,
       "examples_per_step": examples_per_step,
       "compute_dtype": str(compute_dtype),
@@ -140,14 +153,15 @@ def bench(workload: str, *, batch_size: int | None, steps: int, windows: int, ma
 
 
 def _markdown(rows: list[dict[str, Any]]) -> str:
-  lines = ["| workload | examples/step | dtype | compile | step (median) | examples/s | GFLOP/step (XLA) "
-           "| model TFLOP/s | matmul TFLOP/s (same run) | fraction of matmul |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+  lines = ["| workload | architecture | parameters (shared) | examples/step | dtype | compile | step (median) "
+           "| examples/s | GFLOP/step (XLA) | model TFLOP/s | matmul TFLOP/s (same run) | fraction of matmul |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     flops = "n/a" if r["flops_per_step"] is None else f"{r['flops_per_step'] / 1e9:.1f}"
     model = "n/a" if r["model_tflops_per_second"] is None else f"{r['model_tflops_per_second']:.3f}"
     fraction = "n/a" if r["fraction_of_matmul"] is None else f"{r['fraction_of_matmul']:.1%}"
-    lines.append(f"| {r['workload']} | {r['examples_per_step']} | {r['compute_dtype']} | {r['compile_seconds']:.1f} s "
+    lines.append(f"| {r['workload']} | {r['architecture']} | {r['parameters']:,} ({r['shared_parameters']:,}) "
+                 f"| {r['examples_per_step']} | {r['compute_dtype']} | {r['compile_seconds']:.1f} s "
                  f"| {r['step_seconds'] * 1e3:.1f} ms | {r['examples_per_second']:.0f} | {flops} | {model} "
                  f"| {r['matmul_tflops_per_second']:.3f} | {fraction} |")
   return "\n".join(lines)
@@ -161,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--windows", type=int, default=5, help="timed windows (median reported)")
   parser.add_argument("--matmul-size", type=int, default=None,
                       help="side of the square matmul measuring the device rate (default 8192 on accelerators, 2048 on CPU)")
+  parser.add_argument("--architectures", nargs="+", default=None, metavar="NAME",
+                      help="run each workload once per model.architecture (default: the config's)")
   parser.add_argument("--out", type=pathlib.Path, help="write the rows and device facts as JSON here")
   parser.add_argument("--markdown", type=pathlib.Path, help="also write the markdown table here")
   args = parser.parse_args(argv)
@@ -174,9 +190,11 @@ def main(argv: list[str] | None = None) -> int:
   print(json.dumps(facts), file=sys.stderr, flush=True)
   rows = []
   for workload in args.workloads:
-    row = bench(workload, batch_size=args.batch_size, steps=args.steps, windows=args.windows, matmul_size=matmul_size)
-    rows.append(row)
-    print(json.dumps(row), file=sys.stderr, flush=True)
+    for architecture in args.architectures or [None]:
+      row = bench(workload, batch_size=args.batch_size, steps=args.steps, windows=args.windows,
+                  matmul_size=matmul_size, architecture=architecture)
+      rows.append(row)
+      print(json.dumps(row), file=sys.stderr, flush=True)
   table = _markdown(rows)
   print(table)
   if args.out:

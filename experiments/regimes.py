@@ -19,6 +19,11 @@ tables train where the answer is not saturated:
 * ``budget`` (not in the default reproduction): single-task CE, multi-task CE, the contrastive semi-supervised
   line, FixMatch and SimCLR-then-probe at 1% and 5% labels, trained 1,000 steps instead of 200
   (:data:`LONG_BUDGET`): whether the scarcity table's ranking survives longer training.
+* ``interference_architectures`` and ``scarcity_architectures`` (not in the default reproduction): each sharing
+  architecture (:data:`ARCHITECTURES`, ``model.architecture``) with multi-task CE and with a contrastive term, on
+  ``multi_digits`` (the term: per-task SupCon) and on the three-modality model at 10% labels (SupCon over
+  task × class), the term on each task's own features (``contrastive.features=task``); Δm against single-task CE
+  (one hps model per task). "multi-task CE (static)" is hps, the baseline of the p-values.
 * ``balancing_selection``: every balancing method with SupCon at 10% labels, seed 0, scored on a validation
   split held out of the training rows (``data.validation_fraction=0.2``): the test split is never read for the
   choice. The two best by mean validation head accuracy are the balancing methods of the tables above.
@@ -60,7 +65,8 @@ SINGLE = "single-task CE"
 
 TABLE_NAMES = ("balancing_selection", "scarcity", "interference")
 # Not in the default reproduction (~50 min more at --jobs 2): the scarcity table's key lines trained 5x longer.
-EXTRA_TABLE_NAMES = ("budget",)
+EXTRA_TABLE_NAMES = ("budget", "interference_architectures", "scarcity_architectures")
+ARCHITECTURES = ("hps", "cross_stitch", "mmoe", "cgc", "ple", "dselect_k")
 # The interference runs log how their objectives' gradients relate (mtcl_jax.train.affinity), every 20 steps.
 INTERFERENCE_AFFINITY = ("mtl.affinity_every=20",)
 LONG_BUDGET = ("train.num_steps=1000", "train.checkpoint_every=1000", "train.log_every=200")
@@ -72,12 +78,15 @@ class Plan:
   fractions: tuple[float, ...] = (0.01, 0.05, 0.1, 1.0)
   balancing_fractions: tuple[float, ...] = (0.1,)
   budget_fractions: tuple[float, ...] = (0.01, 0.05)
+  architecture_fraction: float = 0.1
+  architectures: tuple[str, ...] = ARCHITECTURES
   selection_candidates: tuple[str, ...] | None = None  # None: every method in mtcl_jax.mtl.METHODS but static
 
 
 FULL = Plan()
 MINI = Plan(fractions=(0.05, 1.0), balancing_fractions=(0.05,), budget_fractions=(0.05,),
-            selection_candidates=("ew", "uw"))  # --mini
+            selection_candidates=("ew", "uw"), architecture_fraction=0.05,
+            architectures=("hps", "mmoe"))  # --mini
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +142,17 @@ def budget_methods() -> list[Method]:
   return [dataclasses.replace(method, overrides=(*method.overrides, *LONG_BUDGET)) for method in lines]
 
 
+def architecture_methods(architectures: Sequence[str], contrastive: tuple[str, ...], term: str) -> list[Method]:
+  """Single-task CE, then each architecture with multi-task CE and with the contrastive term ``contrastive``
+  (named ``term``) on each task's own features; hps's CE line is :data:`BASELINE`."""
+  methods = [Method(SINGLE, CE, single=True)]
+  for name in architectures:
+    architecture = (f"model.architecture={name}",)
+    methods += [Method(BASELINE if name == "hps" else f"{name}: multi-task CE", (*CE, *architecture)),
+                Method(f"{name}: + {term}", (*contrastive, "contrastive.features=task", *architecture))]
+  return methods
+
+
 def balancing_methods(names: Sequence[str], *, per_task: bool = False) -> list[Method]:
   """Each method with CE only and with SupCon (and with ``per_task``, with one SupCon per task)."""
   methods = []
@@ -158,7 +178,7 @@ def _spec(tasks: Sequence[str]) -> str:
 
 def _runs_of(table: str, method: Method, fraction: float, tasks: Sequence[str]) -> dict[str | None, RegimeRun]:
   """``{task: run}`` for a single-task method, ``{None: run}`` otherwise."""
-  affinity_logging = INTERFERENCE_AFFINITY if table == "interference" else ()
+  affinity_logging = INTERFERENCE_AFFINITY if table.startswith("interference") else ()
   overrides = (*REGIME_BUDGET, *affinity_logging, *method.overrides, f"data.label_fraction={fraction}")
   stem = f"{table}_{_slug(method.name)}_f{fraction:g}"
   if not method.single:
@@ -202,6 +222,13 @@ def table_plan(table: str, selected: Sequence[str], plan: Plan = FULL
   if table == "budget":
     return [(method, fraction, _runs_of(table, method, fraction, JOINT_TASKS))
             for fraction in plan.budget_fractions for method in budget_methods()]
+  if table == "interference_architectures":
+    methods = architecture_methods(plan.architectures, PER_TASK_SUPCON, "per-task SupCon")
+    return [(method, 1.0, _runs_of(table, method, 1.0, INTERFERENCE_TASKS)) for method in methods]
+  if table == "scarcity_architectures":
+    fraction = plan.architecture_fraction
+    return [(method, fraction, _runs_of(table, method, fraction, JOINT_TASKS))
+            for method in architecture_methods(plan.architectures, SUPCON, "SupCon (task × class)")]
   if table == "interference":
     methods = [*core_methods(False, False),
                Method("multi-task CE + per-task SupCon (each head's own)", PER_TASK_SUPCON),
@@ -232,7 +259,7 @@ def table_rows(table: str, scores: Mapping[tuple[str, int], Mapping[str, Any]], 
     return rows
 
   lines = table_plan(table, selected, plan)
-  tasks = INTERFERENCE_TASKS if table == "interference" else JOINT_TASKS
+  tasks = INTERFERENCE_TASKS if table.startswith("interference") else JOINT_TASKS
 
   def per_seed(method: Method, runs: Mapping[str | None, RegimeRun], task: str, metric: str) -> list[float]:
     run = runs[task] if method.single else runs[None]
@@ -262,7 +289,7 @@ def table_rows(table: str, scores: Mapping[tuple[str, int], Mapping[str, Any]], 
       rows.append(tables.summary_row(f"Δm vs single-task CE @ {_percent(fraction)} labels", label, "delta_m", deltas,
                                      seeds, p_value=metrics.one_sample_p_value(deltas)))
   rows += _paired_differences(lines, rows, seeds)
-  if table == "interference" and relations:
+  if table.startswith("interference") and relations:
     rows += _cosine_rows(lines, relations, seeds, baseline_method, baseline_of[1.0])
   return rows
 

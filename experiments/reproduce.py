@@ -18,6 +18,7 @@ Commands:
   python experiments/reproduce.py --tables digits --seeds 0
   python experiments/reproduce.py --tables joint ablation   # the older 1000-step joint tables (not in the default)
   python experiments/reproduce.py --tables budget --jobs 2  # scarcity's key lines at 1,000 steps (not in the default)
+  python experiments/reproduce.py --tables interference_architectures scarcity_architectures --jobs 2  # architectures
   python experiments/reproduce.py --mini                   # CI miniature: smoke-sized model, one seed, temp dir
   python experiments/reproduce.py --render-only            # every page from experiments/results/*.json, no training
 
@@ -239,6 +240,15 @@ PAGES: dict[str, tuple[str, str]] = {
         "Single-task CE, multi-task CE, the contrastive semi-supervised line, FixMatch and SimCLR-then-probe at 1% "
         "and 5% labels, trained 1,000 steps instead of the regime tables' 200 (everything else as in the "
         "label-scarcity table, whose 200-step lines are the comparison); p-values as there.")),
+    "interference_architectures": ("Sharing architectures under task interference (`multi_digits`)", (
+        "Each `model.architecture` on the two heads of one canvas (all labels, 200 steps), with multi-task CE and "
+        "with one SupCon per head (`contrastive.per_task=True`) on the head's own features "
+        "(`contrastive.features=task`); `multi-task CE (static)` is hps, the baseline of the p-values; Δm against "
+        "one hps model per head. Options at their defaults: 4 experts, 1 task expert, 2 PLE levels, k = 2.")),
+    "scarcity_architectures": ("Sharing architectures on the three-modality model at 10% labels", (
+        "Each `model.architecture` on digits, JapaneseVowels and MNIST-1D at 10% of the labels (200 steps), with "
+        "multi-task CE and with SupCon over task × class on each task's own features (`contrastive.features="
+        "task`); p-values and Δm as in the interference page.")),
     "balancing_selection": ("Choosing the balancing methods (validation split)", (
         "Every balancing method with SupCon at 10% labels, scored on a validation split held out of the training "
         "rows (`data.validation_fraction=0.2`); the two best by mean head accuracy, marked *(selected)*, are the "
@@ -248,7 +258,10 @@ FIGURES = {"scarcity": ("scarcity_accuracy.png", (
     "Test accuracy against the fraction of training labels kept, per task and method, mean ± std over the seeds")),
            "interference": ("interference_cosines.png", (
     "The cosine of the two heads' cross-entropy gradients of the shared encoder over training, per line, mean "
-    "over the seeds (logged every 20 steps, mtl.affinity_every=20)"))}
+    "over the seeds (logged every 20 steps, mtl.affinity_every=20)")),
+           "interference_architectures": ("interference_architectures_cosines.png", (
+    "The cosine of the two heads' cross-entropy gradients of the shared parameters over training, per "
+    "architecture and line, mean over the seeds (mtl.affinity_every=20)"))}
 # --mini: the regime tables at the smoke config's size (their 300-step budget replaced).
 MINI_REGIME_OVERRIDES = ("train.num_steps=6", "train.log_every=3", "train.checkpoint_every=6")
 
@@ -374,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = regimes.table_rows(name, regime_scores, seeds, selected, plan, relations=relations)
     if name == "scarcity":
       print(f"figure: {regimes.plot_label_fractions(rows, args.results_dir / FIGURES[name][0])}")
-    if name == "interference":
+    if name.startswith("interference"):
       lines = regimes.table_plan(name, selected, plan)
       figure = regimes.plot_interference_cosines(lines, relations, seeds, args.results_dir / FIGURES[name][0])
       print(f"figure: {figure}")

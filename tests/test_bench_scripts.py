@@ -30,6 +30,7 @@ def test_bench_train_reports_flops_throughput_and_matmul_fraction(tmp_path):
   assert result["backend"] == "cpu" and result["num_devices"] == jax.device_count()
   (row,) = result["rows"]
   assert row["examples_per_step"] == 3 * 8 and row["compute_dtype"] == "float32"
+  assert row["architecture"] == "hps" and 0 < row["shared_parameters"] < row["parameters"]
   assert row["flops_per_step"] > 1e6 and row["compile_seconds"] > 0
   assert math.isclose(row["examples_per_second"], row["examples_per_step"] / row["step_seconds"])
   assert 0 < row["fraction_of_matmul"] and math.isfinite(row["final_loss"])

@@ -1,25 +1,30 @@
-"""The multi-task contrastive model: per-task modality stems, one shared trunk, a projection head, task heads.
+"""The multi-task contrastive model: per-input modality stems, a sharing architecture, a projection head, task heads.
 
 ::
 
-  batch[task]["x"] --stem[input of task]--> [B_t, stem_width] --trunk (shared)--> features [B_t, F]
-  features --projection (shared)--> projection [B_t, P]      (for the contrastive loss)
-  features --head[task]----------> logits [B_t, num_classes_t]  (per-task cross-entropy)
+  batch[task]["x"] --stem[input of task]--> s [B_t, stem_width] --trunk.shared--> representation (shared)
+  representation --trunk.task(task)--> task features [B_t, F] --head[task]--> logits [B_t, num_classes_t]
+  representation --trunk.pool--------> features [B_t, F] --projection--> projection [B_t, P]  (contrastive)
 
-Frozen features for probes are the trunk's output, ``features``: ``model.apply(params, batch,
-method=MultiTaskModel.encode)`` returns them alone (see also ``mtcl_jax.train.predict_input``).
+The ``trunk`` is an entry of :data:`mtcl_jax.models.architectures.ARCHITECTURES` (``architecture``): ``"hps"``,
+hard parameter sharing, has one MLP whose output is at once the representation, every task's features and the
+pooled features; the soft-sharing entries (cross-stitch, MMoE, CGC, PLE, DSelect-k) give each task its own
+features. Frozen features for probes are the pooled ``features`` (``model.apply(params, batch,
+method=MultiTaskModel.encode)``; see also ``mtcl_jax.train.predict_input``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from mtcl_jax import modalities
+from mtcl_jax.models import architectures
+from mtcl_jax.models.architectures import ArchitectureOptions
 from mtcl_jax.models.stems import STEMS, float32_norm
 
 
@@ -78,7 +83,8 @@ class MultiTaskModel(nn.Module):
   Attributes:
     tasks: the tasks, in task-id order.
     stem_width: common width every stem maps its input to.
-    trunk_widths: widths of the shared trunk's layers; the last one is the feature width.
+    trunk_widths: widths of the shared trunk's layers (of each expert or column of a soft-sharing architecture);
+      the last one is the feature width.
     projection_widths: widths of the projection head; the last one is the contrastive embedding width.
     image_channels: channels of each stage of the image stems.
     sequence_channels: channels of the signal and sequence stems.
@@ -87,6 +93,9 @@ class MultiTaskModel(nn.Module):
     task_projections: one projection head per task instead of one shared by all (per-task contrastive
       objectives: each task's positives live in its own embedding space, so tasks reading one input do not pull
       its features in two directions through one head).
+    architecture: how the tasks share the encoder above the stems, a key of
+      :data:`mtcl_jax.models.architectures.ARCHITECTURES` (``"hps"``: one trunk).
+    architecture_options: the soft-sharing architectures' hyper-parameters (experts, levels, k, ...).
     dtype: compute dtype.
 
   Examples:
@@ -108,6 +117,8 @@ class MultiTaskModel(nn.Module):
   sequence_blocks: int = 3
   tabular_hidden: int = 128
   task_projections: bool = False
+  architecture: str = "hps"
+  architecture_options: ArchitectureOptions = ArchitectureOptions()
   dtype: jnp.dtype = jnp.float32
 
   def setup(self):
@@ -126,7 +137,8 @@ class MultiTaskModel(nn.Module):
         family = _stem_family(task)
         stems[task.source] = STEMS[family].module(self.stem_width, dtype=self.dtype, **stem_options[family])
     self.stems = stems
-    self.trunk = MLP(self.trunk_widths, dtype=self.dtype)
+    self.trunk = architectures.build(self.architecture, self.groups, self.trunk_widths, self.architecture_options,
+                                     self.dtype)
     if self.task_projections:
       self.projections = {task.name: MLP(self.projection_widths, linear_output=True, dtype=self.dtype)
                           for task in self.tasks}
@@ -134,18 +146,31 @@ class MultiTaskModel(nn.Module):
       self.projection = MLP(self.projection_widths, linear_output=True, dtype=self.dtype)
     self.heads = {task.name: nn.Dense(task.num_classes, dtype=self.dtype) for task in self.tasks}
 
+  @property
+  def groups(self) -> architectures.Groups:
+    """``((input, (tasks reading it, in task order)), ...)`` in the order of each input's first task."""
+    by_source: dict[str, list[str]] = {}
+    for task in self.tasks:
+      by_source.setdefault(task.source, []).append(task.name)
+    return tuple((source, tuple(members)) for source, members in by_source.items())
+
   @staticmethod
   def is_shared(path: tuple[str | int, ...]) -> bool:
-    """Whether the parameter at ``path`` of ``model.init``'s tree is the shared encoder's: a stem or the trunk.
+    """Whether the parameter at ``path`` of ``model.init``'s tree is the shared encoder's: a stem, or the trunk's
+    shared part (all of it under ``"hps"``; not the ``task_*`` modules, a task's own gate or experts).
 
-    The declaration the balancing methods read (:func:`mtcl_jax.mtl.value_and_grad`'s ``shared``): every task's
-    features, and the contrastive term's, pass through these; the projection and the task heads serve one
-    objective each.
+    The declaration the balancing methods read (:func:`mtcl_jax.mtl.value_and_grad`'s ``shared``): every
+    objective reading an input passes through these (:meth:`represent`); the task parts, the projection and the
+    task heads serve their own objectives.
 
     Args:
       path: the parameter's path as plain names, ``("params", module, ..., "kernel")``.
     """
-    return len(path) >= 2 and path[0] == "params" and (path[1] == "trunk" or str(path[1]).startswith("stems_"))
+    if len(path) < 2 or path[0] != "params":
+      return False
+    if str(path[1]).startswith("stems_"):
+      return True
+    return path[1] == "trunk" and not (len(path) > 2 and str(path[2]).startswith("task_"))
 
   def _check_tasks(self, batch: Mapping[str, object]) -> None:
     unknown = sorted(set(batch) - {task.name for task in self.tasks})
@@ -153,19 +178,20 @@ class MultiTaskModel(nn.Module):
       known = [task.name for task in self.tasks]
       raise ValueError(f"batch has tasks {unknown} the model does not know; model tasks: {known}")
 
-  def encode(self, batch: Mapping[str, Mapping[str, jax.Array]]) -> dict[str, jax.Array]:
-    """Shared-trunk features of every task in ``batch``.
+  def represent(self, batch: Mapping[str, Mapping[str, jax.Array]]) -> dict[str, Any]:
+    """The shared part of the encoder (stems and ``trunk.shared``) on every task's input in ``batch``.
 
     Args:
       batch: ``{task: {"x": [B_t, ...], "mask": [B_t, T] (sequence tasks, optional)}}``; any subset of the tasks.
         Tasks sharing an input must hold the same rows (the data batcher guarantees it); the first one's are used.
 
     Returns:
-      ``{task: [B_t, trunk_widths[-1]]}`` float32 (the same array for tasks sharing an input).
+      ``{task: representation}`` for the tasks in ``batch`` (the same object for tasks sharing an input): under
+      ``"hps"`` the ``[B_t, F]`` float32 features, else the architecture's pytree.
     """
     self._check_tasks(batch)
-    by_source: dict[str, jax.Array] = {}
-    features = {}
+    by_source: dict[str, Any] = {}
+    representations = {}
     for task in self.tasks:
       if task.name not in batch:
         continue
@@ -173,9 +199,33 @@ class MultiTaskModel(nn.Module):
         inputs = batch[task.name]
         mask_argument = (inputs.get("mask"),) if STEMS[_stem_family(task)].takes_mask else ()
         stem_out = self.stems[task.source](inputs["x"], *mask_argument)
-        by_source[task.source] = self.trunk(stem_out).astype(jnp.float32)
-      features[task.name] = by_source[task.source]
-    return features
+        by_source[task.source] = self.trunk.shared(stem_out, task.source)
+      representations[task.name] = by_source[task.source]
+    return representations
+
+  def task_features(self, representations: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """Each task's own features ``{task: [B, F]}`` float32 (what its head reads), for every task whose input has
+    a representation in ``representations`` (keyed by any task reading that input, as :meth:`represent` gives)."""
+    by_source = {task.source: representations[task.name] for task in self.tasks if task.name in representations}
+    return {task.name: self.trunk.task(by_source[task.source], task.name).astype(jnp.float32)
+            for task in self.tasks if task.source in by_source}
+
+  def pool(self, representations: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """The shared features ``{name: [B, F]}`` float32 of each representation (what the probes read, and the
+    contrastive term with ``contrastive.features="shared"``)."""
+    return {name: self.trunk.pool(representation).astype(jnp.float32)
+            for name, representation in representations.items()}
+
+  def encode(self, batch: Mapping[str, Mapping[str, jax.Array]]) -> dict[str, jax.Array]:
+    """The shared features of every task in ``batch``: :meth:`pool` of :meth:`represent`.
+
+    Args:
+      batch: as for :meth:`represent`.
+
+    Returns:
+      ``{task: [B_t, trunk_widths[-1]]}`` float32 (the same array for tasks sharing an input).
+    """
+    return self.pool(self.represent(batch))
 
   def project(self, features: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     """Contrastive embeddings ``{task: [B_t, projection_widths[-1]]}`` (float32, not normalised); with
@@ -192,16 +242,20 @@ class MultiTaskModel(nn.Module):
   def __call__(
       self, batch: Mapping[str, Mapping[str, jax.Array]], *, frozen_heads_input: bool = False
   ) -> dict[str, dict[str, jax.Array]]:
-    """Features, projections and logits of every task in ``batch``.
+    """Shared features, projections and logits of every task in ``batch``.
 
     Args:
-      batch: as for :meth:`encode`.
-      frozen_heads_input: feed the heads ``stop_gradient(features)``, so the classification loss trains the heads
-        only (the second stage of two-stage training).
+      batch: as for :meth:`represent`.
+      frozen_heads_input: feed the task parts ``stop_gradient(representation)``, so the classification loss
+        trains the task parts and heads only (the second stage of two-stage training).
 
     Returns:
-      ``{"features": {task: [B_t, F]}, "projection": {task: [B_t, P]}, "logits": {task: [B_t, C_t]}}``, float32.
+      ``{"features": {task: [B_t, F]}, "projection": {task: [B_t, P]}, "logits": {task: [B_t, C_t]}}``, float32:
+      ``features`` the pooled shared features and ``projection`` theirs; ``logits`` from each task's own.
     """
-    features = self.encode(batch)
-    head_input = jax.lax.stop_gradient(features) if frozen_heads_input else features
-    return {"features": features, "projection": self.project(features), "logits": self.classify(head_input)}
+    representations = self.represent(batch)
+    head_input = jax.lax.stop_gradient(representations) if frozen_heads_input else representations
+    task_features = self.task_features(head_input)
+    features = self.pool(representations)
+    return {"features": features, "projection": self.project(features),
+            "logits": self.classify({name: task_features[name] for name in batch})}

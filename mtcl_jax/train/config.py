@@ -30,6 +30,7 @@ from ml_collections import config_dict, config_flags
 
 from mtcl_jax import mtl
 from mtcl_jax.eval import PROBE_KINDS
+from mtcl_jax.models import architectures
 from mtcl_jax.train import optim, rules
 
 CONTRASTIVE_RULES: tuple[str, ...] = (*rules.RULES, rules.NO_RULE)
@@ -37,6 +38,7 @@ UNLABELLED_MODES: tuple[str, ...] = ("drop", "views")
 DISTRIBUTED_MODES: tuple[str, ...] = ("replicate", "all_gather", "ring")
 SCHEDULES: tuple[str, ...] = ("joint", "two_stage")
 DTYPES: tuple[str, ...] = ("float32", "bfloat16")
+CONTRASTIVE_FEATURES: tuple[str, ...] = ("shared", "task")
 # Sections whose keys are task names, known only once the data is loaded.
 TASK_SECTIONS: tuple[str, ...] = ("classification.task_weights", "data.task_batch_sizes")
 # Open maps: the task-keyed sections, and the balancing method's hyper-parameters (checked by mtcl_jax.mtl.make).
@@ -61,6 +63,8 @@ _FLOAT_RANGES: dict[str, tuple[Any, str]] = {
     "classification.weight": _NON_NEGATIVE,
     "pseudo_labels.weight": _NON_NEGATIVE,
     "pseudo_labels.threshold": _FRACTION,
+    "model.gate_gamma": _POSITIVE,
+    "model.cross_stitch_self": _FRACTION,
 }
 # The integer sizes' lower bounds (None: the key may be unset).
 _INT_MINIMUMS: dict[str, int] = {
@@ -69,6 +73,7 @@ _INT_MINIMUMS: dict[str, int] = {
     "data.unlabelled_batch_size": 1, "model.stem_width": 1, "model.sequence_channels": 1, "model.sequence_blocks": 0,
     "model.tabular_hidden": 1, "contrastive.block_size": 1, "contrastive.num_views": 1, "contrastive.num_pairs": 1,
     "contrastive.num_triplets": 1, "eval.batch_size": 1, "eval.pca_max_points": 1, "mtl.affinity_every": 0,
+    "model.experts": 1, "model.task_experts": 1, "model.levels": 1, "model.top_k": 1,
 }
 # Width tuples, each item >= 1; the first two need a layer (the shared trunk, the projection head).
 _WIDTHS: dict[str, bool] = {"model.trunk_widths": True, "model.projection_widths": True, "model.image_channels": False}
@@ -133,6 +138,15 @@ def base_config() -> ml_collections.ConfigDict:
       "sequence_blocks": 3,
       "tabular_hidden": 128,
       "dtype": "float32",  # compute dtype: float32 | bfloat16 (params and losses stay float32)
+      # How the tasks share the encoder above the stems (mtcl_jax.models.architectures.ARCHITECTURES): hps (one
+      # trunk) | cross_stitch | mmoe | cgc | ple | dselect_k; the options below serve those that name them.
+      "architecture": "hps",
+      "experts": 4,  # shared experts (mmoe, dselect_k; cgc and each ple level)
+      "task_experts": 1,  # each task's own experts per level (cgc, ple)
+      "levels": 2,  # ple's extraction levels
+      "top_k": 2,  # dselect_k: experts each task's gate selects
+      "gate_gamma": 1.0,  # dselect_k: the smooth step's width
+      "cross_stitch_self": 0.9,  # cross_stitch: initial weight of a task's own column
   })
 
   config.contrastive = ml_collections.ConfigDict({
@@ -149,6 +163,10 @@ def base_config() -> ml_collections.ConfigDict:
       # One contrastive objective per task (rule "supcon"): SupCon over each task's own rows and labels, through
       # its own projection head, as separate entries "contrastive/<task>" of the objective vector.
       "per_task": False,
+      # What the contrastive term sees when tasks have features of their own (model.architecture other than
+      # hps): "shared", the pooled shared representation (what the probes read), or "task", each task's own
+      # features (with per_task, or when no two tasks read one input).
+      "features": "shared",
   })
 
   config.classification = ml_collections.ConfigDict({
@@ -495,6 +513,8 @@ def validate_config(config: ml_collections.ConfigDict, task_names: Sequence[str]
       "data.unlabelled": UNLABELLED_MODES,
       "train.schedule": SCHEDULES,
       "model.dtype": DTYPES,
+      "model.architecture": tuple(architectures.ARCHITECTURES),
+      "contrastive.features": CONTRASTIVE_FEATURES,
       "optimizer.name": optim.OPTIMIZERS,
       "optimizer.schedule": optim.SCHEDULES,
       "head_optimizer.name": optim.OPTIMIZERS,
@@ -555,6 +575,13 @@ def validate_config(config: ml_collections.ConfigDict, task_names: Sequence[str]
   if config.contrastive.per_task and config.contrastive.rule != "supcon":
     raise ValueError(f"contrastive.per_task=True gives each task a SupCon over its own labels: it needs "
                      f"contrastive.rule='supcon'; got {config.contrastive.rule!r}")
+  if config.model.architecture == "dselect_k" and not 2 <= config.model.top_k <= config.model.experts:
+    raise ValueError(f"model.architecture='dselect_k' selects model.top_k of model.experts experts: it needs "
+                     f"2 <= experts and top_k <= experts; got experts={config.model.experts}, "
+                     f"top_k={config.model.top_k}")
+  if config.model.architecture == "ple" and config.model.levels < 2:
+    raise ValueError(f"model.architecture='ple' stacks model.levels >= 2 extraction levels (one level is "
+                     f"model.architecture='cgc'); got levels={config.model.levels}")
   mtl.make(config.mtl.method, **config.mtl.options)
   if task_names is not None:
     for section in TASK_SECTIONS:

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from mtcl_jax import data
-from mtcl_jax.models import MultiTaskModel, TaskInfo
+from mtcl_jax.models import ArchitectureOptions, MultiTaskModel, TaskInfo
 
 
 def build_model(config: ml_collections.ConfigDict, tasks: Sequence[data.TaskData]) -> MultiTaskModel:
@@ -24,5 +24,10 @@ def build_model(config: ml_collections.ConfigDict, tasks: Sequence[data.TaskData
       sequence_blocks=model_config.sequence_blocks,
       tabular_hidden=model_config.tabular_hidden,
       task_projections=bool(config.contrastive.per_task),
+      architecture=model_config.architecture,
+      architecture_options=ArchitectureOptions(
+          experts=int(model_config.experts), task_experts=int(model_config.task_experts),
+          levels=int(model_config.levels), top_k=int(model_config.top_k), gate_gamma=float(model_config.gate_gamma),
+          cross_stitch_self=float(model_config.cross_stitch_self)),
       dtype=jnp.dtype(model_config.dtype),
   )

@@ -15,11 +15,12 @@ A train step reads: batch -> per-objective losses -> balancing -> update.
   :func:`mtcl_jax.mtl.value_and_grad` — the same public transformation a user calls in their own loop. A loss
   method weights the objectives and the step back-propagates the weighted sum once (``"static"``: the plain sum,
   the fixed-weight training of old). A gradient method gets each objective's gradient of the shared encoder
-  (:meth:`MultiTaskModel.is_shared`: stems and trunk), the encoder running on each input apart so that an
-  objective pays only the backward passes of the inputs it reads, or, with ``mtl.representation``, each
-  objective's gradient of the shared features (the "-UB" variants), whose combined direction is then
+  (:meth:`MultiTaskModel.is_shared`: stems and the trunk's shared part), the encoder running on each input apart
+  so that an objective pays only the backward passes of the inputs it reads, or, with ``mtl.representation``,
+  each objective's gradient of the shared representation (the "-UB" variants), whose combined direction is then
   back-propagated through the encoder once. Parameters of one objective only (a task head, the projection head,
-  the temperature) get that objective's plain gradient.
+  the temperature) get that objective's plain gradient; a soft-sharing trunk's task parts (``task_*``: gates,
+  a task's own experts) get the plain gradient of the objectives that read them.
 
 Stages: ``"joint"`` trains everything on the objectives; two-stage training runs ``"pretrain"`` (contrastive
 objective only) and then ``"heads"`` (cross-entropies of heads fed frozen features).
@@ -144,6 +145,14 @@ def make_objectives(model: MultiTaskModel, config: ml_collections.ConfigDict, me
   use_pseudo = PSEUDO_LABELS in names
   contrast_views = use_contrastive and rule is not None and rule.views
   use_views = contrast_views or use_pseudo
+  task_contrast = contrastive.features == "task"
+  if use_contrastive and task_contrast and not contrastive.per_task:
+    shared_inputs = {rep: members for rep, members in groups.items() if len(members) > 1}
+    if shared_inputs:
+      raise ValueError(f"contrastive.features='task' contrasts each task's own features, but tasks "
+                       f"{list(next(iter(shared_inputs.values())))} read one input and the rule "
+                       f"{contrastive.rule!r} has one row per item: set contrastive.per_task=True (rule supcon) "
+                       "or contrastive.features='shared'")
   # The rule's views, or FixMatch's one strong view when only pseudo-labelling reads them.
   num_views = contrastive.num_views if contrast_views else 1
   # Semi-supervised runs carry rows whose label is hidden (y = -1): cross-entropy and accuracy skip them.
@@ -178,11 +187,21 @@ def make_objectives(model: MultiTaskModel, config: ml_collections.ConfigDict, me
     return encoder_inputs
 
   def encode(params: Any, encoder_inputs: Mapping[str, Any]) -> Features:
-    features = {"batch": model.apply(params, encoder_inputs["batch"], method=MultiTaskModel.encode)}
+    # The shared part of the encoder (MultiTaskModel.represent); the task parts run in the head.
+    features = {"batch": model.apply(params, encoder_inputs["batch"], method=MultiTaskModel.represent)}
     if "views" in encoder_inputs:
-      features["views"] = _over_views(lambda view: model.apply(params, view, method=MultiTaskModel.encode),
+      features["views"] = _over_views(lambda view: model.apply(params, view, method=MultiTaskModel.represent),
                                       encoder_inputs["views"])
     return features
+
+  def contrasted(params: Any, representations: Mapping[str, Any], *, by_task: bool) -> dict[str, jax.Array]:
+    """What the contrastive term projects (contrastive.features): ``{task: [B, F]}`` for every task with
+    ``by_task``, else ``{representative: [B, F]}``."""
+    if task_contrast:
+      own: Any = model.apply(params, representations, method=MultiTaskModel.task_features)
+      return own if by_task else {rep: own[rep] for rep in representations}
+    pooled: Any = model.apply(params, representations, method=MultiTaskModel.pool)
+    return {name: pooled[representative_of[name]] for name in representative_of} if by_task else pooled
 
   def contrastive_loss(rows: rules.Rows, temperature: jax.Array, key: jax.Array) -> jax.Array:
     """The rule's loss on its rows, over the global batch."""
@@ -205,9 +224,12 @@ def make_objectives(model: MultiTaskModel, config: ml_collections.ConfigDict, me
     metrics: Metrics = {"temperature": temperature}
     entries = {}
     if task_weights:
-      batch_features = {name: features["batch"][representative_of[name]] for name in task_weights}
-      head_input = jax.lax.stop_gradient(batch_features) if stage == "heads" else batch_features
-      logits: Any = model.apply(params, head_input, method=MultiTaskModel.classify)
+      representations = features["batch"]
+      if stage == "heads":  # the heads (and the task parts of a soft-sharing trunk) on the frozen representation
+        representations = jax.lax.stop_gradient(representations)
+      own_features: Any = model.apply(params, representations, method=MultiTaskModel.task_features)
+      logits: Any = model.apply(params, {name: own_features[name] for name in task_weights},
+                                method=MultiTaskModel.classify)
       for name, weight in task_weights.items():
         labels = batch[name]["y"]
         correct = (jnp.argmax(logits[name], axis=-1) == labels).astype(jnp.float32)
@@ -226,8 +248,8 @@ def make_objectives(model: MultiTaskModel, config: ml_collections.ConfigDict, me
       metrics["classification_loss"] = functools.reduce(jnp.add, entries.values())
     if use_contrastive and contrastive.per_task:
       # One SupCon per task over its own rows and labels, each through its own projection head.
-      task_features = {name: features["batch"][representative_of[name]] for name in representative_of}
-      task_projections: Any = model.apply(params, task_features, method=MultiTaskModel.project)
+      task_projections: Any = model.apply(params, contrasted(params, features["batch"], by_task=True),
+                                          method=MultiTaskModel.project)
       terms = []
       for entry in (name for name in names if name in per_task):
         task = per_task[entry]
@@ -239,11 +261,12 @@ def make_objectives(model: MultiTaskModel, config: ml_collections.ConfigDict, me
       metrics["contrastive_loss"] = functools.reduce(jnp.add, terms)
     elif use_contrastive:
       assert rule is not None
-      projections: Any = model.apply(params, features["batch"], method=MultiTaskModel.project)
+      projections: Any = model.apply(params, contrasted(params, features["batch"], by_task=False),
+                                     method=MultiTaskModel.project)
       view_projections: list[Any] = []
       if contrast_views:
-        stacked = _over_views(lambda view: model.apply(params, view, method=MultiTaskModel.project),
-                              features["views"])
+        stacked = _over_views(lambda view: model.apply(params, contrasted(params, view, by_task=False),
+                                                       method=MultiTaskModel.project), features["views"])
         view_projections = [{rep: rows[view] for rep, rows in stacked.items()} for view in range(num_views)]
       rule_inputs = rules.RuleInputs(
           key=key, projections={name: projections[representative_of[name]] for name in representative_of},
@@ -255,8 +278,10 @@ def make_objectives(model: MultiTaskModel, config: ml_collections.ConfigDict, me
     if use_pseudo:
       # FixMatch: the un-augmented input is the weak view (its logits, computed above, give fixed targets), the
       # first augmented view the strong one; only the rows whose label is hidden count.
-      strong_features = {name: features["views"][representative_of[name]][0] for name in task_weights}
-      strong_logits: Any = model.apply(params, strong_features, method=MultiTaskModel.classify)
+      strong = {rep: jax.tree.map(lambda leaf: leaf[0], views) for rep, views in features["views"].items()}
+      strong_features: Any = model.apply(params, strong, method=MultiTaskModel.task_features)
+      strong_logits: Any = model.apply(params, {name: strong_features[name] for name in task_weights},
+                                       method=MultiTaskModel.classify)
       pseudo_total = []
       for name, weight in task_weights.items():
         hidden = batch[name]["y"] < 0
@@ -438,17 +463,18 @@ def make_eval_step(
 ) -> Callable[[Any, Batch], tuple[dict[str, jax.Array], dict[str, jax.Array]]]:
   """A jitted ``eval_step(params, batch) -> (features, logits)`` over ``mesh``.
 
-  ``batch`` holds any tasks (``{task: {"x", "mask"?}}``); ``features`` are their trunk features ``{task: [B, F]}``
-  and ``logits`` the head outputs ``{task: [B, C_task]}`` of every task that reads the same input as a task in
-  ``batch`` (so one batch of CelebA images gives all 40 attribute heads). ``params`` replicated, ``batch`` and
-  the outputs sharded on ``"data"``.
+  ``batch`` holds any tasks (``{task: {"x", "mask"?}}``); ``features`` are their shared features ``{task: [B, F]}``
+  (:meth:`MultiTaskModel.encode`, what the probes read) and ``logits`` the head outputs ``{task: [B, C_task]}`` of
+  every task that reads the same input as a task in ``batch`` (so one batch of CelebA images gives all 40
+  attribute heads), each from its own features. ``params`` replicated, ``batch`` and the outputs sharded on
+  ``"data"``.
   """
 
   def eval_step(params: Any, batch: Batch) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
-    features: Any = model.apply(params, batch, method=MultiTaskModel.encode)
-    by_source = {task.source: features[task.name] for task in model.tasks if task.name in batch}
-    head_inputs = {task.name: by_source[task.source] for task in model.tasks if task.source in by_source}
-    logits: Any = model.apply(params, head_inputs, method=MultiTaskModel.classify)
+    representations: Any = model.apply(params, batch, method=MultiTaskModel.represent)
+    features: Any = model.apply(params, representations, method=MultiTaskModel.pool)
+    own_features: Any = model.apply(params, representations, method=MultiTaskModel.task_features)
+    logits: Any = model.apply(params, own_features, method=MultiTaskModel.classify)
     return features, logits
 
   return jax.jit(
