@@ -228,6 +228,38 @@ def test_time_mask_zeroes_a_run_inside_the_real_frames():
     assert zeros.size == 0 or np.all(np.diff(zeros) == 1)
 
 
+def test_channel_mask_zeroes_a_run_of_channels_on_every_real_frame():
+  x = jnp.ones((64, 29, 12), jnp.float32)
+  lengths = np.tile([7, 29, 12, 20, 9, 29, 15, 10], 8)
+  mask = _prefix_mask(lengths, 29)
+  params = {**SIGNAL_OFF, "channel_mask_fraction": 0.25}
+  out = np.asarray(augment.augment_signal(jax.random.key(14), x, mask, **params))
+  widths = []
+  for item, length in zip(out, lengths, strict=True):
+    assert np.all(item[length:] == 0.0)  # padded frames stay exactly 0
+    real = item[:length]
+    zeros = np.nonzero(real[0] == 0.0)[0]
+    np.testing.assert_array_equal(real, np.broadcast_to(real[0], real.shape))  # the same channels on every frame
+    assert zeros.size == 0 or np.all(np.diff(zeros) == 1)  # one contiguous run
+    assert np.all(np.delete(real[0], zeros) == 1.0)
+    widths.append(zeros.size)
+  assert max(widths) <= 3 and max(widths) > 0 and len(set(widths)) > 1  # up to 25% of 12 channels, drawn per item
+
+
+def test_channel_mask_off_is_exactly_the_output_without_it():
+  x = _frames()
+  mask = _prefix_mask([7, 29, 12, 20, 9, 29, 15, 10], 29)
+  key = jax.random.key(15)
+  np.testing.assert_array_equal(augment.augment_signal(key, x, mask, channel_mask_fraction=0.0),
+                                augment.augment_signal(key, x, mask))
+  # The other parameters' draws do not move when it is on: outside its channels the output is the same.
+  masked = np.asarray(augment.augment_signal(key, x, mask, channel_mask_fraction=0.5))
+  plain = np.asarray(augment.augment_signal(key, x, mask))
+  kept = np.any(masked != 0.0, axis=1, keepdims=True) | ~np.asarray(mask)[:, :, None]
+  np.testing.assert_array_equal(np.where(kept, masked, 0.0), np.where(kept, plain, 0.0))
+  assert not np.all(kept)
+
+
 def test_make_views_stacks_independent_views():
   x = _frames()
   mask = _prefix_mask([7, 29, 12, 20, 9, 29, 15, 10], 29)

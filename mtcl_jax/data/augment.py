@@ -17,8 +17,9 @@ shear, so its views lose their own offset and trend for random ones and are rota
 amplitude scaling are left out. Measured with ``experiments/simclr_mnist1d.py`` (validation split, SimCLR,
 1000 steps, seed 0): the linear probe reads 66% of the validation signals with the vowel views and 92% with
 these. The three ``augment_*`` functions are jitted (``max_shift``, ``cutout_size``, ``fill_mode``,
-``circular`` and ``detrend`` are static, the other hyper-parameters may be traced); under your own ``jax.jit``
-of :func:`make_views`, make ``modality``, ``num_views`` and any of those structural parameters static.
+``circular``, ``detrend`` and ``channel_mask_fraction`` are static, the other hyper-parameters may be traced);
+under your own ``jax.jit`` of :func:`make_views`, make ``modality``, ``num_views`` and any of those structural
+parameters static.
 :data:`AUGMENTATIONS` names them, with each modality's defaults, for the modality table
 (:mod:`mtcl_jax.modalities`).
 
@@ -26,7 +27,7 @@ References:
 
 * Chen et al., "A Simple Framework for Contrastive Learning of Visual Representations" (SimCLR), ICML 2020.
 * DeVries and Taylor, "Improved Regularization of Convolutional Neural Networks with Cutout", 2017.
-* Park et al., "SpecAugment" (time masking), Interspeech 2019.
+* Park et al., "SpecAugment" (time and frequency masking), Interspeech 2019.
 * Um et al., "Data Augmentation of Wearable Sensor Data" (scaling, jitter, cropping), ICMI 2017.
 * Greydanus and Kobak, "Scaling Down Deep Learning with MNIST-1D", ICML 2024 (its SimCLR notebook's views:
   de-trending, circular shift, random offset and slope).
@@ -174,7 +175,7 @@ def _frame_lengths(x: jax.Array, mask: ArrayLike | None) -> tuple[jax.Array, jax
   return jnp.maximum(lengths, 1.0), mask
 
 
-@functools.partial(jax.jit, static_argnames=("circular", "detrend"))
+@functools.partial(jax.jit, static_argnames=("circular", "detrend", "channel_mask_fraction"))
 def augment_signal(
     key: ArrayLike,
     x: ArrayLike,
@@ -189,14 +190,16 @@ def augment_signal(
     detrend: bool = False,
     offset_std: float = 0.0,
     trend_std: float = 0.0,
+    channel_mask_fraction: float = 0.0,
 ) -> jax.Array:
-  """Random crop resized back, time shift, amplitude scaling, offset and trend, noise and a time mask, per item.
+  """Random crop resized back, time shift, scaling, offset and trend, noise, time and channel masks, per item.
 
   Everything happens inside each item's real frames (``mask``): the optional de-trending fits them, a crop
   covers part of them and is stretched back over all of them by linear interpolation, a circular shift wraps at
-  the item's own length, the time mask falls inside them, and padded frames stay exactly 0. The order is
-  de-trend, crop and shift, scale, offset and trend, noise, time mask. These defaults are the ``sequence``
-  modality's (speech frames); :func:`make_views` gives ``signal`` inputs :data:`SIGNAL_VIEWS` instead.
+  the item's own length, the time and channel masks fall inside them, and padded frames stay exactly 0. The order
+  is de-trend, crop and shift, scale, offset and trend, noise, time mask, channel mask. These defaults are
+  the ``sequence`` modality's (speech frames); :func:`make_views` gives ``signal`` inputs :data:`SIGNAL_VIEWS`
+  instead.
 
   Args:
     key: a PRNG key.
@@ -213,6 +216,9 @@ def augment_signal(
     offset_std: standard deviation of a random offset added to each item (per channel).
     trend_std: standard deviation of a random linear trend added to each item (per channel), as its rise from
       the first to the last real frame.
+    channel_mask_fraction: zero a contiguous run of channels up to this fraction of ``C`` wide, on every real
+      frame (SpecAugment's frequency mask, for frames of MFCC-like coefficients); 0 disables it. Static: at 0
+      nothing of it is drawn or compiled, so the other parameters' draws and the output are as without it.
 
   Returns:
     ``[B, T, C]`` in the dtype of ``x``.
@@ -278,6 +284,15 @@ def augment_signal(
   mask_start = jnp.floor(place_u * (lengths - mask_width + 1.0))
   masked = (time >= mask_start) & (time < mask_start + mask_width)
   augmented = jnp.where(masked[:, :, None], 0.0, augmented)
+
+  if channel_mask_fraction > 0:
+    # Its own key, a fourth beside the split above (which stays as it was), and drawn only when used.
+    channel_uniforms = jax.random.uniform(jax.random.fold_in(key, 3), (batch, 2), jnp.float32)
+    channel_width = jnp.round(channel_uniforms[:, 0, None] * channel_mask_fraction * channels)
+    channel_start = jnp.floor(channel_uniforms[:, 1, None] * (channels - channel_width + 1.0))
+    channel = jnp.arange(channels, dtype=jnp.float32)[None, :]
+    muted = (channel >= channel_start) & (channel < channel_start + channel_width)
+    augmented = jnp.where(muted[:, None, :], 0.0, augmented)
   return jnp.where(real[:, :, None], augmented, 0.0).astype(x.dtype)
 
 
