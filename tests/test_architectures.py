@@ -241,7 +241,9 @@ def test_eight_devices_take_the_step_of_one(architecture):
   tasks = data.load_tasks("multi_digits+japanese_vowels")
   model = loop.build_model(config, tasks)
   batcher = data.MultiTaskBatcher(tasks, batch_sizes=8, seed=0)
-  optimizer = optim.with_standard_promotion(optax.adam(1e-3))
+  # SGD: the update is the balanced gradient itself (Adam's first step is its sign, which float noise flips
+  # where a gradient is ~0).
+  optimizer = optim.with_standard_promotion(optax.sgd(0.1))
   results = {}
   for count in (1, 8):
     mesh = parallel.make_mesh(count)
