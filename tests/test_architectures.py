@@ -257,8 +257,8 @@ def test_eight_devices_take_the_step_of_one(architecture):
     np.testing.assert_allclose(eight, one, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("architecture", [
-    "mmoe", *(pytest.param(name, marks=pytest.mark.slow) for name in ARCHITECTURES if name != "mmoe")])
+@pytest.mark.slow  # three CLI runs per architecture
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_a_run_stopped_and_resumed_ends_where_the_uninterrupted_one_does(architecture, tmp_path):
   argv = ["--config", "experiments/configs/smoke.py", "--config.eval.probes=()", "--config.eval.plots=False",
           "--config.data.tasks=multi_digits+japanese_vowels", f"--config.model.architecture={architecture}",
@@ -297,7 +297,9 @@ def test_task_features_for_a_rule_with_one_row_per_item_needs_per_task_objective
   assert objectives.names == ("left_digit", "right_digit", "contrastive/left_digit", "contrastive/right_digit")
 
 
-@pytest.mark.parametrize("features,representation", list(itertools.product(["shared", "task"], [False, True])))
+@pytest.mark.parametrize("features,representation", [
+    ("task", False), *(pytest.param(*case, marks=pytest.mark.slow)  # a train step's compile each
+                       for case in itertools.product(["shared", "task"], [False, True]) if case != ("task", False))])
 def test_per_task_contrast_on_own_or_shared_features_trains_under_every_balancing_split(features, representation):
   config = _tiny_config("ple", **{"contrastive.features": features, "contrastive.per_task": True,
                                   "mtl.method": "mgda", "mtl.representation": representation})
