@@ -25,11 +25,9 @@ in percent, the views, the steps and the wall time.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import inspect
-import json
 import pathlib
 import sys
 import time
@@ -41,14 +39,13 @@ from sklearn.model_selection import train_test_split
 
 from mtcl_jax import data, modalities
 from mtcl_jax.data import augment
-from mtcl_jax.eval import metrics
 from mtcl_jax.train import config as config_lib
 from mtcl_jax.train import train_and_evaluate
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
 
-from simclr_mnist1d import DEFAULT_CONFIG, SIMCLR  # noqa: E402
+from simclr_mnist1d import DEFAULT_CONFIG, SIMCLR, probe_result, search  # noqa: E402
 
 RESULTS = REPO / "experiments" / "results" / "simclr_japanese_vowels_val.json"
 DATASET = "japanese_vowels"
@@ -130,40 +127,13 @@ def run(variant: str, seed: int, *, task: str, workdir: pathlib.Path, extra: tup
   with modality_views(MODALITY, views) if views is not None else contextlib.nullcontext():
     report = train_and_evaluate(config, workdir / f"{task}_{variant}_seed{seed}", fresh=True)
   seconds = time.perf_counter() - start
-  probe = report["tasks"][task]["probes"]["linear"]
-  return {"accuracy": round(probe["accuracy"], 2), "macro_f1": round(probe["macro_f1"], 2),
-          "num_steps": int(config.train.num_steps), "batch_size": int(config.data.batch_size),
-          "temperature": float(config.contrastive.temperature),
-          "views": views if views is not None else library_views(), "overrides": list(extra),
-          "wall_s": round(seconds, 1)}
+  return probe_result(report, task, config, views if views is not None else library_views(), list(extra), seconds)
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), required=True)
-  parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-  parser.add_argument("--test", action="store_true", help=f"score on {DATASET}'s real test split (the final check)")
-  parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
-                      help="extra config overrides (recorded with the result), each read as --config.KEY=VALUE")
-  parser.add_argument("--workdir", type=pathlib.Path, default=pathlib.Path("/tmp/simclr_japanese_vowels"))
-  args = parser.parse_args(argv)
-  split, task = ("test", DATASET) if args.test else ("val", VAL_TASK)
-  if not args.test:
-    register_validation_task()
-  results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-  for variant in args.variants:
-    label = variant + "".join(f" {item}" for item in args.extra)
-    for seed in args.seeds:
-      result = run(variant, seed, task=task, workdir=args.workdir, extra=tuple(args.extra))
-      results.setdefault(split, {}).setdefault(label, {})[str(seed)] = result
-      print(f"[simclr_japanese_vowels] {split} {label} seed {seed}: linear probe {result['accuracy']:.2f}% "
-            f"({result['num_steps']} steps, {result['wall_s']:.0f} s)", flush=True)
-      RESULTS.parent.mkdir(parents=True, exist_ok=True)
-      RESULTS.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-    mean, std = metrics.mean_std([results[split][label][str(seed)]["accuracy"] for seed in args.seeds])
-    print(f"[simclr_japanese_vowels] {split} {label}: {mean:.2f} ± {std:.2f} (sample std) over seeds {args.seeds}",
-          flush=True)
-  return 0
+  return search(run, argv, description=__doc__, variants=VARIANTS, dataset=DATASET, val_task=VAL_TASK,
+                register=register_validation_task, results_path=RESULTS,
+                workdir=pathlib.Path("/tmp/simclr_japanese_vowels"), tag="simclr_japanese_vowels")
 
 
 if __name__ == "__main__":

@@ -118,40 +118,55 @@ def run(variant: str, seed: int, *, task: str, workdir: pathlib.Path, extra: tup
   with signal_views(views) if views is not None else contextlib.nullcontext():
     report = train_and_evaluate(config, workdir / f"{task}_{variant}_seed{seed}", fresh=True)
   seconds = time.perf_counter() - start
+  views = views if views is not None else dict(augment.AUGMENTATIONS["signal"].defaults)
+  return probe_result(report, task, config, views, [*overrides, *extra], seconds)
+
+
+def probe_result(report: Mapping[str, Any], task: str, config: Any, views: Mapping[str, Any], overrides: list[str],
+                 seconds: float) -> dict[str, Any]:
+  """One results row of a views search: the linear probe's scores and what produced them."""
   probe = report["tasks"][task]["probes"]["linear"]
   return {"accuracy": round(probe["accuracy"], 2), "macro_f1": round(probe["macro_f1"], 2),
           "num_steps": int(config.train.num_steps), "batch_size": int(config.data.batch_size),
-          "temperature": float(config.contrastive.temperature),
-          "views": views if views is not None else dict(augment.AUGMENTATIONS["signal"].defaults),
-          "overrides": [*overrides, *extra], "wall_s": round(seconds, 1)}
+          "temperature": float(config.contrastive.temperature), "views": dict(views), "overrides": overrides,
+          "wall_s": round(seconds, 1)}
 
 
-def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), required=True)
+def search(run_fn: Any, argv: list[str] | None, *, description: str, variants: Mapping[str, Any], dataset: str,
+           val_task: str, register: Any, results_path: pathlib.Path, workdir: pathlib.Path, tag: str) -> int:
+  """The command line of a views search: each variant and seed through ``run_fn(variant, seed, task=, workdir=,
+  extra=)`` on the validation task (``register()`` registers it) or, with ``--test``, on ``dataset``'s test split;
+  results merged into ``results_path``."""
+  parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--variants", nargs="+", choices=sorted(variants), required=True)
   parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-  parser.add_argument("--test", action="store_true", help="score on mnist1d's real test split (the final check)")
+  parser.add_argument("--test", action="store_true", help=f"score on {dataset}'s real test split (the final check)")
   parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                       help="extra config overrides (recorded with the result), each read as --config.KEY=VALUE")
-  parser.add_argument("--workdir", type=pathlib.Path, default=pathlib.Path("/tmp/simclr_mnist1d"))
+  parser.add_argument("--workdir", type=pathlib.Path, default=workdir)
   args = parser.parse_args(argv)
-  split, task = ("test", "mnist1d") if args.test else ("val", VAL_TASK)
+  split, task = ("test", dataset) if args.test else ("val", val_task)
   if not args.test:
-    register_validation_task()
-  results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    register()
+  results = json.loads(results_path.read_text()) if results_path.exists() else {}
   for variant in args.variants:
     label = variant + "".join(f" {item}" for item in args.extra)
     for seed in args.seeds:
-      result = run(variant, seed, task=task, workdir=args.workdir, extra=tuple(args.extra))
+      result = run_fn(variant, seed, task=task, workdir=args.workdir, extra=tuple(args.extra))
       results.setdefault(split, {}).setdefault(label, {})[str(seed)] = result
-      print(f"[simclr_mnist1d] {split} {label} seed {seed}: linear probe {result['accuracy']:.2f}% "
+      print(f"[{tag}] {split} {label} seed {seed}: linear probe {result['accuracy']:.2f}% "
             f"({result['num_steps']} steps, {result['wall_s']:.0f} s)", flush=True)
-      RESULTS.parent.mkdir(parents=True, exist_ok=True)
-      RESULTS.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+      results_path.parent.mkdir(parents=True, exist_ok=True)
+      results_path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     mean, std = metrics.mean_std([results[split][label][str(seed)]["accuracy"] for seed in args.seeds])
-    print(f"[simclr_mnist1d] {split} {label}: {mean:.2f} ± {std:.2f} (sample std) over seeds {args.seeds}",
-          flush=True)
+    print(f"[{tag}] {split} {label}: {mean:.2f} ± {std:.2f} (sample std) over seeds {args.seeds}", flush=True)
   return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  return search(run, argv, description=__doc__, variants=VARIANTS, dataset="mnist1d", val_task=VAL_TASK,
+                register=register_validation_task, results_path=RESULTS, workdir=pathlib.Path("/tmp/simclr_mnist1d"),
+                tag="simclr_mnist1d")
 
 
 if __name__ == "__main__":
