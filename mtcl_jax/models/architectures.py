@@ -76,8 +76,16 @@ class ArchitectureOptions(NamedTuple):
   cross_stitch_self: float = 0.9
 
 
-def _mlp_layer(width: int, dtype: Any, index: int) -> tuple[nn.Dense, nn.LayerNorm]:
-  return nn.Dense(width, dtype=dtype, name=f"dense{index}"), nn.LayerNorm(name=f"norm{index}")
+def mlp_layers(x: jax.Array, widths: Sequence[int], dtype: Any, *, linear_output: bool = False) -> jax.Array:
+  """Dense -> LayerNorm -> GELU per width, as submodules ``dense<i>`` and ``norm<i>`` of the calling compact
+  module (the trunk MLP's layers: :class:`~mtcl_jax.models.multitask.MLP`, the hps trunk and every expert);
+  with ``linear_output`` the last layer is a plain Dense."""
+  for index, width in enumerate(widths):
+    x = nn.Dense(width, dtype=dtype, name=f"dense{index}")(x)
+    if linear_output and index == len(widths) - 1:
+      break
+    x = nn.gelu(float32_norm(nn.LayerNorm(name=f"norm{index}"), x))
+  return x
 
 
 class _Expert(nn.Module):
@@ -88,10 +96,7 @@ class _Expert(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    for index, width in enumerate(self.widths):
-      dense, norm = _mlp_layer(width, self.dtype, index)
-      x = nn.gelu(float32_norm(norm, dense(x)))
-    return x.astype(jnp.float32)
+    return mlp_layers(x, self.widths, self.dtype).astype(jnp.float32)
 
 
 def _experts(count: int) -> Any:
@@ -125,10 +130,7 @@ class HardSharing(_Base):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    for index, width in enumerate(self.widths):
-      dense, norm = _mlp_layer(width, self.dtype, index)
-      x = nn.gelu(float32_norm(norm, dense(x)))
-    return x
+    return mlp_layers(x, self.widths, self.dtype)
 
   def shared(self, s: jax.Array, source: str) -> Representation:
     del source

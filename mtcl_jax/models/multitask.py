@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from mtcl_jax import modalities
 from mtcl_jax.models import architectures
 from mtcl_jax.models.architectures import ArchitectureOptions
-from mtcl_jax.models.stems import STEMS, float32_norm
+from mtcl_jax.models.stems import STEMS
 
 
 class TaskInfo(NamedTuple):
@@ -66,12 +66,7 @@ class MLP(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    for index, width in enumerate(self.widths):
-      x = nn.Dense(width, dtype=self.dtype, name=f"dense{index}")(x)
-      if self.linear_output and index == len(self.widths) - 1:
-        break
-      x = nn.gelu(float32_norm(nn.LayerNorm(name=f"norm{index}"), x))
-    return x
+    return architectures.mlp_layers(x, self.widths, self.dtype, linear_output=self.linear_output)
 
 
 class MultiTaskModel(nn.Module):
