@@ -10,8 +10,9 @@ with its real-frame mask, so the real test split is never looked at while choosi
 keyword set of ``augment_signal`` its views use (patched in for the run, so a variant means the same thing
 whatever the library's defaults are).
 
-Commands (the search whose results file holds the figures; its winner on validation, "noise20", is not yet the
-library's default, which "library" and "baseline" both still are):
+Commands (the search whose results file holds the figures; its winner on validation, "noise20", is now the
+library's default, ``augment.SEQUENCE_VIEWS``; the results rows named "library" were run before that and record
+the old views, "baseline"):
   python experiments/simclr_japanese_vowels.py --variants library                  # validation, seed 0
   python experiments/simclr_japanese_vowels.py --variants no-wrap no-shift crop50 noise10 noise20 mask20 mask30 \
       no-scale freqmask25                                                          # validation, seed 0
@@ -68,7 +69,7 @@ def _views(base: Mapping[str, Any], **changes: Any) -> dict[str, Any]:
 
 
 # name -> augment_signal keywords, or None for the library's own views of the sequence modality ("library": what
-# reproduce.py runs, today "baseline"; each results row records its views). Each changes
+# reproduce.py runs, now "noise20"; each results row records its views). Each changes
 # one thing of the old views, as speech practice suggests: an utterance is not periodic (no wrap, no shift), a
 # vowel is stationary enough to survive a shorter crop, and SpecAugment masks wider runs of time and of frequency
 # (here of the 12 cepstral coefficients). The speakers differ in their spectral envelope, so the amplitude

@@ -267,7 +267,8 @@ def test_make_views_stacks_independent_views():
   views = make(jax.random.key(0), x, mask=mask)
   assert views.shape == (3, 8, 29, 12) and views.dtype == jnp.float32
   assert not np.allclose(views[0], views[1]) and not np.allclose(views[1], views[2])
-  second_view = augment.augment_signal(jax.random.split(jax.random.key(0), 3)[1], x, mask)
+  second_view = augment.augment_signal(jax.random.split(jax.random.key(0), 3)[1], x, mask,
+                                       **augment.SEQUENCE_VIEWS)
   np.testing.assert_allclose(views[1], second_view, rtol=1e-5, atol=1e-5)
   images = augment.make_views(jax.random.key(1), _images(), modality="image", noise_std=0.0)
   assert images.shape == (2, 8, 8, 8, 1)
