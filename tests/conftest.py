@@ -30,6 +30,21 @@ if os.environ.get(FAST_COMPILE_ENV, "0") == "1" and FAST_COMPILE_FLAGS not in os
   # Set before JAX starts; inherited by the subprocesses some tests start (resume, multi-host).
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}".strip()
 
+# JAX's persistent compilation cache, for every program however quick to compile: most of the suite's time is
+# XLA compiling small programs (eager flax initialisation compiles one per primitive and shape), the two xdist
+# workers compile many of the same ones, and a second run (the next tier, the next edit) loads them instead. The
+# cache key is the program, the compile options and the JAX/XLA versions, so the code that runs is what XLA
+# would compile anyway. MTCL_TEST_COMPILATION_CACHE names the folder; "0" turns it off.
+CACHE_ENV = "MTCL_TEST_COMPILATION_CACHE"
+_default_cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mtcl_jax",
+                              "test-compilation-cache")
+COMPILATION_CACHE = os.environ.get(CACHE_ENV, _default_cache)
+if COMPILATION_CACHE not in ("", "0"):
+  # Environment variables, so the subprocesses some tests start (CLI runs, multi-host) share the cache.
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", COMPILATION_CACHE)
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 

@@ -3,6 +3,7 @@ one-trunk model, a gate that separates tasks when that is optimal, many devices,
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 
@@ -44,15 +45,21 @@ def _model(architecture: str, **kwargs) -> MultiTaskModel:
                         architecture_options=OPTIONS, **kwargs)
 
 
+@functools.cache
+def _initialised(architecture: str) -> tuple[MultiTaskModel, dict, dict]:
+  """The test model, its batch and its parameters, initialised once per architecture for every test that reads
+  them. Eager: on CPU XLA compiles one program per primitive and shape faster than the whole model at once."""
+  model, batch = _model(architecture), _batch()
+  return model, batch, model.init(jax.random.key(0), batch)
+
+
 def _paths(tree) -> list[tuple[str, ...]]:
   return [tuple(str(getattr(key, "key", key)) for key in path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)]
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_outputs_have_each_tasks_shapes_and_soft_sharing_gives_tasks_of_one_input_their_own_features(architecture):
-  model = _model(architecture)
-  batch = _batch()
-  params = model.init(jax.random.key(0), batch)
+  model, batch, params = _initialised(architecture)
   out = model.apply(params, batch)
   assert {name: value.shape for name, value in out["logits"].items()} == {
       "left": (6, 10), "right": (6, 10), "speech": (5, 9)}
@@ -66,9 +73,7 @@ def test_outputs_have_each_tasks_shapes_and_soft_sharing_gives_tasks_of_one_inpu
 
 @pytest.mark.parametrize("architecture", ["mmoe", "dselect_k", "cgc", "ple"])
 def test_every_gate_is_a_distribution_over_its_experts(architecture):
-  model = _model(architecture)
-  batch = _batch()
-  params = model.init(jax.random.key(1), batch)
+  model, batch, params = _initialised(architecture)
   representations = model.apply(params, batch, method=MultiTaskModel.represent)
   expected = {"mmoe": 3, "dselect_k": 3, "cgc": 2 + 3, "ple": 2 + 3}[architecture]
   for task in ("left", "right", "speech"):
@@ -81,9 +86,7 @@ def test_every_gate_is_a_distribution_over_its_experts(architecture):
 
 
 def test_hps_is_the_one_trunk_model_parameter_for_parameter():
-  model = _model("hps")
-  batch = _batch()
-  params = model.init(jax.random.key(0), batch)
+  model, batch, params = _initialised("hps")
   trunk = params["params"]["trunk"]
   assert sorted(trunk) == ["dense0", "dense1", "norm0", "norm1"]
   # The trunk MLP applied to the stem's output with the same parameters gives the features, bit for bit.
@@ -94,9 +97,7 @@ def test_hps_is_the_one_trunk_model_parameter_for_parameter():
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_the_shared_declaration_is_what_represent_reads_and_the_task_parts_are_the_rest(architecture):
-  model = _model(architecture)
-  batch = _batch()
-  params = model.init(jax.random.key(2), batch)
+  model, batch, params = _initialised(architecture)
 
   def through_represent(p):
     leaves = jax.tree.leaves(model.apply(p, batch, method=MultiTaskModel.represent))
