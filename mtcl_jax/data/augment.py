@@ -6,20 +6,20 @@ augmentations of a batch, ``[num_views, B, ...]``, the input of SimCLR-style and
 (use :func:`mtcl_jax.pairs.view_labels` for their labels after reshaping to ``[num_views * B, ...]``).
 
 Inputs are expected normalised (as :class:`~mtcl_jax.data.TaskData` holds them), so 0 is the train mean and the
-noise scales are in units of a standard deviation. The defaults keep the class recognisable on the datasets
-here: an 8x8 digit moves by at most one pixel and turns by at most 10 degrees; a 29-frame vowel (modality
-``sequence``, :data:`SEQUENCE_VIEWS`) is cropped to 80-100% of its length, shifted by up to 10% of it, scaled by
-0.8-1.2, gets noise of 0.2 standard deviations and loses up to 10% of it to a time mask. A 40-sample MNIST-1D signal (modality ``signal``) gets other views, :data:`SIGNAL_VIEWS`: the
-dataset's own nuisances, which are what a self-supervised encoder must learn to ignore. MNIST-1D draws each
-signal from its digit's template with a circular translation of up to 2/3 of its length and a random linear
-shear, so its views lose their own offset and trend for random ones and are rotated circularly by any amount
-(the mnist1d authors' SimCLR notebook does the same with rotations of up to 1/4); the vowel views' crop and
-amplitude scaling are left out. Measured with ``experiments/simclr_mnist1d.py`` (validation split, SimCLR,
-1000 steps, seed 0): the linear probe reads 66% of the validation signals with the vowel views and 92% with
-these. The three ``augment_*`` functions are jitted (``max_shift``, ``cutout_size``, ``fill_mode``,
-``circular``, ``detrend`` and ``channel_mask_fraction`` are static, the other hyper-parameters may be traced);
-under your own ``jax.jit`` of :func:`make_views`, make ``modality``, ``num_views`` and any of those structural
-parameters static.
+noise scales are in units of a standard deviation. The defaults keep the class recognisable on the datasets here:
+an 8x8 digit moves by at most one pixel and turns by at most 10 degrees; a 29-frame vowel (modality ``sequence``,
+:data:`SEQUENCE_VIEWS`) is cropped to 80-100% of its length, shifted by up to 10% of it, scaled by 0.8-1.2, gets
+noise of 0.2 standard deviations and loses up to 10% of it to a time mask. A 40-sample MNIST-1D signal (modality
+``signal``) gets other views, :data:`SIGNAL_VIEWS`: the dataset's own nuisances, which are what a self-supervised
+encoder must learn to ignore. MNIST-1D draws each signal from its digit's template with a circular translation of
+up to 2/3 of its length and a random linear shear, so its views lose their own offset and trend for random ones and
+are rotated circularly by any amount (the mnist1d authors' SimCLR notebook does the same with rotations of up to
+1/4); the vowel views' crop and amplitude scaling are left out. Measured with ``experiments/simclr_mnist1d.py``
+(validation split, SimCLR, 1000 steps, seed 0): the linear probe reads 66% of the validation signals with the vowel
+views and 92% with these. The three ``augment_*`` functions are jitted (``max_shift``, ``cutout_size``,
+``fill_mode``, ``circular``, ``detrend`` and ``channel_mask_fraction`` are static, the other hyper-parameters may
+be traced); under your own ``jax.jit`` of :func:`make_views`, make ``modality``, ``num_views`` and any of those
+structural parameters static.
 :data:`AUGMENTATIONS` names them, with each modality's defaults, for the modality table
 (:mod:`mtcl_jax.modalities`).
 
