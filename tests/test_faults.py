@@ -63,10 +63,14 @@ def test_a_lock_file_left_by_a_dead_run_is_taken_again(tmp_path):
     assert json.loads((tmp_path / workdir_lib.LOCK_FILE).read_text())["pid"] == os.getpid()
 
 
-def test_a_busy_workdir_is_one_line_and_exit_1_touching_nothing(tmp_path):
+def test_a_busy_workdir_is_one_line_and_exit_1_touching_nothing(tmp_path, tmp_path_factory):
   (tmp_path / "config.json").write_text("{}")
+  # An empty data directory: the busy workdir is reported before any dataset is prepared into it.
+  data_dir = tmp_path_factory.mktemp("unprepared_data")
   with workdir_lib.lock_workdir(tmp_path):
-    status, stdout, stderr = _main("--config", SMOKE, "--workdir", str(tmp_path), "--fresh")
+    status, stdout, stderr = _main("--config", SMOKE, "--workdir", str(tmp_path), "--fresh",
+                                   f"--config.data.data_dir={data_dir}")
+  assert list(data_dir.iterdir()) == []
   assert status == 1 and stderr.count("\n") == 1, stderr
   assert stderr.startswith(f"mtcl-run: error: {tmp_path} is in use by PID {os.getpid()} on ")
   assert stderr.endswith("; wait for it or use another --workdir\n")

@@ -212,6 +212,12 @@ def train_and_evaluate(
   with contextlib.ExitStack() as run_scope:
     stop_signals = run_scope.enter_context(_StopSignals())
 
+    # --- An existing workdir is locked first, so a busy one is reported before any dataset is prepared or read.
+    locked = workdir.is_dir()
+    if locked:
+      workdir_lib.create_workdir(workdir)  # checks that it can be written
+      run_scope.enter_context(workdir_lib.lock_workdir(workdir, enabled=writer))
+
     # --- Data and mesh.
     tasks = data.load_tasks(config.data.tasks, data_dir=config.data.data_dir)
     task_names = [task_data.task.name for task_data in tasks]
@@ -221,8 +227,9 @@ def train_and_evaluate(
     examples_per_step = sum(batcher.rows_per_step(name) for name in task_names)
 
     # --- Workdir: locked for this run before anything in it is read or written, then resumed or started.
-    workdir_lib.create_workdir(workdir)
-    run_scope.enter_context(workdir_lib.lock_workdir(workdir, enabled=writer))
+    if not locked:
+      workdir_lib.create_workdir(workdir)
+      run_scope.enter_context(workdir_lib.lock_workdir(workdir, enabled=writer))
     resume = workdir_lib.prepare_workdir(workdir, config, fresh=fresh)
 
     # --- Model, optimizer, state.
