@@ -17,6 +17,7 @@ from mtcl_jax.losses import _ntxent, _tiled
 
 import references
 from references import LABEL_PATTERNS
+from tiers import default_tier
 
 
 def reference_binary_infonce(anchor, positive, negative, temperature) -> np.ndarray:
@@ -284,7 +285,9 @@ def test_the_engine_depends_on_block_size_alone(monkeypatch):
   assert any(name in tiled_program for name in sweeps)
 
 
-@pytest.mark.parametrize("engine", ENGINES)
+# The plain engine's cases of the next two tests repeat test_matches_numpy_loop and
+# test_gradient_matches_float64_differences: the default tier runs the tiled engine's.
+@pytest.mark.parametrize("engine", default_tier(ENGINES, ["tiled"]))
 @pytest.mark.parametrize("loss", ["ntxent", "supcon"])
 @pytest.mark.parametrize("pattern", sorted(LABEL_PATTERNS))
 def test_each_engine_matches_numpy_loop(engine, loss, pattern):
@@ -299,7 +302,7 @@ def test_each_engine_matches_numpy_loop(engine, loss, pattern):
       )
 
 
-@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("engine", default_tier(ENGINES, ["tiled"]))
 @pytest.mark.parametrize("loss", ["ntxent", "supcon"])
 @pytest.mark.parametrize("pattern", ["views", "many", "singletons"])
 def test_each_engine_gradient_matches_float64_differences(engine, loss, pattern):
