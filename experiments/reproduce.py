@@ -126,9 +126,29 @@ def run_once(run: Run | regimes.RegimeRun, seed: int, *, base_config: pathlib.Pa
       return cached
     print(f"[reproduce] {run.key} seed {seed}: the cached report has another config; training again", flush=True)
   start = time.perf_counter()
+  commit = _git_commit()  # the code that trains this run, kept beside its report (see run_commits)
   report = train_and_evaluate(config, run_dir, fresh=True)
+  (run_dir / TRAINED_BY).write_text(json.dumps({"git_commit": commit}) + "\n", encoding="utf-8")
   print(f"[reproduce] {run.key} seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
   return report
+
+
+# Beside each run's report.json: the commit (``+dirty`` if tracked files differed) whose code trained it.
+TRAINED_BY = "trained_by.json"
+
+
+def run_commits(runs: Sequence[Run | regimes.RegimeRun], seeds: Sequence[int],
+                workdir: pathlib.Path) -> dict[str, int]:
+  """How many of the table's (run, seed) reports each commit trained ("not recorded" for reports cached before
+  the commit was kept). A cached report is reused while its config matches, whatever code trained it; a table
+  whose runs name several commits, or a ``+dirty`` one, mixes code versions, and its provenance says so."""
+  counts: dict[str, int] = {}
+  for run in runs:
+    for seed in seeds:
+      path = workdir / f"{run.key}_seed{seed}" / TRAINED_BY
+      commit = json.loads(path.read_text())["git_commit"] if path.exists() else "not recorded"
+      counts[commit] = counts.get(commit, 0) + 1
+  return counts
 
 
 def same_config(cached: Mapping[str, Any], config: Any) -> bool:
@@ -295,7 +315,7 @@ def _git_commit() -> str:
 
 
 def provenance(argv: Sequence[str], base_config: pathlib.Path, extra: Sequence[str],
-               runs: Sequence[Run | regimes.RegimeRun], seeds: Sequence[int]) -> dict[str, Any]:
+               runs: Sequence[Run | regimes.RegimeRun], seeds: Sequence[int], workdir: pathlib.Path) -> dict[str, Any]:
   """What a results file records of how its rows were made: enough to rerun any row's training by hand."""
   import jax
 
@@ -312,6 +332,7 @@ def provenance(argv: Sequence[str], base_config: pathlib.Path, extra: Sequence[s
       "runs": {run.key: [f"data.tasks={run.tasks}", *run.overrides] for run in runs},
       "seeds": list(seeds),
       "git_commit": _git_commit(),
+      "run_commits": run_commits(runs, seeds, workdir),
       "python": platform.python_version(),
       "platform": f"{platform.system()} {platform.machine()}, {jax.devices()[0].device_kind}",
       "versions": versions,
@@ -354,6 +375,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   run_kwargs = {"workers": args.jobs, "base_config": base, "workdir": args.workdir}
   plan = regimes.MINI if args.mini else regimes.FULL
 
+  if _git_commit().endswith("+dirty"):
+    print("[reproduce] warning: tracked files differ from the commit; runs trained now are recorded as "
+          "+dirty in the results' run_commits", flush=True)
   start = time.perf_counter()
   old_tables = [name for name in args.tables if name in TABLES]
   new_tables = [name for name in args.tables if name in (*regimes.TABLE_NAMES, *regimes.EXTRA_TABLE_NAMES)]
@@ -364,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   for name in old_tables:
     table_runs = _runs_needed([name])
     _publish(name, table_rows(name, scores, args.seeds), args,
-             provenance=provenance(argv, base, extra, table_runs, args.seeds))
+             provenance=provenance(argv, base, extra, table_runs, args.seeds, args.workdir))
 
   # The regime tables: the balancing methods are chosen first (on a validation split), then every line runs.
   selected: list[str] = []
@@ -392,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       figure = regimes.plot_interference_cosines(lines, relations, seeds, args.results_dir / FIGURES[name][0])
       print(f"figure: {figure}")
     table_runs = regimes.runs_needed([name], selected, plan)
-    _publish(name, rows, args, provenance=provenance(argv, base, regime_extra, table_runs, seeds))
+    _publish(name, rows, args, provenance=provenance(argv, base, regime_extra, table_runs, seeds, args.workdir))
   runs = len(reports) + len(regime_scores)
   print(f"\nreproduce: {runs} runs in {time.perf_counter() - start:.0f} s", flush=True)
   return 0
@@ -438,6 +462,10 @@ def render_page(name: str, markdown: str, rows: Sequence[dict[str, Any]], proven
   if versions:
     named = ", ".join(f"{package} {version}" for package, version in versions.items() if version)
     how += f" Trained with Python {provenance.get('python', '?')} on {provenance.get('platform', '?')}: {named}."
+  commits = provenance.get("run_commits", {})
+  if len(commits) > 1 or any(commit.endswith("+dirty") for commit in commits):
+    how += (" Its runs were trained by more than one code version or a modified checkout (run_commits in the "
+            "results file): " + ", ".join(f"{count} by {commit}" for commit, count in commits.items()) + ".")
   lines = [f"# {title}", "",
            f"<!-- Written by experiments/reproduce.py from experiments/results/{name}.json; do not edit. -->", "",
            what, "", how, ""]

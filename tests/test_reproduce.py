@@ -167,6 +167,10 @@ def test_mini_regime_table_trains_selects_and_writes_its_rows(tmp_path):
   assert all("p_value" not in row for row in rows)  # one seed: no test
   report = json.loads((tmp_path / "balancing_selection_uw_seed0" / "report.json").read_text())
   assert report["run"]["evaluated_on"].startswith("validation")
+  # Every run of the table was trained in this invocation, so all by the checkout's code, and the file says so.
+  provenance = tables.load_provenance(tmp_path / "results" / "interference.json")
+  runs = len(provenance["runs"]) * len(provenance["seeds"])
+  assert runs > 0 and provenance["run_commits"] == {provenance["git_commit"]: runs}
 
 
 def test_a_cached_run_counts_when_only_keys_added_since_hold_their_default():
