@@ -302,12 +302,17 @@ PROVENANCE_PACKAGES = ("mtcl_jax", "jax", "jaxlib", "flax", "optax", "orbax-chec
                        "scipy", "tensorflow-datasets", "mnist1d", "aeon")
 
 
+# The tracked files whose changes change what a run trains. The results and pages this script writes while it runs
+# (and docs, README, BUILD.md) are not among them, so a long reproduction does not mark its own later runs dirty.
+CODE_PATHS = ("mtcl_jax", "experiments", ":(exclude)experiments/results", "pyproject.toml")
+
+
 def _git_commit() -> str:
-  """The checkout's commit, with ``+dirty`` when tracked files differ from it ("unknown" outside git)."""
+  """The checkout's commit, with ``+dirty`` when tracked code (CODE_PATHS) differs from it ("unknown" outside git)."""
   try:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
                             check=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS], cwd=REPO,
                            capture_output=True, text=True, check=True).stdout.strip()
   except (OSError, subprocess.CalledProcessError):
     return "unknown"
@@ -376,7 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   plan = regimes.MINI if args.mini else regimes.FULL
 
   if _git_commit().endswith("+dirty"):
-    print("[reproduce] warning: tracked files differ from the commit; runs trained now are recorded as "
+    print("[reproduce] warning: tracked code differs from the commit; runs trained now are recorded as "
           "+dirty in the results' run_commits", flush=True)
   start = time.perf_counter()
   old_tables = [name for name in args.tables if name in TABLES]

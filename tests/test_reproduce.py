@@ -222,3 +222,28 @@ def test_interference_cosine_rows_are_the_last_quarter_means_of_the_logged_matri
   with_term = {row["method"] for row in rows if row["dataset"] == regimes.COSINE_CONTRASTIVE}
   assert with_term == {method.name for method, _, _ in lines if "SupCon" in method.name}
   assert regimes.plot_interference_cosines(lines, relations, seeds, tmp_path / "c.png").stat().st_size > 10_000
+
+
+def test_git_commit_is_dirty_only_when_code_changed(tmp_path, monkeypatch):
+  # The results and pages a reproduction writes while it runs must not mark its later runs +dirty; code must.
+  import subprocess
+
+  reproduce = _reproduce_module()
+  for name in ("mtcl_jax/core.py", "experiments/regimes.py", "experiments/results/scarcity.json", "README.md",
+               "docs/results/scarcity.md"):
+    (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / name).write_text("0\n")
+  git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+  subprocess.run([*git, "init", "-q"], check=True)
+  subprocess.run([*git, "add", "-A"], check=True)
+  subprocess.run([*git, "commit", "-q", "-m", "x"], check=True)
+  head = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+  monkeypatch.setattr(reproduce, "REPO", tmp_path)
+  for name in ("experiments/results/scarcity.json", "README.md", "docs/results/scarcity.md"):
+    (tmp_path / name).write_text("1\n")
+  assert reproduce._git_commit() == head
+  for name in ("experiments/regimes.py", "mtcl_jax/core.py"):
+    (tmp_path / name).write_text("1\n")
+    assert reproduce._git_commit() == head + "+dirty"
+    subprocess.run([*git, "checkout", "-q", "--", name], check=True)
+  assert reproduce._git_commit() == head
