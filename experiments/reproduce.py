@@ -133,7 +133,7 @@ def run_once(run: Run | regimes.RegimeRun, seed: int, *, base_config: pathlib.Pa
   return report
 
 
-# Beside each run's report.json: the commit (``+dirty`` if tracked files differed) whose code trained it.
+# Beside each run's report.json: the commit (``+dirty`` if tracked code differed, see CODE_PATHS) whose code trained it.
 TRAINED_BY = "trained_by.json"
 
 
