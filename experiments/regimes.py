@@ -24,6 +24,11 @@ tables train where the answer is not saturated:
   ``multi_digits`` (the term: per-task SupCon) and on the three-modality model at 10% labels (SupCon over
   task × class), the term on each task's own features (``contrastive.features=task``); Δm against single-task CE
   (one hps model per task). "multi-task CE (static)" is hps, the baseline of the p-values.
+* ``scarcity_affinity`` (not in the default reproduction): the scarcity table's multi-task CE, + SupCon over
+  task × class, the contrastive semi-supervised line, FixMatch and both at 1% and 5% labels, each logging the
+  cosines of its objectives' gradients of the shared encoder (``mtl.affinity_every=20``): does the contrastive
+  term change how the three tasks' gradients relate where it helps, and does each task's agreement with it
+  tell the tasks it helps from the one it hurts?
 * ``balancing_selection``: every balancing method with SupCon at 10% labels, seed 0, scored on a validation
   split held out of the training rows (``data.validation_fraction=0.2``): the test split is never read for the
   choice. The two best by mean validation head accuracy are the balancing methods of the tables above.
@@ -65,7 +70,7 @@ SINGLE = "single-task CE"
 
 TABLE_NAMES = ("balancing_selection", "scarcity", "interference")
 # Not in the default reproduction (~50 min more at --jobs 2): the scarcity table's key lines trained 5x longer.
-EXTRA_TABLE_NAMES = ("budget", "interference_architectures", "scarcity_architectures")
+EXTRA_TABLE_NAMES = ("budget", "interference_architectures", "scarcity_architectures", "scarcity_affinity")
 ARCHITECTURES = ("hps", "cross_stitch", "mmoe", "cgc", "ple", "dselect_k")
 # The interference runs log how their objectives' gradients relate (mtcl_jax.train.affinity), every 20 steps.
 INTERFERENCE_AFFINITY = ("mtl.affinity_every=20",)
@@ -78,6 +83,7 @@ class Plan:
   fractions: tuple[float, ...] = (0.01, 0.05, 0.1, 1.0)
   balancing_fractions: tuple[float, ...] = (0.1,)
   budget_fractions: tuple[float, ...] = (0.01, 0.05)
+  affinity_fractions: tuple[float, ...] = (0.01, 0.05)
   architecture_fraction: float = 0.1
   architectures: tuple[str, ...] = ARCHITECTURES
   selection_candidates: tuple[str, ...] | None = None  # None: every method in mtcl_jax.mtl.METHODS but static
@@ -85,7 +91,7 @@ class Plan:
 
 FULL = Plan()
 MINI = Plan(fractions=(0.05, 1.0), balancing_fractions=(0.05,), budget_fractions=(0.05,),
-            selection_candidates=("ew", "uw"), architecture_fraction=0.05,
+            affinity_fractions=(0.05,), selection_candidates=("ew", "uw"), architecture_fraction=0.05,
             architectures=("hps", "mmoe"))  # --mini
 
 
@@ -178,7 +184,8 @@ def _spec(tasks: Sequence[str]) -> str:
 
 def _runs_of(table: str, method: Method, fraction: float, tasks: Sequence[str]) -> dict[str | None, RegimeRun]:
   """``{task: run}`` for a single-task method, ``{None: run}`` otherwise."""
-  affinity_logging = INTERFERENCE_AFFINITY if table.startswith("interference") else ()
+  logs_affinity = table.startswith("interference") or (table == "scarcity_affinity" and not method.single)
+  affinity_logging = INTERFERENCE_AFFINITY if logs_affinity else ()
   overrides = (*REGIME_BUDGET, *affinity_logging, *method.overrides, f"data.label_fraction={fraction}")
   stem = f"{table}_{_slug(method.name)}_f{fraction:g}"
   if not method.single:
@@ -222,6 +229,10 @@ def table_plan(table: str, selected: Sequence[str], plan: Plan = FULL
   if table == "budget":
     return [(method, fraction, _runs_of(table, method, fraction, JOINT_TASKS))
             for fraction in plan.budget_fractions for method in budget_methods()]
+  if table == "scarcity_affinity":
+    methods = [*core_methods(False, False), Method(SEMI_LINE, SEMI), *semi_supervised_controls()]
+    return [(method, fraction, _runs_of(table, method, fraction, JOINT_TASKS))
+            for fraction in plan.affinity_fractions for method in methods]
   if table == "interference_architectures":
     methods = architecture_methods(plan.architectures, PER_TASK_SUPCON, "per-task SupCon")
     return [(method, 1.0, _runs_of(table, method, 1.0, INTERFERENCE_TASKS)) for method in methods]
@@ -291,6 +302,8 @@ def table_rows(table: str, scores: Mapping[tuple[str, int], Mapping[str, Any]], 
   rows += _paired_differences(lines, rows, seeds)
   if table.startswith("interference") and relations:
     rows += _cosine_rows(lines, relations, seeds, baseline_method, baseline_of[1.0])
+  if table == "scarcity_affinity" and relations:
+    rows += task_cosine_rows(lines, relations, seeds, JOINT_TASKS)
   return rows
 
 
@@ -345,6 +358,92 @@ def _cosine_rows(lines: Sequence[tuple[Method, float, Any]], relations: Mapping[
         p_value = metrics.paired_p_value(values, [summary[measure] for summary in reference])
       rows.append(tables.summary_row(measure, label, "gradient_cosine", values, seeds, p_value=p_value))
   return rows
+
+
+ENTRY_LABELS = {"contrastive": "the contrastive term", "pseudo_labels": "the pseudo-label term"}
+
+
+def task_cosine_rows(lines: Sequence[tuple[Method, float, Any]], relations: Mapping[tuple[str, int], Any],
+                     seeds: Sequence[int], tasks: Sequence[str]) -> list[dict[str, Any]]:
+  """``gradient_cosine`` rows of a table of several tasks, each over the last quarter of training: every pair of
+  tasks' CE (p: a paired t-test across seeds against multi-task CE at the same fraction), then each task's CE with
+  each other entry of the objective vector (the contrastive term, the pseudo-label term)."""
+  def summaries(runs: Mapping[str | None, RegimeRun]) -> list[tuple[list[str], np.ndarray]] | None:
+    found = [relations.get((runs[None].key, seed)) for seed in seeds]
+    if any(relation is None for relation in found):
+      return None
+    return [(list(relation["names"]), _last_quarter_cosines(relation)) for relation in found]
+
+  reference = {fraction: summaries(runs) for method, fraction, runs in lines if method.name == BASELINE}
+  pairs = [(a, b) for i, a in enumerate(tasks) for b in tasks[i + 1:]]
+  rows = []
+  for method, fraction, runs in lines:
+    per_seed = None if method.single else summaries(runs)
+    if per_seed is None:
+      continue
+    at = f" @ {_percent(fraction)} labels"
+    for a, b in pairs:
+      values = [float(mean[names.index(a), names.index(b)]) for names, mean in per_seed]
+      p_value = None
+      if method.name != BASELINE and reference.get(fraction) is not None:
+        base = [float(mean[names.index(a), names.index(b)]) for names, mean in reference[fraction]]
+        p_value = metrics.paired_p_value(values, base)
+      rows.append(tables.summary_row(f"cosine of {a} CE with {b} CE{at}", method.name, "gradient_cosine", values,
+                                     seeds, p_value=p_value))
+    for entry, label in ENTRY_LABELS.items():
+      if entry not in per_seed[0][0]:
+        continue
+      for task in tasks:
+        values = [float(mean[names.index(task), names.index(entry)]) for names, mean in per_seed]
+        rows.append(tables.summary_row(f"cosine of {task} CE with {label}{at}", method.name, "gradient_cosine",
+                                       values, seeds))
+  return rows
+
+
+def plot_cosine_matrices(lines: Sequence[tuple[Method, float, Any]], relations: Mapping[tuple[str, int], Any],
+                         seeds: Sequence[int], path: pathlib.Path) -> pathlib.Path | None:
+  """One heatmap per multi-task line and fraction: the cosine matrix of the objectives' gradients of the shared
+  encoder over the last quarter of training, mean over the seeds."""
+  panels = []
+  for method, fraction, runs in lines:
+    if method.single:
+      continue
+    found = [relations.get((runs[None].key, seed)) for seed in seeds]
+    if any(relation is None for relation in found):
+      continue
+    matrix = np.mean([_last_quarter_cosines(relation) for relation in found], axis=0)
+    panels.append((method.name, fraction, list(found[0]["names"]), matrix))
+  if not panels:
+    return None
+  fractions = sorted({fraction for _, fraction, _, _ in panels})
+  columns = max(sum(1 for panel in panels if panel[1] == fraction) for fraction in fractions)
+  figure = Figure(figsize=(3.3 * columns, 3.4 * len(fractions)), layout="constrained")
+  axes = figure.subplots(len(fractions), columns, squeeze=False)
+  used = set()
+  image = None
+  for row, fraction in enumerate(fractions):
+    for column, (name, _, names, matrix) in enumerate(panel for panel in panels if panel[1] == fraction):
+      axis = axes[row][column]
+      used.add((row, column))
+      image = axis.imshow(matrix, vmin=-1.0, vmax=1.0, cmap="RdBu_r")
+      short = [ENTRY_LABELS.get(entry, entry).removeprefix("the ").removesuffix(" term") for entry in names]
+      axis.set_xticks(range(len(names)), labels=short, rotation=45, ha="right", fontsize=7)
+      axis.set_yticks(range(len(names)), labels=short, fontsize=7)
+      for i in range(len(names)):
+        for j in range(len(names)):
+          axis.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                    color="white" if abs(matrix[i, j]) > 0.6 else "black")
+      title = name if len(name) <= 40 else name[:38] + "…"
+      axis.set_title(f"{title}\n{_percent(fraction)} labels", fontsize=7)
+  for row in range(len(fractions)):
+    for column in range(columns):
+      if (row, column) not in used:
+        axes[row][column].set_axis_off()
+  figure.colorbar(image, ax=axes, shrink=0.6, label="gradient cosine (last quarter of training)")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  FigureCanvasAgg(figure)
+  figure.savefig(path, dpi=110)
+  return path
 
 
 def plot_interference_cosines(lines: Sequence[tuple[Method, float, Any]],

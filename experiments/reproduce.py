@@ -269,6 +269,12 @@ PAGES: dict[str, tuple[str, str]] = {
         "Each `model.architecture` on digits, JapaneseVowels and MNIST-1D at 10% of the labels (200 steps), with "
         "multi-task CE and with SupCon over task × class on each task's own features (`contrastive.features="
         "task`); p-values and Δm as in the interference page.")),
+    "scarcity_affinity": ("How the three tasks' gradients relate under label scarcity", (
+        "The label-scarcity table's multi-task lines at 1% and 5% labels (200 steps; single-task CE for Δm), each "
+        "logging the cosines of its objectives' gradients of the shared encoder every 20 steps "
+        "(`mtl.affinity_every=20`); the *cosine* rows are means over the last quarter of training, the task pairs' "
+        "with a paired t-test across seeds against multi-task CE at the same fraction. Accuracy rows and p-values "
+        "as in the label-scarcity table (these are separate runs of the same configurations).")),
     "balancing_selection": ("Choosing the balancing methods (validation split)", (
         "Every balancing method with SupCon at 10% labels, scored on a validation split held out of the training "
         "rows (`data.validation_fraction=0.2`); the two best by mean head accuracy, marked *(selected)*, are the "
@@ -279,6 +285,9 @@ FIGURES = {"scarcity": ("scarcity_accuracy.png", (
            "interference": ("interference_cosines.png", (
     "The cosine of the two heads' cross-entropy gradients of the shared encoder over training, per line, mean "
     "over the seeds (logged every 20 steps, mtl.affinity_every=20)")),
+           "scarcity_affinity": ("scarcity_affinity_cosines.png", (
+    "The cosine matrix of the objectives' gradients of the shared encoder (three tasks' CE, the contrastive and "
+    "the pseudo-label term where the line has them), last quarter of training, mean over the seeds")),
            "interference_architectures": ("interference_architectures_cosines.png", (
     "The cosine of the two heads' cross-entropy gradients of the shared parameters over training, per "
     "architecture and line, mean over the seeds (mtl.affinity_every=20)"))}
@@ -416,6 +425,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = regimes.table_rows(name, regime_scores, seeds, selected, plan, relations=relations)
     if name == "scarcity":
       print(f"figure: {regimes.plot_label_fractions(rows, args.results_dir / FIGURES[name][0])}")
+    if name == "scarcity_affinity":
+      lines = regimes.table_plan(name, selected, plan)
+      print(f"figure: {regimes.plot_cosine_matrices(lines, relations, seeds, args.results_dir / FIGURES[name][0])}")
     if name.startswith("interference"):
       lines = regimes.table_plan(name, selected, plan)
       figure = regimes.plot_interference_cosines(lines, relations, seeds, args.results_dir / FIGURES[name][0])

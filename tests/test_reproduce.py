@@ -247,3 +247,49 @@ def test_git_commit_is_dirty_only_when_code_changed(tmp_path, monkeypatch):
     assert reproduce._git_commit() == head + "+dirty"
     subprocess.run([*git, "checkout", "-q", "--", name], check=True)
   assert reproduce._git_commit() == head
+
+
+def test_scarcity_affinity_rows_are_each_pair_and_each_task_with_each_term_over_the_last_quarter(tmp_path):
+  regimes = _regimes_module()
+  seeds, tasks = [0, 1, 2], regimes.JOINT_TASKS
+  lines = regimes.table_plan("scarcity_affinity", [])
+  assert {fraction for _, fraction, _ in lines} == {0.01, 0.05}
+  for method, _, runs in lines:  # the multi-task runs log the cosines; the single-task ones have one objective
+    for run in runs.values():
+      assert ("mtl.affinity_every=20" in run.overrides) == (not method.single), run.key
+  scores, relations, expected = {}, {}, {}
+  rng = np.random.default_rng(1)
+  for method, fraction, runs in lines:
+    for run in runs.values():
+      for seed in seeds:
+        scores[(run.key, seed)] = _fake_report({task: 50.0 + seed + index for index, task in enumerate(tasks)})
+        if method.single:
+          continue
+        names = [*tasks, *(["contrastive"] if "SupCon" in method.name else []),
+                 *(["pseudo_labels"] if "FixMatch" in method.name else [])]
+        matrices = rng.uniform(-1, 1, size=(12, len(names), len(names)))
+        matrices = (matrices + matrices.transpose(0, 2, 1)) / 2
+        relations[(run.key, seed)] = {"names": names, "steps": list(range(20, 241, 20)), "cosine": matrices.tolist()}
+        expected[(method.name, fraction, seed)] = (names, matrices[-3:].mean(axis=0))  # the last quarter of 12 steps
+  rows = regimes.table_rows("scarcity_affinity", scores, seeds, [], relations=relations)
+  cosine = [row for row in rows if row["metric"] == "gradient_cosine"]
+  by_cell = {(row["dataset"], row["method"]): row for row in cosine}
+  assert all(regimes.SINGLE != row["method"] for row in cosine)
+  for method, fraction, _ in lines:
+    if method.single:
+      continue
+    names, _ = expected[(method.name, fraction, 0)]
+    at = f" @ {fraction * 100:g}% labels"
+    pair = by_cell[(f"cosine of digits CE with mnist1d CE{at}", method.name)]
+    np.testing.assert_allclose(pair["values"], [expected[(method.name, fraction, seed)][1][0, 2] for seed in seeds],
+                               atol=1e-4)
+    assert ("p_value" in pair) == (method.name != regimes.BASELINE)
+    for entry, label in regimes.ENTRY_LABELS.items():
+      row = by_cell.get((f"cosine of japanese_vowels CE with {label}{at}", method.name))
+      assert (row is not None) == (entry in names), (method.name, entry)
+      if row is not None:
+        np.testing.assert_allclose(row["values"], [expected[(method.name, fraction, seed)][1][1, names.index(entry)]
+                                                   for seed in seeds], atol=1e-4)
+  per_line = 3 + 3 * 2  # three pairs, each task with up to two terms
+  assert len(cosine) <= per_line * sum(1 for method, _, _ in lines if not method.single)
+  assert regimes.plot_cosine_matrices(lines, relations, seeds, tmp_path / "m.png").stat().st_size > 10_000
