@@ -37,6 +37,7 @@ import multiprocessing
 import os
 import pathlib
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -468,6 +469,8 @@ def render_page(name: str, markdown: str, rows: Sequence[dict[str, Any]], proven
   title, what = PAGES[name]
   seeds = sorted({seed for row in rows for seed in row["seeds"]})
   command = provenance.get("command", f"python experiments/reproduce.py --tables {name}")
+  # The run cache's location is the machine's, not the table's: the page names the command without it.
+  command = re.sub(r" --workdir(=| )\S+", "", command)
   if tables.has_values(rows):
     kept = "with every row's per-seed values and each run's overrides"
   else:
