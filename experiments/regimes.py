@@ -360,6 +360,13 @@ def _cosine_rows(lines: Sequence[tuple[Method, float, Any]], relations: Mapping[
   return rows
 
 
+def _logged_relations(runs: Mapping[str | None, RegimeRun], relations: Mapping[tuple[str, int], Any],
+                      seeds: Sequence[int]) -> list[Any] | None:
+  """The ``task_affinity`` of a multi-task line's run at every seed, or None if a seed did not log one."""
+  found = [relations.get((runs[None].key, seed)) for seed in seeds]
+  return None if any(relation is None for relation in found) else found
+
+
 ENTRY_LABELS = {"contrastive": "the contrastive term", "pseudo_labels": "the pseudo-label term"}
 
 
@@ -369,10 +376,9 @@ def task_cosine_rows(lines: Sequence[tuple[Method, float, Any]], relations: Mapp
   tasks' CE (p: a paired t-test across seeds against multi-task CE at the same fraction), then each task's CE with
   each other entry of the objective vector (the contrastive term, the pseudo-label term)."""
   def summaries(runs: Mapping[str | None, RegimeRun]) -> list[tuple[list[str], np.ndarray]] | None:
-    found = [relations.get((runs[None].key, seed)) for seed in seeds]
-    if any(relation is None for relation in found):
-      return None
-    return [(list(relation["names"]), _last_quarter_cosines(relation)) for relation in found]
+    found = _logged_relations(runs, relations, seeds)
+    return None if found is None else [(list(relation["names"]), _last_quarter_cosines(relation))
+                                       for relation in found]
 
   reference = {fraction: summaries(runs) for method, fraction, runs in lines if method.name == BASELINE}
   pairs = [(a, b) for i, a in enumerate(tasks) for b in tasks[i + 1:]]
@@ -408,8 +414,8 @@ def plot_cosine_matrices(lines: Sequence[tuple[Method, float, Any]], relations: 
   for method, fraction, runs in lines:
     if method.single:
       continue
-    found = [relations.get((runs[None].key, seed)) for seed in seeds]
-    if any(relation is None for relation in found):
+    found = _logged_relations(runs, relations, seeds)
+    if found is None:
       continue
     matrix = np.mean([_last_quarter_cosines(relation) for relation in found], axis=0)
     panels.append((method.name, fraction, list(found[0]["names"]), matrix))
