@@ -274,6 +274,17 @@ def test_checked_mode_reports_a_traced_hyperparameter_at_or_below_zero(name):
 
 
 @pytest.mark.parametrize("name", sorted(BY_HYPERPARAMETER))
+def test_unchecked_losses_trace_no_effect_and_checked_ones_do(name):
+  # An effect (even a dropped debug_check's) takes jax.jit off its C++ dispatch path: a cost on every call.
+  _, _, loss_fn = BY_HYPERPARAMETER[name]
+  step = jax.value_and_grad(loss_fn, argnums=(0, 1))
+  assert not jax.make_jaxpr(step)(jnp.asarray(Z), jnp.float32(0.3)).effects
+  traced = []
+  losses.checked(lambda *args: traced.append(jax.make_jaxpr(step)(*args)))(jnp.asarray(Z), jnp.float32(0.3))
+  assert traced[0].effects
+
+
+@pytest.mark.parametrize("name", sorted(BY_HYPERPARAMETER))
 def test_checked_mode_changes_no_value_or_gradient_of_valid_input(name):
   _, _, loss_fn = BY_HYPERPARAMETER[name]
   value_and_grad = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1)))
