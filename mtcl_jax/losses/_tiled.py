@@ -395,9 +395,14 @@ def _gradient_tile(coupling_fn: Callable[[_Tile, Any, Any], jax.Array], matmul_d
       )
 
     def same_rows(grads: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-      # Both sides are the same rows: one product with G + Gᵀ instead of two.
+      # Both sides are the same rows: both products land on the anchors. Two products, not one with G + Gᵀ:
+      # materialising the transpose cost more than the second product (0.47 ms against 0.27 ms at 512 rows on
+      # CPU), and dot_general reads Gᵀ in place.
       anchor_grad, column_grad = grads
-      return anchor_grad + _common.dot(coupling + coupling.T, tile.anchor.embeddings, matmul_dtype), column_grad
+      embeddings = tile.anchor.embeddings
+      product = _common.dot(coupling, embeddings, matmul_dtype)
+      transposed_product = _common.dot(coupling, embeddings, matmul_dtype, transpose_a=True)
+      return anchor_grad + product + transposed_product, column_grad
 
     grads = (anchor.grad, column.grad)
     if isinstance(tile.diagonal, bool):
