@@ -19,8 +19,10 @@ LABEL_PATTERNS = {
 }
 # (loss, label pattern, rows, block_size): blocks that divide the rows and blocks that do not, one block larger
 # than the batch, one-row blocks; each label pattern at least once per loss (in the default tier: each pattern once).
+# A sweep over at most _tiled._UNROLLED_TILES tiles is unrolled at trace time, a longer one a loop: both run here.
 CASES = [
     ("ntxent", "views", 37, 8),
+    ("ntxent", "classes", 16, 8),  # two blocks, three tiles: unrolled, the NT-Xent form
     ("ntxent", "classes", 20, 64),
     pytest.param(*("ntxent", "distinct", 24, 8), marks=pytest.mark.slow),  # distinct: test_losses_softmax
     ("ntxent", "equal", 7, 1),
@@ -33,7 +35,7 @@ CASES = [
     ("supcon", "singletons", 7, 1),
     ("supcon", "huge_labels", 24, 8),
 ]
-CLIP_SHAPES = [(37, 8), (20, 64), (7, 1)]
+CLIP_SHAPES = [(37, 8), (20, 64), (7, 1), (12, 6)]  # (12, 6): four tiles, unrolled
 
 
 def _unit_rows(seed: int, rows: int, dim: int = 16) -> np.ndarray:
@@ -203,3 +205,12 @@ def test_clip_block_size_covering_the_batch_is_one_tile_with_the_plain_value():
   np.testing.assert_allclose(one_tile[0], plain[0], rtol=1e-6)
   for got, expected in zip(one_tile[1], plain[1], strict=True):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("rows", "unrolled"), [(16, True), (37, False)])
+def test_a_sweep_over_few_tiles_is_unrolled_and_over_many_a_loop(rows, unrolled):
+  # 8-row blocks: 16 rows are 3 tiles of the symmetric layout (<= _UNROLLED_TILES), 37 rows are 15.
+  z, labels = _unit_rows(0, rows), jnp.asarray(np.arange(rows) % 4, jnp.int32)
+  program = str(jax.make_jaxpr(jax.value_and_grad(lambda x: _tiled.supcon_tiled(x, labels, 0.2, 8)))(z))
+  has_loop = "scan[" in program or "while[" in program  # fori_loop with static bounds traces to a scan
+  assert has_loop != unrolled

@@ -1,11 +1,12 @@
 """Tiled contrastive losses: the similarity matrix is visited in block × block tiles and never stored whole.
 
 Each loss here is a sum over anchors of a term built from log-sum-exps over the anchor's row of the logit matrix
-``L = A Cᵀ / τ``. A sweep visits the tiles of ``L`` in a ``fori_loop`` and folds each tile into per-row running
-statistics: the online log-sum-exp of FlashAttention keeps a running max and a running sum rescaled whenever the
-max grows. The derivative is a ``jax.custom_jvp`` whose rule runs a second, gradient sweep from the inputs and
-those per-row statistics, recomputing every tile, so memory is O(block² + N·D) both ways; its tangent is linear in
-the input tangents, so ``jax.grad``, ``jax.jvp`` and ``jax.vmap`` of it all work.
+``L = A Cᵀ / τ``. A sweep visits the tiles of ``L`` in a ``fori_loop`` (a Python loop at trace time when they are few)
+and folds each tile into per-row running statistics: the online log-sum-exp of FlashAttention keeps a running max
+and a running sum rescaled whenever the max grows. The derivative is a ``jax.custom_jvp`` whose rule runs a second,
+gradient sweep from the inputs and those per-row statistics, recomputing every tile, so memory is O(block² + N·D)
+both ways; its tangent is linear in the input tangents, so ``jax.grad``, ``jax.jvp`` and ``jax.vmap`` of it all
+work.
 
 Three layouts share the tile code:
 
@@ -44,6 +45,8 @@ from mtcl_jax.losses._common import MASK_VALUE
 # exp() of a logit minus its row's log-sum-exp is at most 1 where the mask is 1; the cap keeps it finite (so that
 # 0 · exp stays 0) where the mask is 0 and the row's log-sum-exp is about MASK_VALUE.
 _EXP_CAP = 60.0
+# A sweep over at most this many tiles is unrolled at trace time (compile time grows with the count).
+_UNROLLED_TILES = 6
 
 # ---------------------------------------------------------------------------------------------------------------
 # Rows cut into blocks, and the layout of a sweep.
@@ -255,29 +258,42 @@ def _local_sweep(
     anchor_order, column_order = np.triu_indices(num_anchor_blocks)
   else:
     anchor_order, column_order = np.divmod(np.arange(num_anchor_blocks * num_column_blocks), num_column_blocks)
-  anchor_ids, column_ids = jnp.asarray(anchor_order, jnp.int32), jnp.asarray(column_order, jnp.int32)
 
-  def visit(t: jax.Array, carry: tuple[Any, Any]) -> tuple[Any, Any]:
+  def visit_tile(i, k, mirror_here, diagonal, *, carry: tuple[Any, Any]) -> tuple[Any, Any]:
     anchor_state, column_state = carry
-    i, k = anchor_ids[t], column_ids[t]
     anchor, column = anchors.block(i), columns.block(k)
     if single_tile_logits is None:
       logits = _tile_logits(anchor, column, inv_temperature, matmul_dtype)
     else:
       logits = single_tile_logits
-    mirror_here: float | jax.Array
-    diagonal: bool | jax.Array
-    if not symmetric:
-      mirror_here, diagonal = float(mirror), False
-    elif num_anchor_blocks == 1:
-      mirror_here, diagonal = 0.0, True
-    else:
-      # A diagonal tile of the symmetric layout holds both directions of each of its pairs already.
-      mirror_here, diagonal = (i != k).astype(jnp.float32), i == k
     anchor_block, column_block = tile_fn(
         _Tile(anchor, column, logits, mirror_here, diagonal), _take(anchor_state, i), _take(column_state, k)
     )
     return _put(anchor_state, anchor_block, i), _put(column_state, column_block, k)
+
+  def roles(i, k) -> tuple[float | jax.Array, bool | jax.Array]:
+    """(mirror, diagonal) of tile (i, k): Python values for Python block indices, arrays for traced ones."""
+    if not symmetric:
+      return float(mirror), False
+    if num_anchor_blocks == 1:
+      return 0.0, True
+    # A diagonal tile of the symmetric layout holds both directions of each of its pairs already.
+    if isinstance(i, int):
+      return float(i != k), i == k
+    return (i != k).astype(jnp.float32), i == k
+
+  if len(anchor_order) <= _UNROLLED_TILES:
+    # Few tiles: visited in a Python loop, each with its position and role static, so XLA sees plain slices and
+    # no select on the role (2N = 1024 in 512-row tiles, 3 tiles: 7.4 -> 5.6 ms for value and gradient on CPU).
+    for i, k in zip(anchor_order.tolist(), column_order.tolist(), strict=True):
+      carry = visit_tile(i, k, *roles(i, k), carry=carry)
+    return carry
+
+  anchor_ids, column_ids = jnp.asarray(anchor_order, jnp.int32), jnp.asarray(column_order, jnp.int32)
+
+  def visit(t: jax.Array, carry: tuple[Any, Any]) -> tuple[Any, Any]:
+    i, k = anchor_ids[t], column_ids[t]
+    return visit_tile(i, k, *roles(i, k), carry=carry)
 
   return lax.fori_loop(0, anchor_ids.shape[0], visit, carry)
 
