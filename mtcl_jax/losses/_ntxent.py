@@ -15,9 +15,10 @@ row's competitors, the NT-Xent pair terms, SupCon's per-anchor total); the plain
 matrix as a single tile. Two forms of that math:
 
 * SupCon form: per anchor with positives, ``ALL_i − mean_{p ∈ P(i)} l_ip``, ALL_i the log-sum-exp of the logits
-  over every other row. The positives enter linearly; the plain version takes their share-weighted total from
-  per-label sums of the embeddings (:func:`_positive_total`), O(N · dim), instead of an [N, N] mask, with a
-  closed-form jvp (jnp code, differentiable again) so that its backward is elementwise, not a scatter.
+  over every other row. The positives enter linearly; both engines (on one device) take their share-weighted total
+  from per-label sums of the embeddings (:func:`mtcl_jax.losses._tiled.positive_total`), O(N · dim), instead of an
+  [N, N] mask, with a closed-form jvp (jnp code, differentiable again) so that its backward is elementwise, not a
+  scatter; only ALL_i needs the matrix or its tiles.
 * NT-Xent form: per ordered positive pair, ``softplus(NEG_i − l_ij)``, NEG_i the log-sum-exp over i's negatives.
 
 When no anchor has more than one positive (two views per item, the common case) the two are equal: the positive
@@ -34,7 +35,6 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
@@ -59,35 +59,6 @@ def _prepare(
 _SUPCON, _NTXENT = "supcon", "ntxent"  # the two forms
 
 
-def _positive_partners(z: jax.Array, label_ids: jax.Array) -> jax.Array:
-  """``Σ_{j ∈ P(i)} z_j`` for every row: its label's sum of rows, less itself. O(N · dim), off the [N, N] matrix.
-
-  Args:
-    z: ``[N, dim]`` rows.
-    label_ids: ``[N]`` int32 dense label ids in ``[0, N)`` (:func:`mtcl_jax.losses._common.label_stats`).
-  """
-  return jax.ops.segment_sum(z, label_ids, num_segments=z.shape[0])[label_ids] - z
-
-
-@jax.custom_jvp
-def _positive_total(z: jax.Array, label_ids: jax.Array, positive_share: jax.Array) -> jax.Array:
-  """``Σ_i share_i Σ_{j ∈ P(i)} z_i · z_j``, a float32 scalar, for a ``positive_share`` equal across each label.
-
-  The pairs count both ways with equal weights, so the derivative is ``2 share_i Σ_{j ∈ P(i)} z_j`` per row, from
-  the forward's partner sums: no second pass over the labels (autodiff would transpose the segment sum into a
-  scatter and its gather into another). The rule is jnp code, so it is differentiable again.
-  """
-  return jnp.sum(positive_share * jnp.sum(z * _positive_partners(z, label_ids), axis=1))
-
-
-@_positive_total.defjvp
-def _positive_total_jvp(primals, tangents):
-  z, label_ids, positive_share = primals
-  z_tangent = tangents[0]
-  gradient = 2.0 * positive_share[:, None] * _positive_partners(z, label_ids)
-  return jnp.sum(0.5 * gradient * z), jnp.sum(gradient * z_tangent)
-
-
 def _plain_form(form: str, matmul_dtype, z, labels, label_ids, num_positives, temperature) -> jax.Array:
   """The loss in ``form`` over the whole matrix of rows ``z``, as jnp code for autodiff."""
   # 1/τ scales z, not the [N, N] logits.
@@ -95,7 +66,7 @@ def _plain_form(form: str, matmul_dtype, z, labels, label_ids, num_positives, te
   if form == _SUPCON:
     other, _ = _tiled.supcon_masks(tile)
     has_positive, positive_share = _tiled.supcon_weights(num_positives)
-    positive_total = _positive_total(z, label_ids, lax.stop_gradient(positive_share)) / temperature
+    positive_total = _tiled.positive_total(z, label_ids, lax.stop_gradient(positive_share)) / temperature
     total, count = _tiled.supcon_totals(_tiled.row_lse(tile, other), positive_total, has_positive)
   else:
     negative, positive = _tiled.ntxent_masks(tile)

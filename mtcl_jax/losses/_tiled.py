@@ -747,20 +747,41 @@ supcon_sums.defjvp(_jvp_from_gradient(_supcon_forward, _supcon_gradient))
 # Log-sum-exp sums (CLIP): Σ_i LSE_k L_ik over the anchors, plus Σ_k LSE_i L_ik over the columns with mirror.
 
 
-def _lse_tile(tile: _Tile, anchor_lse: _Lse, column_lse: _Lse | None) -> tuple[_Lse, _Lse | None]:
-  masked = _sink_masked(tile.logits, tile.valid())
-  anchor_lse = _lse_add(anchor_lse, masked, axis=1)
-  if column_lse is not None:
-    column_lse = tile.update_columns(column_lse, _lse_add(column_lse, masked, axis=0))
-  return anchor_lse, column_lse
+def _lse_tile_over(mask_fn: Callable[[_Tile], jax.Array]) -> _TileFn:
+  """A tile function folding the entries where ``mask_fn(tile)`` is 1 into both sides' running log-sum-exps."""
+
+  def tile_fn(tile: _Tile, anchor_lse: _Lse, column_lse: _Lse | None) -> tuple[_Lse, _Lse | None]:
+    masked = _sink_masked(tile.logits, mask_fn(tile))
+    anchor_lse = _lse_add(anchor_lse, masked, axis=1)
+    if column_lse is not None:
+      column_lse = tile.update_columns(column_lse, _lse_add(column_lse, masked, axis=0))
+    return anchor_lse, column_lse
+
+  return tile_fn
 
 
-def _lse_coupling(tile: _Tile, anchor_lse, column_lse) -> jax.Array:
-  valid = tile.valid()
-  coupling = valid * _softmax_against(tile.logits, anchor_lse, axis=1)
-  if column_lse is not None:
-    coupling = coupling + valid * tile.mirror * _softmax_against(tile.logits, column_lse, axis=0)
-  return coupling
+def _lse_coupling_over(mask_fn: Callable[[_Tile], jax.Array]) -> Callable[[_Tile, Any, Any], jax.Array]:
+  """dSum/dL of a tile for a sum of per-row log-sum-exps over ``mask_fn``'s entries; each side's stats are
+  ``(lse, weight)``, the row's weight in the sum (None for 1)."""
+
+  def coupling_fn(tile: _Tile, anchor_stats, column_stats) -> jax.Array:
+    mask = mask_fn(tile)
+
+    def direction(stats, axis: int) -> jax.Array:
+      lse, weight = stats
+      softmax = _softmax_against(tile.logits, lse, axis)
+      return mask * (softmax if weight is None else softmax * _along(weight, axis))
+
+    coupling = direction(anchor_stats, axis=1)
+    if column_stats is not None:
+      coupling = coupling + tile.mirror * direction(column_stats, axis=0)
+    return coupling
+
+  return coupling_fn
+
+
+_lse_tile = _lse_tile_over(_Tile.valid)
+_lse_coupling = _lse_coupling_over(_Tile.valid)
 
 
 def _lse_forward(layout: Layout, anchor_arrays, column_arrays, temperature):
@@ -779,8 +800,9 @@ def _lse_forward(layout: Layout, anchor_arrays, column_arrays, temperature):
 
 def _lse_gradient(layout: Layout, residuals):
   anchor_arrays, column_arrays, temperature, logits, anchor_lse, column_lse = residuals
+  column_stats = None if column_lse is None else (column_lse, None)
   return _gradient_sweep(
-      layout, _lse_coupling, anchor_arrays, column_arrays, anchor_lse, column_lse, temperature, logits
+      layout, _lse_coupling, anchor_arrays, column_arrays, (anchor_lse, None), column_stats, temperature, logits
   )
 
 
@@ -801,6 +823,108 @@ def lse_sums(layout: Layout, anchor_arrays: tuple, column_arrays: tuple, tempera
 
 
 lse_sums.defjvp(_jvp_from_gradient(_lse_forward, _lse_gradient))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SupCon on one device's rows: Σ_i has_i ALL_i from the tiles, the positive pairs from per-label sums of the rows.
+# The positives enter linearly, so they need no tile: their share-weighted total is O(N · dim) (positive_total),
+# which spares every tile four reductions forward and a term of its coupling (2N = 2048 in 512-row tiles on CPU:
+# value and gradient 1.32x -> 1.15x the plain engine's time). The plain engine reads the same two functions.
+
+
+def _other_rows(tile: _Tile) -> jax.Array:
+  return supcon_masks(tile)[0]
+
+
+_other_lse_tile = _lse_tile_over(_other_rows)
+_other_lse_coupling = _lse_coupling_over(_other_rows)
+
+
+def _other_lse_forward(layout: Layout, anchor_arrays, weights, temperature):
+  anchors, columns = _blocks(layout, anchor_arrays, None)
+  inv_temperature = 1.0 / temperature
+  mirror = _mirrors(layout, anchors)
+  logits = _resident_logits(layout, anchors, columns, inv_temperature)
+  carry = (_lse_init(anchors), _lse_init(columns) if mirror else None)
+  anchor_lse, column_lse = _sweep(layout, _other_lse_tile, anchors, columns, carry, inv_temperature, logits)
+  if mirror:
+    anchor_lse = _lse_merge(anchor_lse, column_lse)
+  all_lse = _lse_value(anchor_lse)
+  # Padding rows get weight 0 (their log-sum-exp is about MASK_VALUE).
+  blocked_weights = jnp.pad(weights, (0, anchors.index.size - weights.shape[0])).reshape(anchors.index.shape)
+  total = jnp.sum(blocked_weights * all_lse)
+  return total, (anchor_arrays, temperature, logits, (all_lse, blocked_weights))
+
+
+def _other_lse_gradient(layout: Layout, residuals):
+  anchor_arrays, temperature, logits, stats = residuals
+  anchors, _ = _blocks(layout, anchor_arrays, None)
+  column_stats = stats if _mirrors(layout, anchors) else None
+  return _gradient_sweep(layout, _other_lse_coupling, anchor_arrays, None, stats, column_stats, temperature, logits)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def other_lse_sums(layout: Layout, anchor_arrays: tuple, weights: jax.Array, temperature: jax.Array) -> jax.Array:
+  """``Σ_i weight_i ALL_i``, ``ALL_i`` the log-sum-exp of ``L_ik`` over every other row ``k``, in one sweep.
+
+  Args:
+    layout: a symmetric layout (one device's rows against themselves).
+    anchor_arrays: ``(embeddings [n, dim], labels [n], index [n])`` as in :func:`ntxent_sums`.
+    weights: ``[n]`` float32 per-row weights, without a derivative (SupCon's ``has_positive``).
+    temperature: float32 scalar.
+
+  Returns:
+    A float32 scalar.
+  """
+  return _other_lse_forward(layout, anchor_arrays, weights, temperature)[0]
+
+
+@other_lse_sums.defjvp
+def _other_lse_sums_jvp(layout: Layout, primals: tuple, tangents: tuple):
+  # _jvp_from_gradient's rule, with the weights (which have no derivative) in place of the column rows.
+  anchor_arrays, weights, temperature = primals
+  anchor_tangent, _, temperature_tangent = tangents
+  total, residuals = _other_lse_forward(layout, anchor_arrays, weights, temperature)
+  anchor_grad, _, temperature_grad = _other_lse_gradient(layout, residuals)
+  return total, jnp.sum(anchor_grad * anchor_tangent[0]) + temperature_grad * temperature_tangent
+
+
+def positive_partners(z: jax.Array, label_ids: jax.Array) -> jax.Array:
+  """``Σ_{j ∈ P(i)} z_j`` for every row: its label's sum of rows, less itself. O(N · dim), off the [N, N] matrix.
+
+  Args:
+    z: ``[N, dim]`` rows.
+    label_ids: ``[N]`` int32 dense label ids in ``[0, N)`` (:func:`mtcl_jax.losses._common.label_stats`).
+  """
+  return jax.ops.segment_sum(z, label_ids, num_segments=z.shape[0])[label_ids] - z
+
+
+@jax.custom_jvp
+def positive_total(z: jax.Array, label_ids: jax.Array, positive_share: jax.Array) -> jax.Array:
+  """``Σ_i share_i Σ_{j ∈ P(i)} z_i · z_j``, a float32 scalar, for a ``positive_share`` equal across each label.
+
+  The pairs count both ways with equal weights, so the derivative is ``2 share_i Σ_{j ∈ P(i)} z_j`` per row, from
+  the forward's partner sums: no second pass over the labels (autodiff would transpose the segment sum into a
+  scatter and its gather into another). The rule is jnp code, so it is differentiable again.
+  """
+  return jnp.sum(positive_share * jnp.sum(z * positive_partners(z, label_ids), axis=1))
+
+
+@positive_total.defjvp
+def _positive_total_jvp(primals, tangents):
+  z, label_ids, positive_share = primals
+  z_tangent = tangents[0]
+  gradient = 2.0 * positive_share[:, None] * positive_partners(z, label_ids)
+  return jnp.sum(0.5 * gradient * z), jnp.sum(gradient * z_tangent)
+
+
+def _supcon_symmetric(layout: Layout, embeddings: jax.Array, labels: jax.Array, temperature: jax.Array) -> jax.Array:
+  """SupCon's mean over one device's rows: the tiles' ``Σ has_i ALL_i`` less the positives' total."""
+  label_ids, num_positives = _common.label_stats(labels)
+  has_positive, positive_share = supcon_weights(num_positives)
+  all_total = other_lse_sums(layout, (embeddings, labels, _batch_index(labels.shape[0])), has_positive, temperature)
+  positives = positive_total(embeddings, label_ids, lax.stop_gradient(positive_share)) / temperature
+  return mean_or_zero(all_total - positives, jnp.sum(has_positive))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -853,7 +977,7 @@ def ntxent_tiled(
   ``s_ik / τ`` over the rows ``k`` whose label differs from ``i``'s (a pair whose anchor has no negative adds 0);
   0 when there is no positive pair. Two sweeps forward (``NEG``, then the pairs), one backward; tiles without a
   positive pair skip the pair math. When no anchor has more than one positive (two views), NT-Xent is SupCon
-  (the positive and the negatives are all the other rows) and runs as :func:`supcon_sums`: one sweep forward.
+  (the positive and the negatives are all the other rows) and runs as SupCon: one sweep forward.
 
   Args:
     embeddings: ``[N, dim]`` float32, L2-normalised rows.
@@ -874,13 +998,14 @@ def ntxent_tiled(
   layout = Layout(block_size, symmetric=True, matmul_dtype=matmul_dtype)
   _, num_positives = _common.label_stats(labels)
 
-  def mean(sums: Callable, embeddings: jax.Array, temperature: jax.Array) -> jax.Array:
-    return mean_or_zero(*sums(layout, (embeddings, labels, _batch_index(labels.shape[0])), None, temperature))
+  def ntxent_form(embeddings: jax.Array, temperature: jax.Array) -> jax.Array:
+    pairs = ntxent_sums(layout, (embeddings, labels, _batch_index(labels.shape[0])), None, temperature)
+    return mean_or_zero(*pairs)
 
   return lax.cond(
       one_positive_each(num_positives),
-      functools.partial(mean, supcon_sums),
-      functools.partial(mean, ntxent_sums),
+      lambda embeddings, temperature: _supcon_symmetric(layout, embeddings, labels, temperature),
+      ntxent_form,
       embeddings,
       temperature,
   )
@@ -910,8 +1035,7 @@ def supcon_tiled(
   embeddings, labels = jnp.asarray(embeddings), jnp.asarray(labels)
   temperature = jnp.asarray(temperature, jnp.float32)
   layout = Layout(block_size, symmetric=True, matmul_dtype=matmul_dtype)
-  total, count = supcon_sums(layout, (embeddings, labels, _batch_index(labels.shape[0])), None, temperature)
-  return mean_or_zero(total, count)
+  return _supcon_symmetric(layout, embeddings, labels, temperature)
 
 
 def clip_tiled(
