@@ -18,7 +18,7 @@ Bad input raises a one-line ``ValueError`` at trace time: wrong shapes or dtypes
 concrete temperature or margin that is not finite and > 0. What only run time knows (a traced temperature's
 sign, NaN or inf in the embeddings, a non-finite result) is checked in the checked mode alone:
 ``losses.checked(jax.jit(step))(...)`` raises on the first failed check, naming the loss and the argument;
-without it those checks compile to nothing and a traced τ <= 0 gives NaN or a meaningless value silently.
+without it those checks are not traced at all and a traced τ <= 0 gives NaN or a meaningless value silently.
 """
 
 from mtcl_jax.losses._clip import clip, sigmoid_pairwise
